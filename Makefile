@@ -1,0 +1,33 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p out
+	$(BIN)/onnxopt inspect models/mnist_cnn.onnx
+	$(BIN)/onnxopt optimize models/mnist_cnn.onnx -o out/mnist_cnn.cleanup.onnx --recipe cleanup \
+		--calib models/mnist_calibration.npz --report out/mnist_cnn.cleanup.json
+	$(BIN)/onnxopt compare models/mnist_cnn.onnx out/mnist_cnn.cleanup.onnx --data models/mnist_calibration.npz --runs 30
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,134 @@
+"""The Python entry point: optimize a model with a recipe, the same way the CLI does."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxopt.__about__ import __version__
+from onnxopt.context import Context
+from onnxopt.data import open_data
+from onnxopt.errors import ValidationFailed
+from onnxopt.io import check_output_path, external_data_files, load, save, stamp_metadata
+from onnxopt.passes.validate import ValidatePass
+from onnxopt.pipeline import Pipeline
+from onnxopt.progress import QUIET, Progress
+from onnxopt.recipe import Recipe, apply_overrides, load_recipe
+from onnxopt.summary import ModelSummary, summarize
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    """What one optimization produced, and everything the report shows."""
+
+    model: ir.Model
+    recipe: Recipe
+    context: Context
+    before: ModelSummary
+    after: ModelSummary
+    input_path: Path | None
+    written: list[Path]
+    failure: ValidationFailed | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+    def report(self) -> dict[str, Any]:
+        """Everything a CI job may want to keep, as JSON-ready data."""
+        return {
+            "onnxopt_version": __version__,
+            "input": str(self.input_path) if self.input_path else None,
+            "written": [str(path) for path in self.written],
+            "recipe": self.recipe.as_dict(),
+            "passes": [
+                {
+                    "name": row.pass_name,
+                    "seconds": row.seconds,
+                    "changes": row.changes,
+                    "details": row.details,
+                }
+                for row in self.context.report
+            ],
+            "before": self.before.as_dict(),
+            "after": self.after.as_dict(),
+            "validation": self.context.validation,
+            "passed": self.passed,
+            "failure": self.failure.render() if self.failure else None,
+        }
+
+
+def optimize(
+    model: str | os.PathLike | ir.Model,
+    output: str | os.PathLike | None = None,
+    *,
+    recipe: str | os.PathLike | Recipe = "cleanup",
+    data: Any = None,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    external_data: bool | None = None,
+    progress: Progress = QUIET,
+    raise_on_failure: bool = True,
+) -> OptimizeResult:
+    """Optimize a model with a recipe, validate it against the original, and write it.
+
+    Args:
+        model: a path to an .onnx file, or an ``ir.Model`` (left untouched; a copy is optimized).
+        output: where to write the result; None to only return it.
+        recipe: a preset name, a .toml recipe path, or a ``Recipe``.
+        data: calibration/validation samples: a .npz path, a folder of them, an iterable of feed
+            dicts, or an onnxruntime ``CalibrationDataReader``.
+        overrides: ``pass.option=value`` settings applied on top of the recipe.
+        force: write the model even when validation fails.
+        external_data: True or False to force weights in or out of a separate ``.data`` file;
+            None decides by size (over 2 GB must be external).
+        progress: where long passes show progress.
+        raise_on_failure: raise ``ValidationFailed`` when validation fails (the CLI reports instead).
+
+    Returns:
+        The optimized model, the report rows and the summaries before and after.
+    """
+    input_path = None if isinstance(model, ir.Model) else Path(model)
+    if input_path is not None:
+        loaded = load(input_path)
+        reference: ir.Model | str = str(input_path)
+        protected = [input_path, *external_data_files(loaded)]
+    else:
+        loaded = model.clone()
+        reference = model
+        protected = []
+    if output is not None:
+        check_output_path(output, protected)
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    recipe = apply_overrides(recipe.copy(), overrides)
+    pipeline = Pipeline.from_recipe(recipe)
+    context = Context(reference=reference, progress=progress)
+    if data is not None:
+        source = open_data(data, loaded)
+        holdout = max(
+            (pass_.samples for pass_ in pipeline.passes if isinstance(pass_, ValidatePass)),
+            default=0,
+        )
+        context.data, context.validation_data = source.split(holdout)
+    before = summarize(loaded, str(input_path) if input_path else None)
+    failure = None
+    try:
+        pipeline.run(loaded, context)
+    except ValidationFailed as error:
+        failure = error
+    stamp_metadata(loaded, recipe.name, pipeline.pass_names)
+    written: list[Path] = []
+    if output is not None and (failure is None or force):
+        written = save(loaded, output, protected=protected, external_data=external_data)
+    after = summarize(ir.load(written[-1]), written[-1]) if written else summarize(loaded)
+    result = OptimizeResult(loaded, recipe, context, before, after, input_path, written, failure)
+    if failure is not None and raise_on_failure and not force:
+        failure.result = result
+        raise failure
+    return result

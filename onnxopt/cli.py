@@ -1,0 +1,231 @@
+"""The command line: argument parsing, progress and printing around the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from onnxopt.__about__ import __version__
+from onnxopt.errors import InputError, OnnxoptError
+from onnxopt.progress import Progress
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxopt", description="Optimize ONNX models for CPU and edge deployment."
+    )
+    parser.add_argument("--version", action="version", version=f"onnxopt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    optimize = commands.add_parser(
+        "optimize", help="run a recipe over a model, validate it and write it"
+    )
+    optimize.add_argument("model", help="input .onnx file")
+    optimize.add_argument(
+        "-o", "--output", required=True, help="output .onnx file (never the input)"
+    )
+    optimize.add_argument(
+        "--recipe", default=None, help="preset name or recipe .toml file (default: cleanup)"
+    )
+    optimize.add_argument(
+        "--calib", default=None, help="samples: a .npz file or a folder of .npz files"
+    )
+    optimize.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PASS.OPTION=VALUE",
+        help="override a recipe option, e.g. validate.min_cosine=0.999 (repeatable)",
+    )
+    optimize.add_argument("--report", default=None, help="write the full report as JSON here")
+    optimize.add_argument(
+        "--force", action="store_true", help="write the model even if validation fails"
+    )
+    optimize.add_argument(
+        "--external-data",
+        action="store_true",
+        default=None,
+        help="write weights to OUTPUT.data (automatic above 2 GB)",
+    )
+    optimize.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
+
+    inspect_command = commands.add_parser(
+        "inspect", help="describe a model: IO, ops, parameters, size"
+    )
+    inspect_command.add_argument("model", help=".onnx file")
+    inspect_command.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    compare = commands.add_parser("compare", help="fidelity and latency of model B against model A")
+    compare.add_argument("model_a", help="reference .onnx file")
+    compare.add_argument("model_b", help="candidate .onnx file")
+    compare.add_argument(
+        "--data", default=None, help="samples (.npz or folder); random inputs when absent"
+    )
+    compare.add_argument(
+        "--samples", type=int, default=16, help="samples used for fidelity (default 16)"
+    )
+    compare.add_argument("--runs", type=int, default=50, help="timed runs per model (default 50)")
+    compare.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    compare.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    compare.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    commands.add_parser("recipes", help="list the preset recipes and every pass with its options")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="onnxopt: %(levelname)s: %(message)s")
+    console = Console()
+    errors = Console(stderr=True)
+    handlers = {
+        "optimize": _optimize,
+        "inspect": _inspect,
+        "compare": _compare,
+        "recipes": _recipes,
+    }
+    try:
+        return handlers[arguments.command](arguments, console)
+    except OnnxoptError as error:
+        errors.print(f"onnxopt: error: {error.render()}", markup=False, highlight=False)
+        return error.exit_code
+    except KeyboardInterrupt:
+        errors.print("onnxopt: interrupted; nothing was written")
+        return EXIT_FAILED
+
+
+def _optimize(arguments: argparse.Namespace, console: Console) -> int:
+    from onnxopt.api import optimize
+    from onnxopt.report import render_passes, render_validation
+    from onnxopt.summary import render_before_after
+
+    progress = Progress(enabled=not arguments.quiet)
+    if arguments.report:
+        _check_report_path(arguments.report)
+    result = optimize(
+        arguments.model,
+        arguments.output,
+        recipe=arguments.recipe or "cleanup",
+        data=arguments.calib,
+        overrides=arguments.overrides,
+        force=arguments.force,
+        external_data=arguments.external_data,
+        progress=progress,
+        raise_on_failure=False,
+    )
+    if not arguments.quiet:
+        render_before_after(result.before, result.after, console)
+        render_passes(result.context.report, console)
+        render_validation(result.context.validation, console)
+    if arguments.report:
+        _write_json(arguments.report, result.report())
+    if result.failure is not None:
+        Console(stderr=True).print(
+            f"onnxopt: error: {result.failure.render()}", markup=False, highlight=False
+        )
+        if result.written:
+            console.print(
+                f"wrote {result.written[-1]} anyway (--force), although validation failed"
+            )
+        else:
+            console.print("nothing written")
+        return EXIT_FAILED
+    console.print(f"wrote {result.written[-1]}", highlight=False)
+    return EXIT_OK
+
+
+def _inspect(arguments: argparse.Namespace, console: Console) -> int:
+    from onnxopt.io import load
+    from onnxopt.summary import render_summary, summarize
+
+    summary = summarize(load(arguments.model), arguments.model)
+    if arguments.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        render_summary(summary, console)
+    return EXIT_OK
+
+
+def _compare(arguments: argparse.Namespace, console: Console) -> int:
+    from onnxopt.compare import compare_models, render_comparison
+    from onnxopt.data import open_data
+    from onnxopt.io import load
+    from onnxopt.runtime import random_feeds
+
+    model_a, model_b = load(arguments.model_a), load(arguments.model_b)
+    if arguments.data:
+        feeds = open_data(arguments.data, model_a).take(arguments.samples)
+    else:
+        feeds = random_feeds(model_a, arguments.samples)
+    comparison = compare_models(
+        model_a,
+        model_b,
+        feeds,
+        latency_runs=arguments.runs,
+        threads=arguments.threads,
+        progress=Progress(enabled=not (arguments.quiet or arguments.json)),
+    )
+    if arguments.json:
+        print(json.dumps(comparison.as_dict(), indent=2))
+    else:
+        render_comparison(comparison, console)
+    return EXIT_OK
+
+
+def _recipes(arguments: argparse.Namespace, console: Console) -> int:
+    import typing
+
+    from rich.table import Table
+
+    from onnxopt.passes import PASSES
+    from onnxopt.recipe import available_presets, load_recipe, pass_options, type_name
+
+    presets = Table(title="Presets", title_justify="left")
+    presets.add_column("preset")
+    presets.add_column("passes")
+    presets.add_column("description")
+    for name in available_presets():
+        recipe = load_recipe(name)
+        presets.add_row(name, ", ".join(spec.name for spec in recipe.passes), recipe.description)
+    console.print(presets)
+    passes = Table(title="Passes", title_justify="left")
+    passes.add_column("pass")
+    passes.add_column("options (type = default)")
+    passes.add_column("what it does")
+    for name, pass_class in sorted(PASSES.items()):
+        hints = typing.get_type_hints(pass_class.__init__)
+        options = ", ".join(
+            f"{option} ({type_name(hints.get(option))} = {parameter.default!r})"
+            for option, parameter in pass_options(pass_class).items()
+        )
+        passes.add_row(name, options or "-", (pass_class.__doc__ or "").strip().splitlines()[0])
+    console.print(passes)
+    return EXIT_OK
+
+
+def _check_report_path(path: str) -> None:
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise InputError(
+            f"cannot write the report to '{path}': its folder is missing or not writable"
+        )
+
+
+def _write_json(path: str, document: dict) -> None:
+    temporary = Path(f"{path}.tmp")
+    temporary.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Loading and saving models: clear errors for bad files, atomic writes, external data, metadata stamps."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from onnxopt.__about__ import __version__
+from onnxopt.errors import InputError
+from onnxopt.runtime import PROTOBUF_LIMIT_BYTES, model_size_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load a model through onnx_ir; external weights stay on disk, memory-mapped, until used."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model file '{path}' does not exist", fix="check the path")
+    if not path.is_file():
+        raise InputError(f"'{path}' is not a file", fix="give the path of a .onnx file")
+    try:
+        model = ir.load(path)
+    except (DecodeError, RuntimeError, ValueError, TypeError, OSError) as error:
+        raise InputError(
+            f"'{path}' is not a readable ONNX model",
+            details=[f"{type(error).__name__}: {error}"],
+            fix="check that the file is a complete .onnx file (a truncated download or a file of another format?)",
+        ) from error
+    _check_graph(path, model)
+    missing = sorted(str(file) for file in external_data_files(model) if not file.exists())
+    if missing:
+        raise InputError(
+            f"model '{path}' stores weights in external data files that do not exist",
+            details=[f"missing: {file}" for file in missing],
+            fix="keep the external data files next to the .onnx file, as they were exported",
+        )
+    return model
+
+
+def _check_graph(path: Path, model: ir.Model) -> None:
+    """A protobuf parse succeeds on many non-ONNX bytes; a graph with no outputs is the tell."""
+    if not model.graph.outputs:
+        raise InputError(
+            f"'{path}' is not an ONNX model: its graph has no outputs",
+            fix="check that the file is an ONNX model and not some other protobuf or a truncated file",
+        )
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    """The files that hold the model's external initializers."""
+    files = set()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add(Path(tensor.base_dir) / tensor.location)
+    return files
+
+
+def stamp_metadata(model: ir.Model, recipe: str, passes: Sequence[str]) -> None:
+    """Record what produced the model, so a deployed file says how it was made."""
+    model.metadata_props["onnxopt.version"] = __version__
+    model.metadata_props["onnxopt.recipe"] = recipe
+    model.metadata_props["onnxopt.passes"] = ",".join(passes)
+
+
+def check_output_path(
+    output: str | os.PathLike, protected: Sequence[str | os.PathLike] = ()
+) -> Path:
+    """Refuse an output that would overwrite an input, or a folder we cannot write to, before any work."""
+    output = Path(output)
+    if output.exists() and output.is_dir():
+        raise InputError(
+            f"output '{output}' is a folder", fix="give a file name, e.g. model.opt.onnx"
+        )
+    for path in protected:
+        path = Path(path)
+        if path.exists() and output.exists() and os.path.samefile(path, output):
+            raise InputError(
+                f"output '{output}' is the input model '{path}'; onnxopt never overwrites its input",
+                fix="choose another output path, e.g. model.opt.onnx",
+            )
+        if Path(f"{output}.data").resolve() == path.resolve():
+            raise InputError(
+                f"output '{output}' would write its external data over '{path}', which the input uses",
+                fix="choose another output name",
+            )
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(
+            f"output folder '{folder}' does not exist", fix=f"create it first: mkdir -p {folder}"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(
+            f"output folder '{folder}' is not writable", fix="choose a folder you can write to"
+        )
+    return output
+
+
+def save(
+    model: ir.Model,
+    output: str | os.PathLike,
+    *,
+    protected: Sequence[str | os.PathLike] = (),
+    external_data: bool | None = None,
+    external_data_threshold: int = PROTOBUF_LIMIT_BYTES,
+) -> list[Path]:
+    """Write the model atomically: into a temporary folder beside the target, then rename.
+
+    Args:
+        model: the model to write.
+        output: the target .onnx path.
+        protected: paths that must not be overwritten (the input model and its data).
+        external_data: True to write weights to ``<output>.data``; None to do so only when the
+            weights exceed ``external_data_threshold`` (protobuf cannot hold more than 2 GB).
+        external_data_threshold: weight bytes above which external data is used when not forced.
+
+    Returns:
+        The files written, the model last.
+    """
+    output = check_output_path(output, protected)
+    if external_data is None:
+        external_data = model_size_bytes(model) > external_data_threshold
+    data_name = f"{output.name}.data"
+    staging = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=output.parent))
+    try:
+        staged_model = staging / output.name
+        if external_data:
+            ir.save(model, staged_model, external_data=data_name)
+        else:
+            ir.save(_with_inline_weights(model), staged_model)
+        written = []
+        if external_data:
+            os.replace(staging / data_name, output.parent / data_name)
+            written.append(output.parent / data_name)
+        os.replace(staged_model, output)
+        written.append(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote %s", ", ".join(str(path) for path in written))
+    return written
+
+
+def _with_inline_weights(model: ir.Model) -> ir.Model:
+    """Make external tensors inline so the written file stands alone, not pointing at the input's data."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+    return model

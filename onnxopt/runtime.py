@@ -1,0 +1,115 @@
+"""Running ir models with onnxruntime, and describing what they take."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+# Protobuf cannot serialize a message over 2 GiB; above this, sessions load from a file with external data.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A model input as a user must feed it: name, numpy dtype and shape (str or None for free dims)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+    def describe(self) -> str:
+        if self.shape is None:
+            return f"{self.name}: {self.dtype} of any shape"
+        dims = ", ".join("?" if dim is None else str(dim) for dim in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller must feed, leaving out initializers that old IR versions list as inputs."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.const_value is not None or value.name in model.graph.initializers:
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        shape = None
+        if value.shape is not None:
+            shape = tuple(dim if isinstance(dim, int) else dim.value for dim in value.shape)
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+    return specs
+
+
+def concrete_shape(spec: InputSpec, free_dim: int = 1) -> tuple[int, ...]:
+    """The shape of one sample, with every free dimension set to ``free_dim``."""
+    if spec.shape is None:
+        return ()
+    return tuple(dim if isinstance(dim, int) else free_dim for dim in spec.shape)
+
+
+def random_feeds(model: ir.Model, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Random samples of the right shapes and dtypes, for checks when the user gave no data.
+
+    Integer inputs get 0 or 1 so that indices stay in range of any embedding table.
+    """
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for spec in input_specs(model):
+            shape = concrete_shape(spec)
+            if spec.dtype.kind == "f":
+                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            elif spec.dtype.kind == "b":
+                feed[spec.name] = rng.integers(0, 2, shape).astype(bool)
+            else:
+                feed[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def model_size_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers: what the model weighs on disk, give or take the graph."""
+    return sum(
+        value.const_value.nbytes
+        for value in model.graph.initializers.values()
+        if value.const_value is not None
+    )
+
+
+def create_session(
+    model: ir.Model | str | os.PathLike,
+    *,
+    threads: int | None = None,
+    optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a model in memory or on disk.
+
+    Models too large for one protobuf message travel through a temporary file with external data.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = optimization_level
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if not isinstance(model, ir.Model):
+        return ort.InferenceSession(os.fspath(model), options, providers=providers)
+    if model_size_bytes(model) < PROTOBUF_LIMIT_BYTES // 2:
+        proto = ir.serde.serialize_model(model)
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        ir.save(model, path, external_data="model.onnx.data")
+        return ort.InferenceSession(path, options, providers=providers)
+
+
+def run(
+    session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]]
+) -> list[list[np.ndarray]]:
+    """Outputs of every feed, in the session's output order."""
+    return [session.run(None, feed) for feed in feeds]

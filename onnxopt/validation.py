@@ -1,0 +1,170 @@
+"""Checks an optimized model must pass before it is written: structure, runtime, fidelity."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import runtime
+from onnxopt.metrics import OutputFidelity, compare_outputs
+
+
+@dataclasses.dataclass
+class Thresholds:
+    """Fidelity limits; None turns a check off.
+
+    ``atol`` and ``rtol`` together ask, like ``numpy.allclose``, that every element satisfies
+    ``|candidate - reference| <= atol + rtol * |reference|``.
+    """
+
+    atol: float | None = None
+    rtol: float = 0.0
+    min_cosine: float | None = None
+    min_sqnr_db: float | None = None
+    min_top1_agreement: float | None = None
+
+
+@dataclasses.dataclass
+class Check:
+    """One named check and, when it failed, why and by how much."""
+
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class ValidationResult:
+    """Every check run and the fidelity of every output."""
+
+    checks: list[Check]
+    outputs: list[OutputFidelity]
+    samples: int
+    data: str
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if not check.passed]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "samples": self.samples,
+            "data": self.data,
+            "checks": [dataclasses.asdict(check) for check in self.checks],
+            "outputs": [json_safe(output.as_dict()) for output in self.outputs],
+        }
+
+
+def json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no inf or nan: write them as strings a reader recognizes."""
+    return {
+        key: (str(value) if isinstance(value, float) and not math.isfinite(value) else value)
+        for key, value in values.items()
+    }
+
+
+def check_structure(model: ir.Model) -> list[Check]:
+    """The onnx checker, then strict shape inference, each reported on its own."""
+    checks = []
+    for name, full_check in (("onnx checker", False), ("shape inference", True)):
+        try:
+            ir.passes.common.CheckerPass(full_check=full_check)(model)
+        except Exception as error:
+            cause = error.__cause__ or error
+            checks.append(Check(name, False, f"{type(cause).__name__}: {cause}"))
+            return checks
+        checks.append(Check(name, True))
+    return checks
+
+
+def validate(
+    model: ir.Model,
+    reference: ir.Model | str | None,
+    feeds: Sequence[dict[str, np.ndarray]],
+    thresholds: Thresholds,
+    data_description: str = "",
+    reference_outputs: list[list[np.ndarray]] | None = None,
+) -> ValidationResult:
+    """Check the model's structure, load it in onnxruntime, and compare it with the reference.
+
+    Args:
+        model: the optimized model.
+        reference: the original model (in memory or a path); None skips the comparison.
+        feeds: the samples to compare on.
+        thresholds: the limits the comparison must meet.
+        data_description: where the samples came from, for the report.
+        reference_outputs: the reference's outputs on ``feeds``, when already known.
+    """
+    checks = check_structure(model)
+    result = ValidationResult(checks, [], len(feeds), data_description)
+    if not result.passed:
+        return result
+    try:
+        session = runtime.create_session(model)
+    except Exception as error:
+        checks.append(Check("onnxruntime session", False, f"{type(error).__name__}: {error}"))
+        return result
+    checks.append(Check("onnxruntime session", True))
+    if reference is None and reference_outputs is None:
+        return result
+    try:
+        candidate_outputs = runtime.run(session, feeds)
+    except Exception as error:
+        checks.append(Check("onnxruntime run", False, f"{type(error).__name__}: {error}"))
+        return result
+    if reference_outputs is None:
+        reference_outputs = runtime.run(runtime.create_session(reference), feeds)
+    names = [output.name for output in session.get_outputs()]
+    result.outputs = compare_outputs(
+        names, reference_outputs, candidate_outputs, rtol=thresholds.rtol
+    )
+    checks.extend(fidelity_checks(result.outputs, thresholds))
+    return result
+
+
+def fidelity_checks(outputs: Sequence[OutputFidelity], thresholds: Thresholds) -> list[Check]:
+    """One check per threshold that is set, naming the worst output and the margin it missed by."""
+    checks = []
+    if thresholds.atol is not None:
+        worst = max(outputs, key=lambda output: output.max_error_beyond_rtol)
+        passed = worst.max_error_beyond_rtol <= thresholds.atol
+        checks.append(
+            Check(
+                f"allclose(atol={thresholds.atol:g}, rtol={thresholds.rtol:g})",
+                passed,
+                "" if passed else f"output '{worst.name}': max abs error {worst.max_abs_error:.3g}",
+            )
+        )
+    limits = (
+        ("cosine", thresholds.min_cosine, lambda output: output.cosine),
+        ("sqnr_db", thresholds.min_sqnr_db, lambda output: output.sqnr_db),
+        ("top1_agreement", thresholds.min_top1_agreement, lambda output: output.top1_agreement),
+    )
+    for label, minimum, figure in limits:
+        if minimum is None:
+            continue
+        measured = [output for output in outputs if figure(output) is not None]
+        if not measured:
+            continue
+        worst = min(measured, key=figure)
+        passed = figure(worst) >= minimum
+        checks.append(
+            Check(
+                f"{label} >= {minimum:g}",
+                passed,
+                ""
+                if passed
+                else f"output '{worst.name}': {label} {figure(worst):.6g}, short by {minimum - figure(worst):.3g}",
+            )
+        )
+    return checks

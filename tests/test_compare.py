@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from rich.console import Console
+
+from onnxopt.compare import compare_models, render_comparison
+from onnxopt.errors import InputError
+from onnxopt.progress import Progress
+from onnxopt.runtime import random_feeds
+
+SHIFT_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+shift (float[2, 4] x) => (float[2, 4] y) <float[4] offset = {{0, 0, {shift}, 0}}> {{
+    y = Add(x, offset)
+}}
+"""
+
+RENAMED_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+renamed (float[2, 4] pixels) => (float[2, 4] scores) {
+    scores = Relu(pixels)
+}
+"""
+
+
+def shift_model(shift: float) -> ir.Model:
+    return ir.from_proto(onnx.parser.parse_model(SHIFT_TEXT.format(shift=shift)))
+
+
+def test_identical_models_agree_exactly():
+    model = shift_model(0.0)
+
+    comparison = compare_models(
+        model, shift_model(0.0), random_feeds(model, 3), latency_runs=3, warmup=1
+    )
+
+    [output] = comparison.outputs
+    assert output.name == "y"
+    assert output.max_abs_error == 0.0
+    assert output.cosine == pytest.approx(1.0)
+    assert math.isinf(output.sqnr_db)
+    assert comparison.samples == 3
+    assert comparison.latency_a.runs == comparison.latency_b.runs == 3
+    assert comparison.speedup > 0
+
+
+def test_perturbed_model_shows_its_error():
+    model = shift_model(0.0)
+
+    comparison = compare_models(model, shift_model(0.5), random_feeds(model, 2), latency_runs=0)
+
+    [output] = comparison.outputs
+    assert output.max_abs_error == pytest.approx(0.5, rel=1e-6)
+    assert output.cosine < 1.0
+    assert comparison.latency_a is None
+    assert comparison.speedup is None
+
+
+def test_as_dict_is_json_with_infinities_as_strings():
+    model = shift_model(0.0)
+    comparison = compare_models(model, model, random_feeds(model, 1), latency_runs=2, warmup=0)
+
+    data = json.loads(json.dumps(comparison.as_dict(), allow_nan=False))
+
+    assert data["outputs"][0]["sqnr_db"] == "inf"
+    assert data["outputs"][0]["max_abs_error"] == 0.0
+    assert isinstance(data["speedup"], float)
+    assert set(data["latency_a"]) == {"runs", "median_ms", "p90_ms", "min_ms"}
+
+
+def test_mismatched_names_are_an_input_error():
+    renamed = ir.from_proto(onnx.parser.parse_model(RENAMED_TEXT))
+
+    with pytest.raises(InputError) as caught:
+        compare_models(shift_model(0.0), renamed, random_feeds(renamed, 1), latency_runs=0)
+
+    message = str(caught.value)
+    assert "inputs only in A: x" in message
+    assert "inputs only in B: pixels" in message
+    assert "outputs only in B: scores" in message
+    assert "fix:" in message
+
+
+def test_sample_without_a_model_input_is_an_input_error():
+    model = shift_model(0.0)
+
+    with pytest.raises(InputError, match="no array for model input 'x'"):
+        compare_models(model, model, [{"pixels": np.zeros((2, 4), np.float32)}], latency_runs=0)
+
+
+class RecordingProgress(Progress):
+    """Keeps every task's steps instead of drawing bars."""
+
+    def __init__(self):
+        super().__init__(enabled=False)
+        self.steps: dict[str, list[int]] = {}
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        self.steps[description] = [total, 0]
+
+        def advance(steps: int = 1) -> None:
+            self.steps[description][1] += steps
+
+        yield advance
+
+
+def test_progress_sees_every_step_of_both_stages():
+    model = shift_model(0.0)
+    progress = RecordingProgress()
+
+    compare_models(
+        model, model, random_feeds(model, 2), latency_runs=3, warmup=1, progress=progress
+    )
+
+    assert progress.steps == {"comparing outputs": [2, 2], "timing": [4, 4]}
+
+
+def test_render_comparison_shows_fidelity_and_latency():
+    model = shift_model(0.0)
+    comparison = compare_models(
+        model, shift_model(0.5), random_feeds(model, 2), latency_runs=2, warmup=0
+    )
+    console = Console(record=True, width=120)
+
+    render_comparison(comparison, console, labels=("original", "optimized"))
+
+    text = console.export_text()
+    for expected in (
+        "fidelity of optimized against original",
+        "0.5",
+        "median",
+        "speedup of optimized",
+    ):
+        assert expected in text

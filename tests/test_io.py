@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxopt import io
+from onnxopt.errors import InputError
+from tests.builders import classifier_proto
+
+
+def test_load_keeps_external_weights_on_disk_until_used(tmp_path):
+    source = ir.from_proto(classifier_proto())
+    ir.save(source, tmp_path / "big.onnx", external_data="big.onnx.data", size_threshold_bytes=0)
+    model = io.load(tmp_path / "big.onnx")
+    tensors = [value.const_value for value in model.graph.initializers.values()]
+    assert tensors and all(isinstance(tensor, ir.ExternalTensor) for tensor in tensors)
+    assert io.external_data_files(model) == {tmp_path / "big.onnx.data"}
+
+
+def test_save_writes_external_data_above_threshold_and_round_trips(tmp_path, classifier_path):
+    model = io.load(classifier_path)
+    written = io.save(model, tmp_path / "out.onnx", external_data_threshold=100)
+    assert written == [tmp_path / "out.onnx.data", tmp_path / "out.onnx"]
+    reloaded = io.load(tmp_path / "out.onnx")
+    assert io.external_data_files(reloaded) == {tmp_path / "out.onnx.data"}
+    np.testing.assert_array_equal(
+        reloaded.graph.initializers["conv.weight"].const_value.numpy(),
+        model.graph.initializers["conv.weight"].const_value.numpy(),
+    )
+
+
+def test_save_inlines_weights_of_an_external_input_so_the_output_stands_alone(tmp_path):
+    ir.save(
+        ir.from_proto(classifier_proto()),
+        tmp_path / "in.onnx",
+        external_data="in.data",
+        size_threshold_bytes=0,
+    )
+    model = io.load(tmp_path / "in.onnx")
+    (tmp_path / "out").mkdir()
+    io.save(model, tmp_path / "out" / "model.onnx", external_data=False)
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.onnx"]
+    onnx.checker.check_model(onnx.load(tmp_path / "out" / "model.onnx"))
+
+
+def test_save_leaves_no_temporary_files(tmp_path, classifier_path):
+    io.save(io.load(classifier_path), tmp_path / "out.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["classifier.onnx", "out.onnx"]
+
+
+def test_save_refuses_to_overwrite_the_input(classifier_path):
+    before = classifier_path.read_bytes()
+    with pytest.raises(InputError, match="never overwrites its input"):
+        io.save(io.load(classifier_path), classifier_path, protected=[classifier_path])
+    assert classifier_path.read_bytes() == before
+
+
+def test_save_refuses_a_missing_folder(tmp_path, classifier_path):
+    with pytest.raises(InputError, match="does not exist") as raised:
+        io.save(io.load(classifier_path), tmp_path / "missing" / "out.onnx")
+    assert raised.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "no outputs"), (b"not an onnx model at all", "not a readable ONNX model")],
+)
+def test_load_rejects_files_that_are_not_models(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        io.load(path)
+
+
+def test_load_rejects_a_truncated_model(tmp_path, classifier_path):
+    data = classifier_path.read_bytes()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError):
+        io.load(path)
+
+
+def test_load_names_missing_external_data(tmp_path):
+    ir.save(
+        ir.from_proto(classifier_proto()),
+        tmp_path / "m.onnx",
+        external_data="m.data",
+        size_threshold_bytes=0,
+    )
+    (tmp_path / "m.data").unlink()
+    with pytest.raises(InputError, match="external data") as raised:
+        io.load(tmp_path / "m.onnx")
+    assert "m.data" in raised.value.render()
+
+
+def test_stamp_metadata_records_recipe_and_passes(classifier_path):
+    model = io.load(classifier_path)
+    io.stamp_metadata(model, "cleanup", ["fold-constants", "validate"])
+    assert model.metadata_props["onnxopt.recipe"] == "cleanup"
+    assert model.metadata_props["onnxopt.passes"] == "fold-constants,validate"
+    assert model.metadata_props["onnxopt.version"]
