@@ -9,7 +9,7 @@ The Python API mirrors the command line::
 """
 
 from onnxopt.__about__ import __version__
-from onnxopt.api import OptimizeResult, optimize
+from onnxopt.api import OptimizeResult, optimize, quantize
 from onnxopt.context import Context
 from onnxopt.errors import InputError, OnnxoptError, ProcessingError, ValidationFailed
 from onnxopt.io import load, save
@@ -29,5 +29,6 @@ __all__ = [
     "load",
     "load_recipe",
     "optimize",
+    "quantize",
     "save",
 ]

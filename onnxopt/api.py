@@ -13,7 +13,7 @@ import onnx_ir as ir
 from onnxopt.__about__ import __version__
 from onnxopt.context import Context
 from onnxopt.data import open_data
-from onnxopt.errors import ValidationFailed
+from onnxopt.errors import InputError, ValidationFailed
 from onnxopt.io import check_output_path, external_data_files, load, save, stamp_metadata
 from onnxopt.passes.validate import ValidatePass
 from onnxopt.pipeline import Pipeline
@@ -58,6 +58,7 @@ class OptimizeResult:
             "before": self.before.as_dict(),
             "after": self.after.as_dict(),
             "validation": self.context.validation,
+            "quantization": self.context.quantization,
             "passed": self.passed,
             "failure": self.failure.render() if self.failure else None,
         }
@@ -132,3 +133,84 @@ def optimize(
         failure.result = result
         raise failure
     return result
+
+
+_ORT_METHODS = {"MinMax": "minmax", "Entropy": "entropy", "Percentile": "percentile"}
+
+
+def quantize(
+    model_input: str | os.PathLike | ir.Model,
+    model_output: str | os.PathLike | None,
+    calibration_data_reader: Any = None,
+    *,
+    recipe: str | os.PathLike | Recipe = "int8",
+    calibrate_method: Any = "minmax",
+    per_channel: bool = True,
+    reduce_range: bool | None = None,
+    nodes_to_exclude: Sequence[str] = (),
+    op_types_to_exclude: Sequence[str] = (),
+    calibration_cache: str | os.PathLike | None = None,
+    use_external_data_format: bool | None = None,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    progress: Progress = QUIET,
+    **unsupported: Any,
+) -> OptimizeResult:
+    """INT8 QDQ quantization with the ``int8`` recipe, called like onnxruntime's ``quantize_static``.
+
+    Switching from onnxruntime means changing the import: the first three arguments, an
+    onnxruntime ``CalibrationDataReader``, ``calibrate_method`` (``CalibrationMethod.MinMax``,
+    ``Entropy``, ``Percentile``, or the strings ``minmax``, ``entropy``, ``percentile``, ``mse``),
+    ``per_channel``, ``reduce_range`` and ``nodes_to_exclude`` mean what they mean there.
+    onnxruntime's format and type options are accepted only at the values onnxopt produces
+    (QDQ, uint8 activations, int8 weights), since any other choice is slower on CPU.
+
+    Returns:
+        The result of ``optimize``, with the quantization report in ``result.report()``.
+    """
+    _check_onnxruntime_options(unsupported)
+    method = getattr(calibrate_method, "name", calibrate_method)
+    method = _ORT_METHODS.get(method, method)
+    settings = [
+        f"calibrate.method={method}",
+        f"quantize.per_channel={str(per_channel).lower()}",
+        f"quantize.reduce_range={'none' if reduce_range is None else str(reduce_range).lower()}",
+        f"quantize.exclude_nodes={_toml_list(nodes_to_exclude)}",
+        f"quantize.exclude_op_types={_toml_list(op_types_to_exclude)}",
+    ]
+    if calibration_cache is not None:
+        settings.append(f'calibrate.cache="{os.fspath(calibration_cache)}"')
+    return optimize(
+        model_input,
+        model_output,
+        recipe=recipe,
+        data=calibration_data_reader,
+        overrides=[*settings, *overrides],
+        force=force,
+        external_data=use_external_data_format or None,
+        progress=progress,
+    )
+
+
+def _toml_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+
+
+def _check_onnxruntime_options(options: dict[str, Any]) -> None:
+    """Accept onnxruntime's keyword arguments at the values onnxopt produces; refuse the rest."""
+    accepted = {
+        "quant_format": {"QDQ"},
+        "activation_type": {"QUInt8"},
+        "weight_type": {"QInt8"},
+    }
+    for key, value in options.items():
+        name = getattr(value, "name", value)
+        if key in accepted and name in accepted[key]:
+            continue
+        if key in accepted:
+            raise InputError(
+                f"quantize: {key}={name} is not supported",
+                details=[f"supported: {', '.join(sorted(accepted[key]))}"],
+                fix="leave it out: QDQ with uint8 activations and int8 weights is what onnxruntime runs fastest on CPU",
+            )
+        raise InputError(f"quantize: unknown option '{key}'", fix="see help(onnxopt.quantize)")

@@ -33,6 +33,8 @@ class Context:
         statistics: activation statistics collected by calibration, keyed by tensor name.
         report: one row per pass, filled in by the pipeline.
         validation: figures of the last validation, filled in by the validation pass.
+        quantization: what the quantizer did: quantized nodes, nodes kept float and why, and
+            per-tensor figures of the repairs.
         progress: where long-running passes report progress.
     """
 
@@ -42,4 +44,5 @@ class Context:
     statistics: dict[str, Any] = dataclasses.field(default_factory=dict)
     report: list[ReportRow] = dataclasses.field(default_factory=list)
     validation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: Progress | None = None

@@ -33,9 +33,11 @@ class Pipeline:
     def check_requirements(self, model: ir.Model, context: Context) -> None:
         """Fail before any work when a pass cannot run on this model or with this context."""
         statistics_available = bool(context.statistics)
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         for pass_ in self.passes:
-            check_requirements(pass_, model, context, statistics_available)
+            check_requirements(pass_, opset, context, statistics_available)
             statistics_available = statistics_available or pass_.provides_statistics
+            opset = pass_.opset_after(opset)
 
     def run(self, model: ir.Model, context: Context | None = None) -> Context:
         """Run every pass in place; a failure names the pass that failed and stops the run."""
@@ -78,16 +80,14 @@ class Pipeline:
 
 
 def check_requirements(
-    pass_: OnnxoptPass, model: ir.Model, context: Context, statistics_available: bool
+    pass_: OnnxoptPass, opset: int, context: Context, statistics_available: bool
 ) -> None:
     """Raise a ProcessingError naming the pass and the fix when its needs are not met."""
-    if pass_.min_opset is not None:
-        opset = model.opset_imports.get("", 1)
-        if opset < pass_.min_opset:
-            raise ProcessingError(
-                f"pass '{pass_.name}' needs opset {pass_.min_opset} or newer; the model uses opset {opset}",
-                fix="convert the model first, e.g. with onnx.version_converter.convert_version",
-            )
+    if pass_.min_opset is not None and opset < pass_.min_opset:
+        raise ProcessingError(
+            f"pass '{pass_.name}' needs opset {pass_.min_opset} or newer; the model uses opset {opset}",
+            fix="put the 'upgrade-opset' pass before it in the recipe",
+        )
     if pass_.needs_data and context.data is None:
         raise ProcessingError(
             f"pass '{pass_.name}' needs calibration data",

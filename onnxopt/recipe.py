@@ -210,6 +210,8 @@ def _fits(value: Any, expected: Any) -> bool:
         return isinstance(value, list) and all(_fits(item, item_type) for item in value)
     if expected is Any:
         return True
+    if origin is dict or expected is dict:
+        return isinstance(value, dict)
     if expected is bool:
         return isinstance(value, bool)
     if expected is float:
@@ -234,6 +236,8 @@ def type_name(expected: Any) -> str:
     if origin in (list, Sequence, tuple):
         (item_type, *_) = typing.get_args(expected) or (Any,)
         return f"a list of {type_name(item_type)}"
+    if origin is dict or expected is dict:
+        return "a table"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         expected, str(expected)
     )

@@ -35,6 +35,10 @@ class OnnxoptPass(ir.passes.InPlacePass):
     changes: int = 0
     details: dict[str, Any]
 
+    def opset_after(self, opset: int) -> int:
+        """The default-domain opset of the model after this pass, for checking later passes' needs."""
+        return opset
+
     def bind(self, context: Context) -> None:
         """Give the pass the state of the run it is part of."""
         self.context = context

@@ -1,0 +1,78 @@
+"""Which quantized ops onnxruntime really turns into integer kernels.
+
+A QDQ model is only fast if onnxruntime's graph optimizer fuses DequantizeLinear -> op ->
+QuantizeLinear into one integer kernel. This loads the model with the extended optimizations,
+saves what onnxruntime would run, and counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import tempfile
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+INTEGER_KERNELS = frozenset(
+    {
+        "QLinearConv",
+        "QGemm",
+        "QLinearMatMul",
+        "MatMulIntegerToFloat",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+    }
+)
+HEAVY_FLOAT_OPS = frozenset(
+    {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "ConvTranspose"}
+)
+
+
+@dataclasses.dataclass
+class FusionReport:
+    """Integer kernels onnxruntime runs, and heavy ops it still runs in float on dequantized input."""
+
+    integer_kernels: int
+    unfused: int
+    op_counts: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        total = self.integer_kernels + self.unfused
+        return 1.0 if total == 0 else self.integer_kernels / total
+
+
+def fusion_report(model: ir.Model | str | os.PathLike) -> FusionReport:
+    """Count what onnxruntime's CPU provider runs after its extended graph optimizations."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-fusion-") as folder:
+        source = model
+        if isinstance(model, ir.Model):
+            source = os.path.join(folder, "model.onnx")
+            ir.save(model, source, external_data="model.onnx.data")
+        optimized = os.path.join(folder, "optimized.onnx")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = optimized
+        options.log_severity_level = 3
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "optimized.data"
+        )
+        ort.InferenceSession(os.fspath(source), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(optimized, load_external_data=False).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    counts = collections.Counter(node.op_type for node in graph.node)
+    unfused = sum(
+        1
+        for node in graph.node
+        if node.op_type in HEAVY_FLOAT_OPS
+        and any(
+            producers.get(name) is not None and producers[name].op_type == "DequantizeLinear"
+            for name in node.input
+        )
+    )
+    integer_kernels = sum(counts[op] for op in INTEGER_KERNELS)
+    return FusionReport(integer_kernels, unfused, dict(sorted(counts.items())))
