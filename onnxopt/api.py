@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,16 @@ from onnxopt.passes.validate import ValidatePass
 from onnxopt.pipeline import Pipeline
 from onnxopt.progress import QUIET, Progress
 from onnxopt.recipe import Recipe, apply_overrides, load_recipe
+from onnxopt.runtime import random_feeds
 from onnxopt.summary import ModelSummary, summarize
+
+logger = logging.getLogger(__name__)
+
+RANDOM_SAMPLES = 32
+RANDOM_DATA_WARNING = (
+    "calibrating on RANDOM data: the activation ranges are meaningless and the quantized model's accuracy "
+    "says nothing; use this for smoke tests only, and give real samples with --calib DATA.npz"
+)
 
 
 @dataclasses.dataclass
@@ -83,7 +93,8 @@ def optimize(
         output: where to write the result; None to only return it.
         recipe: a preset name, a .toml recipe path, or a ``Recipe``.
         data: calibration/validation samples: a .npz path, a folder of them, an iterable of feed
-            dicts, or an onnxruntime ``CalibrationDataReader``.
+            dicts, or an onnxruntime ``CalibrationDataReader``; ``"random"`` makes random inputs,
+            for smoke tests only.
         overrides: ``pass.option=value`` settings applied on top of the recipe.
         force: write the model even when validation fails.
         external_data: True or False to force weights in or out of a separate ``.data`` file;
@@ -110,6 +121,9 @@ def optimize(
     recipe = apply_overrides(recipe.copy(), overrides)
     pipeline = Pipeline.from_recipe(recipe)
     context = Context(reference=reference, progress=progress)
+    if isinstance(data, str) and data == "random":
+        logger.warning(RANDOM_DATA_WARNING)
+        data = random_feeds(loaded, RANDOM_SAMPLES)
     if data is not None:
         source = open_data(data, loaded)
         holdout = max(

@@ -105,19 +105,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _optimize(arguments: argparse.Namespace, console: Console) -> int:
-    from onnxopt.api import optimize
-    from onnxopt.report import render_passes, render_validation
+    from onnxopt.api import RANDOM_DATA_WARNING, optimize
+    from onnxopt.report import render_passes, render_quantization, render_validation
     from onnxopt.summary import render_before_after
 
     progress = Progress(enabled=not arguments.quiet)
     if arguments.report:
         _check_report_path(arguments.report)
+    if arguments.calib == "random":
+        Console(stderr=True).print(f"[bold red]WARNING:[/bold red] {RANDOM_DATA_WARNING}")
+    overrides = list(arguments.overrides)
+    if arguments.calib_cache:
+        overrides.append(f"calibrate.cache={json.dumps(arguments.calib_cache)}")
     result = optimize(
         arguments.model,
         arguments.output,
-        recipe=arguments.recipe or "cleanup",
+        recipe=arguments.recipe or ("int8" if arguments.calib else "cleanup"),
         data=arguments.calib,
-        overrides=arguments.overrides,
+        overrides=overrides,
         force=arguments.force,
         external_data=arguments.external_data,
         progress=progress,
@@ -126,6 +131,7 @@ def _optimize(arguments: argparse.Namespace, console: Console) -> int:
     if not arguments.quiet:
         render_before_after(result.before, result.after, console)
         render_passes(result.context.report, console)
+        render_quantization(result.context.quantization, console)
         render_validation(result.context.validation, console)
     if arguments.report:
         _write_json(arguments.report, result.report())

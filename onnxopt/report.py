@@ -52,6 +52,36 @@ def render_validation(validation: dict[str, Any], console: Console) -> None:
     console.print(outputs)
 
 
+def render_quantization(quantization: dict[str, Any], console: Console, rows: int = 10) -> None:
+    """Where accuracy is lost and what stayed float: the two things a user acts on."""
+    layers = quantization.get("layers") or []
+    if layers:
+        table = Table(
+            title=f"Least accurate quantized tensors (of {len(layers)})", title_justify="left"
+        )
+        for column in ("node", "op", "tensor", "SQNR dB"):
+            table.add_column(column, justify="right" if column == "SQNR dB" else "left")
+        for layer in layers[:rows]:
+            table.add_row(
+                layer["node"],
+                layer["op_type"],
+                layer["tensor"],
+                _number(layer["sqnr_db"], "{:.1f}"),
+            )
+        console.print(table)
+    kept = quantization.get("kept_float") or []
+    if kept:
+        table = Table(title=f"Kept float ({len(kept)} nodes)", title_justify="left")
+        table.add_column("node")
+        table.add_column("op")
+        table.add_column("why")
+        for entry in kept[:rows]:
+            table.add_row(entry["node"], entry["op_type"], entry["reason"])
+        if len(kept) > rows:
+            table.add_row("...", "", f"{len(kept) - rows} more in the JSON report (--report)")
+        console.print(table)
+
+
 def _number(value: float | str, pattern: str) -> str:
     if isinstance(value, str):
         return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.optimizer import _constant_folding
 
@@ -102,8 +103,20 @@ class _CountingFolder(_constant_folding.FoldConstantsPass):
         self.replaced += 1
 
 
+# ConstantOfShape up to this many elements is folded: exporters compute padding with it, and a
+# small constant there lets the Pad fold into its Conv. onnxscript never folds it by default.
+CONSTANT_OF_SHAPE_FOLD_LIMIT = 4096
+
+
 def _should_fold(node: ir.Node) -> bool | None:
-    """Refuse quantization ops in any domain; leave every other node to the folder's own rules."""
+    """Refuse quantization ops in any domain, fold small ConstantOfShape, leave the rest to the folder."""
     if node.op_type in QUANTIZATION_OPS:
         return False
+    if (
+        node.op_type == "ConstantOfShape"
+        and node.domain == ""
+        and node.inputs[0].const_value is not None
+    ):
+        elements = int(np.prod(node.inputs[0].const_value.numpy()))
+        return True if elements <= CONSTANT_OF_SHAPE_FOLD_LIMIT else None
     return None

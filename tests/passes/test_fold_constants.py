@@ -157,3 +157,21 @@ def test_fold_constants_rewrites_only_into_ops_of_the_model_opset(text, op_type,
         onnx.checker.check_model(ir.to_proto(model), full_check=True)
         assert (op_type not in count_ops(model)) == rewritten
         assert_outputs_close(run_model(model, feeds), before)
+
+
+def test_small_constant_of_shape_folds_so_padding_becomes_constant():
+    model = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        padded (float[1, 1, 2, 2] x) => (float[1, 1, 4, 4] y) {
+            shape = Constant <value = int64[1] {4}> ()
+            zeros = ConstantOfShape <value = int64[1] {0}> (shape)
+            ones = Constant <value = int64[4] {0, 0, 1, 1}> ()
+            pads = Concat <axis = 0> (zeros, ones)
+            y = Pad(x, pads)
+        }
+        """
+    )
+    FoldConstantsPass()(model)
+    pad = next(node for node in model.graph if node.op_type == "Pad")
+    assert pad.inputs[1].const_value.numpy().tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
