@@ -34,10 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, help="output .onnx file (never the input)"
     )
     optimize.add_argument(
-        "--recipe", default=None, help="preset name or recipe .toml file (default: cleanup)"
+        "--recipe",
+        default=None,
+        help="preset name or recipe .toml file (default: int8 with --calib, else cleanup)",
     )
     optimize.add_argument(
-        "--calib", default=None, help="samples: a .npz file or a folder of .npz files"
+        "--calib",
+        default=None,
+        help="samples: a .npz file or a folder of .npz files ('random': smoke tests only)",
+    )
+    optimize.add_argument(
+        "--calib-cache",
+        default=None,
+        metavar="FILE.json",
+        help="reuse calibration statistics from this file, or write them there (same model only)",
     )
     optimize.add_argument(
         "--set",

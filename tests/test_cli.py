@@ -152,7 +152,10 @@ def test_bad_data_exits_2_and_names_the_input(tmp_path, classifier_path, capsys,
     data = tmp_path / "bad.npz"
     np.savez(data, **arrays)
     output = tmp_path / "out.onnx"
-    assert run_cli("optimize", classifier_path, "-o", output, "--calib", data) == 2
+    assert (
+        run_cli("optimize", classifier_path, "-o", output, "--recipe", "cleanup", "--calib", data)
+        == 2
+    )
     error = capsys.readouterr().err
     assert f"'{message}'" in error
     assert not output.exists()

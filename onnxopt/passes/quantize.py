@@ -2,18 +2,68 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import onnx_ir as ir
 
-from onnxopt.errors import InputError
+from onnxopt.context import Context
+from onnxopt.errors import InputError, ProcessingError
 from onnxopt.passes.base import OnnxoptPass
-from onnxopt.quantization.qdq import AlreadyQuantizedError, QuantizationOptions, quantize_model
+from onnxopt.quantization.qdq import (
+    AlreadyQuantizedError,
+    QuantizationOptions,
+    QuantizationReport,
+    quantize_model,
+)
 
 logger = logging.getLogger(__name__)
 
 TENSOR_OVERRIDE_KEYS = {"low", "high", "type"}
+
+
+@dataclasses.dataclass
+class QuantizationInputs:
+    """What the quantize pass started from, kept for the repairs after it.
+
+    correct-bias reads the float weights, and fallback quantizes the float model again with some
+    layers kept float; both need the model as it was just before quantization, which neither the
+    quantized model nor the original (before cleanup and equalization) can give them.
+
+    Attributes:
+        float_model: a copy of the model just before quantization (it shares the tensors).
+        ranges: the calibrated (low, high) of each tensor.
+        problems: tensors that had to stay float, with the reason.
+        options: the options the model was quantized with.
+    """
+
+    float_model: ir.Model
+    ranges: dict[str, tuple[float, float]]
+    problems: dict[str, str]
+    options: QuantizationOptions
+
+
+def quantization_inputs(context: Context, pass_name: str) -> QuantizationInputs:
+    """What this run's quantize pass started from; a ProcessingError naming ``pass_name`` if none."""
+    inputs = getattr(context, "quantization_inputs", None)
+    if inputs is None:
+        raise ProcessingError(
+            f"pass '{pass_name}' repairs what the quantize pass did, but no quantize pass ran before it",
+            fix=f"put 'quantize' before '{pass_name}' in the recipe",
+        )
+    return inputs
+
+
+def quantization_record(report: QuantizationReport) -> dict[str, Any]:
+    """The quantizer's report as the entries of ``context.quantization``."""
+    return {
+        "quantized_nodes": report.quantized,
+        "kept_float": report.kept_float,
+        "absorbed": report.absorbed,
+        "tensors": report.tensors,
+        "widened_weight_scales": report.widened_weight_scales,
+    }
 
 
 class QuantizePass(OnnxoptPass):
@@ -56,6 +106,7 @@ class QuantizePass(OnnxoptPass):
                 problems[name] = calibrated.reason
             else:
                 ranges[name] = (calibrated.low, calibrated.high)
+        float_model = model.clone()
         try:
             report = quantize_model(model, ranges, problems, self.options)
         except AlreadyQuantizedError as error:
@@ -69,14 +120,9 @@ class QuantizePass(OnnxoptPass):
             "kept float": len(report.kept_float),
             "relu/clip absorbed": len(report.absorbed),
         }
-        self.context.quantization.update(
-            {
-                "quantized_nodes": report.quantized,
-                "kept_float": report.kept_float,
-                "absorbed": report.absorbed,
-                "tensors": report.tensors,
-                "widened_weight_scales": report.widened_weight_scales,
-            }
+        self.context.quantization.update(quantization_record(report))
+        self.context.quantization_inputs = QuantizationInputs(
+            float_model, ranges, problems, self.options
         )
         logger.info("quantized %d nodes; %d kept float", self.changes, len(report.kept_float))
         return ir.passes.PassResult(model, modified=bool(self.changes))

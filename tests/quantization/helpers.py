@@ -96,3 +96,14 @@ def ops(model: ir.Model) -> dict[str, int]:
     for node in model.graph:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def calibrated_statistics(model: ir.Model, samples: list[dict[str, np.ndarray]]) -> dict:
+    """What the calibrate pass leaves in ``context.statistics``: min/max ranges and channel means."""
+    from onnxopt.calibration.collect import collect_statistics
+    from onnxopt.calibration.ranges import calibrate_tensor
+
+    return {
+        name: calibrate_tensor(statistics, "minmax")
+        for name, statistics in collect_statistics(model, None, samples).items()
+    }
