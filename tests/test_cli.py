@@ -41,6 +41,8 @@ def test_optimize_validates_on_held_back_user_data(tmp_path, classifier_path, cl
         classifier_path,
         "-o",
         tmp_path / "out.onnx",
+        "--recipe",
+        "cleanup",
         "--calib",
         classifier_data,
     )
