@@ -63,6 +63,7 @@ def quantization_record(report: QuantizationReport) -> dict[str, Any]:
         "absorbed": report.absorbed,
         "tensors": report.tensors,
         "widened_weight_scales": report.widened_weight_scales,
+        "dynamic": report.dynamic,
     }
 
 
@@ -86,6 +87,7 @@ class QuantizePass(OnnxoptPass):
         exclude_nodes: list[str] | None = None,
         exclude_op_types: list[str] | None = None,
         tensor_overrides: dict[str, Any] | None = None,
+        dynamic_matmul: bool = True,
     ):
         super().__init__()
         overrides = dict(tensor_overrides or {})
@@ -97,6 +99,7 @@ class QuantizePass(OnnxoptPass):
             exclude_nodes=list(exclude_nodes or []),
             exclude_op_types=list(exclude_op_types or []),
             tensor_overrides=overrides,
+            dynamic_matmul=dynamic_matmul,
         )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

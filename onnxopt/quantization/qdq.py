@@ -36,6 +36,11 @@ class QuantizationOptions:
         exclude_nodes: node names, or regular expressions matched against the whole name.
         exclude_op_types: op types kept float.
         tensor_overrides: per tensor, {"low": x, "high": y} to set its range, or {"type": "float"}.
+        dynamic_matmul: a MatMul with constant weights whose input arrives in float (as in
+            transformers, after LayerNorm or GELU) quantizes that input at run time from its
+            actual range (DynamicQuantizeLinear + MatMulInteger), instead of with a calibrated
+            range that outlier channels stretch; MatMuls of two activations then stay float
+            unless both arrive quantized.
     """
 
     per_channel: bool = True
@@ -44,6 +49,7 @@ class QuantizationOptions:
     exclude_nodes: Sequence[str] = ()
     exclude_op_types: Sequence[str] = ()
     tensor_overrides: Mapping[str, Mapping[str, object]] = dataclasses.field(default_factory=dict)
+    dynamic_matmul: bool = True
 
 
 @dataclasses.dataclass
@@ -55,6 +61,7 @@ class QuantizationReport:
     absorbed: list[str] = dataclasses.field(default_factory=list)
     tensors: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)
     widened_weight_scales: list[str] = dataclasses.field(default_factory=list)
+    dynamic: list[str] = dataclasses.field(default_factory=list)
 
     def quantized_by_op(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -81,6 +88,7 @@ class _Planned:
     weight: ir.Value | None = None
     bias: ir.Value | None = None
     quantize_output: bool = True
+    dynamic: bool = False
 
 
 class _Planner:
@@ -150,7 +158,9 @@ class _Planner:
         if rule.kind is Kind.WEIGHTED:
             if node.op_type == "MatMul" and _constant(node.inputs[1]) is None:
                 return self._plan_activation_node(
-                    node, OpRule(Kind.BINARY, (0, 1), Output.OPTIONAL), require_integer_inputs=False
+                    node,
+                    OpRule(Kind.BINARY, (0, 1), Output.OPTIONAL),
+                    require_integer_inputs=self.options.dynamic_matmul,
                 )
             return self._plan_weighted(node, rule)
         return self._plan_activation_node(node, rule, require_integer_inputs=True)
@@ -180,6 +190,16 @@ class _Planner:
                 or (channels is not None and bias_array.shape[0] != channels)
             ):
                 return "its bias is not a constant vector of one value per output channel"
+        if (
+            node.op_type == "MatMul"
+            and self.options.dynamic_matmul
+            and node.inputs[0] not in self.integer_values
+            and node.inputs[0].dtype == ir.DataType.FLOAT
+        ):
+            self.planned[node] = _Planned(
+                node, rule, [], weight, quantize_output=False, dynamic=True
+            )
+            return None
         problem = self._value_problem(node.inputs[0])
         if problem:
             return f"input: {problem}"
@@ -301,9 +321,13 @@ class _Planner:
             self._insert_pair(value, scale, zero_point)
             self.report.tensors[value.name] = {"scale": float(scale), "zero_point": int(zero_point)}
         for planned in self.planned.values():
-            if planned.weight is not None:
+            name = planned.node.name or planned.node.op_type
+            self.report.quantized[name] = planned.node.op_type
+            if planned.dynamic:
+                self._quantize_dynamic(planned)
+                self.report.dynamic.append(name)
+            elif planned.weight is not None:
                 self._quantize_weight(planned, parameters[planned.activation_inputs[0]][0])
-            self.report.quantized[planned.node.name or planned.node.op_type] = planned.node.op_type
         ir.passes.common.RemoveUnusedNodesPass()(self.model)
         ir.passes.common.TopologicalSortPass()(self.model)
         return self.report
@@ -314,7 +338,12 @@ class _Planner:
         for planned in self.planned.values():
             output = planned.node.outputs[0]
             optional = planned.rule.output is Output.OPTIONAL and planned.quantize_output
-            if optional and output not in wanted and output not in self._absorbed_sources:
+            if (
+                optional
+                and output not in wanted
+                and output not in self._absorbed_sources
+                and not _feeds_an_add(planned.node)
+            ):
                 planned.quantize_output = False
                 self.integer_values.discard(output)
 
@@ -422,6 +451,64 @@ class _Planner:
             )
             node.replace_input_with(2, dequantized_bias)
 
+    def _quantize_dynamic(self, planned: _Planned) -> None:
+        """x -> DynamicQuantizeLinear -> MatMulInteger with int8 weights -> Cast -> Mul by the scales.
+
+        onnxruntime fuses this chain into one integer kernel (DynamicQuantizeMatMul).
+        """
+        node, weight = planned.node, planned.weight
+        array = weight.const_value.numpy().astype(np.float32)
+        axis = weight_axis(node, weight) if self.options.per_channel else None
+        scales = numerics.weight_scales(array, axis, self.reduce_range)
+        base = weight.name or f"{node.name}_weight"
+        quantized = self._constant(
+            f"{base}_quantized", numerics.quantize_weight(array, scales, axis)
+        )
+        weight_scale = self._constant(f"{base}_scale", scales)
+        weight_zero = self._constant(f"{base}_zero_point", np.zeros_like(scales, dtype=np.int8))
+        prefix = node.name or base
+        quantize = ir.node(
+            "DynamicQuantizeLinear",
+            [node.inputs[0]],
+            num_outputs=3,
+            name=self._unique(f"{prefix}_DynamicQuantizeLinear"),
+        )
+        activation, activation_scale, activation_zero = quantize.outputs
+        multiply = ir.node(
+            "MatMulInteger",
+            [activation, quantized, activation_zero, weight_zero],
+            name=self._unique(f"{prefix}_MatMulInteger"),
+        )
+        cast = ir.node(
+            "Cast",
+            [multiply.outputs[0]],
+            attributes={"to": ir.DataType.FLOAT},
+            name=self._unique(f"{prefix}_Cast"),
+        )
+        combined = ir.node(
+            "Mul", [activation_scale, weight_scale], name=self._unique(f"{prefix}_scales")
+        )
+        rescale = ir.node(
+            "Mul", [cast.outputs[0], combined.outputs[0]], name=self._unique(f"{prefix}_rescale")
+        )
+        for value, suffix, dtype in (
+            (activation, "quantized", ir.DataType.UINT8),
+            (activation_scale, "scale", ir.DataType.FLOAT),
+            (activation_zero, "zero_point", ir.DataType.UINT8),
+            (multiply.outputs[0], "int32", ir.DataType.INT32),
+            (cast.outputs[0], "float", ir.DataType.FLOAT),
+            (combined.outputs[0], "combined_scale", ir.DataType.FLOAT),
+        ):
+            value.name = self._unique(f"{prefix}_{suffix}")
+            value.dtype = dtype
+        output = node.outputs[0]
+        result = rescale.outputs[0]
+        result.dtype, result.shape = output.dtype, output.shape
+        self.graph.extend([quantize, multiply, cast, combined, rescale])
+        output.replace_all_uses_with(result, replace_graph_outputs=True)
+        self.graph.remove(node, safe=True)
+        result.name = output.name
+
     def _dequantized_constant(
         self,
         base: str,
@@ -445,6 +532,14 @@ class _Planner:
         output.shape = ir.Shape(values.shape)
         self.graph.append(node)
         return output
+
+
+def _feeds_an_add(node: ir.Node) -> bool:
+    """A MatMul followed by Add must emit int8: else onnxruntime first merges the two into a float
+    Gemm, and the quantized MatMul is never fused into an integer kernel."""
+    return node.op_type == "MatMul" and any(
+        usage.node.op_type == "Add" for usage in node.outputs[0].uses()
+    )
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:

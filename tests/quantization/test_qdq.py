@@ -123,16 +123,28 @@ def transformer_block():
     return build(nodes, {"x": [1, 8, 16]}, {"y": [1, 8, 16]}, weights)
 
 
-def test_matmuls_fuse_and_attention_masks_stay_float():
+def test_transformer_matmuls_quantize_dynamically_and_fuse():
     model = transformer_block()
     report, reference, quantized = quantize(model)
+    assert sorted(report.dynamic) == ["key", "query", "value"]
+    kept = {entry["node"]: entry["reason"] for entry in report.kept_float}
+    assert {"scores", "context", "softmax", "mask"} <= set(kept)
+    assert "no integer kernel" in kept["activation"]
+    fusion = fusion_report(model)
+    assert fusion.rate == 1.0
+    assert fusion.integer_kernels == 3
+    assert cosine(reference, quantized) > 0.999
+
+
+def test_static_matmuls_fuse_and_attention_masks_stay_float():
+    model = transformer_block()
+    report, reference, quantized = quantize(model, QuantizationOptions(dynamic_matmul=False))
     assert report.quantized_by_op()["MatMul"] == 5
     kept = {entry["node"]: entry["reason"] for entry in report.kept_float}
     assert "masked" not in report.tensors
     assert "softmax" in kept and "attention" in report.tensors
     assert "no integer kernel" in kept["activation"]
-    fusion = fusion_report(model)
-    assert fusion.rate == 1.0
+    assert fusion_report(model).rate == 1.0
     assert cosine(reference, quantized) > 0.99
 
 
@@ -212,3 +224,16 @@ def test_a_range_far_too_wide_keeps_the_tensor_float():
     report, _, _ = quantize(model, samples=samples, ranges=ranges)
     kept = {entry["node"]: entry["reason"] for entry in report.kept_float}
     assert "too wide for 8 bits" in kept["conv1"]
+
+
+def test_matmul_with_a_float_bias_add_still_fuses():
+    weights = random_weights(w=(16, 16), bias=(16,))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["product"], name="dense"),
+        helper.make_node("Add", ["product", "bias"], ["y"], name="bias_add"),
+    ]
+    model = build(nodes, {"x": [1, 8, 16]}, {"y": [1, 8, 16]}, weights)
+    report, reference, quantized = quantize(model, QuantizationOptions(dynamic_matmul=False))
+    assert report.quantized == {"dense": "MatMul"}
+    assert fusion_report(model).rate == 1.0
+    assert cosine(reference, quantized) > 0.999

@@ -1,0 +1,282 @@
+"""Run a model over calibration data and fold its activations into per-tensor statistics.
+
+The tensors become extra outputs of a copy of the model, and onnxruntime runs the copy over the
+data a batch at a time. Each batch is folded into the statistics and dropped, so memory holds one
+batch of activations and the fixed-size statistics, however many samples there are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxopt import runtime
+from onnxopt.calibration.collectors import TensorStatistics
+from onnxopt.data import Feed
+from onnxopt.passes.infer_shapes import InferShapesPass
+
+logger = logging.getLogger(__name__)
+
+# Batches hold at most this many bytes of activations (if a sample alone does not hold more).
+MAX_BATCH_BYTES = 2**30
+
+# Activation types onnxruntime can hand back as numpy arrays (it has no numpy type for bfloat16).
+COLLECTED_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
+
+
+def collect_statistics(
+    model: ir.Model,
+    tensor_names: Sequence[str] | None,
+    data: Iterable[Feed],
+    *,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, TensorStatistics]:
+    """Statistics of the named tensors (default: every float activation) over the data.
+
+    ``model`` is left untouched; a copy of it gets the extra outputs, and shape inference if some
+    activations have no type. When every model input has a free first dimension and the samples
+    have a first dimension of 1, up to ``batch_size`` consecutive samples of equal shapes (fewer
+    if their activations would pass MAX_BATCH_BYTES) run as one batch; a first batch that fails,
+    or whose outputs differ from those of its first and last samples run alone, turns batching
+    off. Memory holds one run's activations and the statistics, however many samples there are.
+
+    Args:
+        model: the model whose activations to collect.
+        tensor_names: graph inputs and node outputs to collect; None for every float one.
+        data: feed dicts, one per sample, e.g. a ``DataSource``.
+        batch_size: samples per onnxruntime run when the model can take batches.
+        max_samples: stop after this many samples; None for all.
+        progress: called with the number of samples each run folded in.
+
+    Returns:
+        Statistics by tensor name, for the tensors onnxruntime returned as float arrays.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
+    copy = model.clone()
+    if any(value.dtype is None for value in _activations(copy.graph)):
+        InferShapesPass(data_prop=False)(copy)
+    values = _collected_values(copy, tensor_names)
+    fed = [value.name for value in values if value.producer() is None]
+    fetched = [value.name for value in values if value.producer() is not None]
+    graph_outputs = set(copy.graph.outputs)
+    copy.graph.outputs.extend(
+        value for value in values if value.producer() and value not in graph_outputs
+    )
+    session = runtime.create_session(copy)
+    runner = _Runner(session, [value.name for value in model.graph.outputs], fetched)
+    collector = _Collector(runner, fed, progress)
+    feeds = _limited(data, max_samples)
+    # The first sample runs alone, and shows how much memory a sample's activations take.
+    first = next(feeds, None)
+    sample_bytes = 0 if first is None else collector.collect([first])
+    if batch_size > 1 and _takes_batches(model):
+        batch_size = min(batch_size, max(1, MAX_BATCH_BYTES // max(sample_bytes, 1)))
+    else:
+        batch_size = 1
+    for group in _groups(feeds, batch_size):
+        collector.collect(group)
+    logger.info(
+        "collected statistics of %d tensors over %d samples",
+        len(collector.statistics),
+        collector.samples,
+    )
+    return collector.statistics
+
+
+class _Collector:
+    """Folds the activations of each run into per-tensor statistics, and counts samples."""
+
+    def __init__(self, runner: _Runner, fed: list[str], progress: Callable[[int], None] | None):
+        self.runner = runner
+        self.fed = fed
+        self.progress = progress
+        self.statistics: dict[str, TensorStatistics] = {}
+        self.samples = 0
+
+    def collect(self, group: list[Feed]) -> int:
+        """Run and fold a group of samples; the bytes of one sample's folded activations."""
+        folded = 0
+        for feed, outputs, count in self.runner.run(group):
+            arrays = {name: feed[name] for name in self.fed}
+            arrays.update(outputs)
+            _fold(self.statistics, arrays, count)
+            folded = sum(array.nbytes for array in arrays.values()) // count
+            self.samples += count
+            if self.progress is not None:
+                self.progress(count)
+        return folded
+
+
+class _Runner:
+    """Runs groups of samples, as one batch once a first batch has shown that batching works."""
+
+    def __init__(self, session: ort.InferenceSession, output_names: list[str], fetched: list[str]):
+        self.session = session
+        self.output_names = output_names
+        self.fetched = fetched
+        self.fetch = list(dict.fromkeys([*output_names, *fetched]))
+        self.batching: bool | None = None
+
+    def run(self, group: list[Feed]) -> Iterator[tuple[Feed, dict[str, np.ndarray], int]]:
+        """Yield (feed, fetched arrays, samples in the feed) for each run the group needed."""
+        alone: dict[int, dict[str, np.ndarray]] = {}
+        if len(group) > 1 and self.batching is not False:
+            feed = {name: np.concatenate([sample[name] for sample in group]) for name in group[0]}
+            if self.batching:
+                yield feed, self._fetched(self._run(feed)), len(group)
+                return
+            alone = {0: self._run(group[0]), len(group) - 1: self._run(group[-1])}
+            batched = self._run_batch(feed, alone[0], alone[len(group) - 1])
+            self.batching = batched is not None
+            if batched is not None:
+                yield feed, self._fetched(batched), len(group)
+                return
+        for index, sample in enumerate(group):
+            arrays = alone[index] if index in alone else self._run(sample)
+            yield sample, self._fetched(arrays), 1
+
+    def _run(self, feed: Feed) -> dict[str, np.ndarray]:
+        return dict(zip(self.fetch, self.session.run(self.fetch, feed), strict=True))
+
+    def _fetched(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: arrays[name] for name in self.fetched}
+
+    def _run_batch(
+        self, feed: Feed, first: dict[str, np.ndarray], last: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray] | None:
+        """The batch's outputs if the model's outputs for it are those of its first and last
+        samples run alone, stacked; None, logged, if the model fails on batches or mixes samples.
+        """
+        try:
+            batched = self._run(feed)
+        except Exception as error:  # onnxruntime raises several unrelated types
+            logger.info("the model fails on batches (%s); running one sample at a time", error)
+            return None
+        count = len(next(iter(feed.values())))
+        for name in self.output_names:
+            if not _stacks(batched[name], first[name], last[name], count):
+                logger.info(
+                    "output '%s' of a batch differs from that of its samples; "
+                    "running one sample at a time",
+                    name,
+                )
+                return None
+        return batched
+
+
+def _stacks(batch_output: np.ndarray, first: np.ndarray, last: np.ndarray, count: int) -> bool:
+    """Whether a batch's output has the shape of ``count`` stacked outputs, starting with
+    ``first`` and ending with ``last`` (within float tolerance)."""
+    if first.ndim == 0 or batch_output.shape != (first.shape[0] * count, *first.shape[1:]):
+        return False
+    rows = first.shape[0]
+    return _close(batch_output[:rows], first) and _close(batch_output[-rows:], last)
+
+
+def _close(actual: np.ndarray, expected: np.ndarray) -> bool:
+    if actual.shape != expected.shape:
+        return False
+    if expected.dtype.kind != "f":
+        return bool(np.array_equal(actual, expected))
+    scale = float(np.max(np.abs(expected), initial=0.0, where=np.isfinite(expected)))
+    return bool(np.allclose(actual, expected, rtol=1e-3, atol=1e-4 * scale, equal_nan=True))
+
+
+def _fold(
+    statistics: dict[str, TensorStatistics], arrays: dict[str, np.ndarray], count: int
+) -> None:
+    for name, array in arrays.items():
+        if array.dtype.kind != "f":
+            logger.debug("skipping '%s': onnxruntime returned %s", name, array.dtype)
+            continue
+        per_sample = count > 1 and array.ndim > 0 and array.shape[0] == count
+        statistics.setdefault(name, TensorStatistics()).update(array, per_sample=per_sample)
+
+
+def _activations(graph: ir.Graph) -> list[ir.Value]:
+    """The graph inputs and the outputs of its nodes, but not initializers or Constant outputs."""
+    values = [
+        value
+        for value in graph.inputs
+        if value.name not in graph.initializers and value.const_value is None
+    ]
+    for node in graph:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            values.extend(value for value in node.outputs if value.name)
+    return values
+
+
+def _collected_values(model: ir.Model, tensor_names: Sequence[str] | None) -> list[ir.Value]:
+    """The activations to collect, each once; those of a type numpy cannot hold are left out."""
+    activations = _activations(model.graph)
+    if tensor_names is None:
+        untyped = sum(value.dtype is None for value in activations)
+        if untyped:
+            logger.warning(
+                "not collecting %d values whose type shape inference did not find", untyped
+            )
+        return [value for value in activations if value.dtype in COLLECTED_TYPES]
+    by_name = {value.name: value for value in activations}
+    missing = [name for name in tensor_names if name not in by_name]
+    if missing:
+        raise ValueError(
+            f"no graph input or node output named {', '.join(repr(name) for name in missing)}"
+        )
+    values = []
+    for name in dict.fromkeys(tensor_names):
+        value = by_name[name]
+        if value.dtype in COLLECTED_TYPES:
+            values.append(value)
+        else:
+            logger.warning("not collecting '%s': its type is %s, not float", name, value.dtype)
+    return values
+
+
+def _takes_batches(model: ir.Model) -> bool:
+    """Whether every input has a free first dimension, so samples can stack along it."""
+    specs = runtime.input_specs(model)
+    return bool(specs) and all(
+        spec.shape is not None and spec.shape and not isinstance(spec.shape[0], int)
+        for spec in specs
+    )
+
+
+def _limited(data: Iterable[Feed], max_samples: int | None) -> Iterator[Feed]:
+    """The first ``max_samples`` feeds, pulling no more than that from the source."""
+    if max_samples is None:
+        yield from data
+        return
+    if max_samples < 1:
+        return
+    for index, feed in enumerate(data, start=1):
+        yield feed
+        if index == max_samples:
+            return
+
+
+def _groups(feeds: Iterable[Feed], batch_size: int) -> Iterator[list[Feed]]:
+    """Consecutive samples that can stack into one batch: first dimension 1, equal shapes."""
+    group: list[Feed] = []
+    for feed in feeds:
+        shapes = _shapes(feed)
+        stackable = batch_size > 1 and all(shape and shape[0] == 1 for shape in shapes.values())
+        if group and (not stackable or _shapes(group[0]) != shapes):
+            yield group
+            group = []
+        group.append(feed)
+        if not stackable or len(group) == batch_size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _shapes(feed: Feed) -> dict[str, tuple[int, ...]]:
+    return {name: array.shape for name, array in feed.items()}

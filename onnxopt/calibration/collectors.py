@@ -1,0 +1,339 @@
+"""Per-tensor statistics that calibration folds activations into, one batch at a time.
+
+A ``TensorStatistics`` is plain data of a fixed size, whatever the number of samples: min and max,
+exact sums of per-sample min and max, a histogram, per-channel sums and a count of NaN and Inf.
+Two of them merge exactly and in any order, so statistics collected in parts (or cached and
+extended) equal those of one pass over all the data, bit for bit.
+
+The histogram is a symmetric grid of ``bins`` equal bins over [-R, R), with R the smallest power
+of two above every value seen. When a larger value arrives R doubles (as often as needed) and
+adjacent bins merge in pairs; because every bin edge of the coarser grid is an edge of the finer
+one, each value lands where it would have landed had R been known from the start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BINS = 4096
+
+# The smallest histogram half-width, 2**SMALLEST_EXPONENT: the grid of an all-zero tensor.
+SMALLEST_EXPONENT = -20
+
+# Every finite float64 is an integer multiple of 2**-1074, so sums kept in these units are exact.
+_FIXED_POINT_BITS = 1074
+
+# Values processed at a time when counting: small enough for the temporaries to stay in cache.
+CHUNK_VALUES = 2**16
+
+# Axes with per-channel means: axis 1 (NCHW channels) and the last axis (hidden size, NHWC).
+CHANNEL_AXES = {"axis1": 1, "last_axis": -1}
+
+
+@dataclasses.dataclass
+class ChannelSums:
+    """Sums of a tensor along every axis but one, and how many values each sum holds."""
+
+    sums: np.ndarray
+    count: int
+
+    @property
+    def means(self) -> np.ndarray:
+        return self.sums / self.count
+
+
+@dataclasses.dataclass(eq=False)
+class TensorStatistics:
+    """What calibration knows about one tensor; a fixed size however many samples it saw.
+
+    Non-finite values are counted in ``nonfinite_count`` and left out of everything else but the
+    channel sums, whose means then turn non-finite too.
+
+    Attributes:
+        bins: number of histogram bins, even, half of them a power of two.
+        histogram: int64 counts of finite values over [-R, R) with R = 2**range_exponent.
+        range_exponent: log2 of the histogram's half-width R; None before any finite value.
+        minimum: smallest finite value seen; inf before any.
+        maximum: largest finite value seen; -inf before any.
+        sample_count: samples with a finite value, for the mean of per-sample min and max.
+        sample_minimum_sum: exact sum of per-sample minima, in units of 2**-1074.
+        sample_maximum_sum: exact sum of per-sample maxima, in units of 2**-1074.
+        nonfinite_count: NaN and Inf values seen.
+        channel_sums: per-channel sums along the axes of ``CHANNEL_AXES``, keyed like it; a key is
+            absent before a tensor of rank 2 or more arrives, and None once channel counts differed.
+    """
+
+    bins: int = DEFAULT_BINS
+    histogram: np.ndarray = dataclasses.field(init=False)
+    range_exponent: int | None = None
+    minimum: float = math.inf
+    maximum: float = -math.inf
+    sample_count: int = 0
+    sample_minimum_sum: int = 0
+    sample_maximum_sum: int = 0
+    nonfinite_count: int = 0
+    channel_sums: dict[str, ChannelSums | None] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        half = self.bins // 2
+        if self.bins < 2 or half & (half - 1):
+            raise ValueError(f"bins must be twice a power of two, got {self.bins}")
+        self.histogram = np.zeros(self.bins, dtype=np.int64)
+
+    @property
+    def count(self) -> int:
+        """Finite values seen."""
+        return int(self.histogram.sum())
+
+    @property
+    def bin_width(self) -> float:
+        """Width of one histogram bin; 0 before any finite value."""
+        if self.range_exponent is None:
+            return 0.0
+        return math.ldexp(2.0, self.range_exponent) / self.bins
+
+    @property
+    def bin_edges(self) -> np.ndarray:
+        """The ``bins + 1`` histogram edges, from -R to R."""
+        return (np.arange(self.bins + 1, dtype=np.float64) - self.bins // 2) * self.bin_width
+
+    @property
+    def sample_minimum_mean(self) -> float:
+        """Mean of per-sample minima; nan before any sample."""
+        return _fixed_point_mean(self.sample_minimum_sum, self.sample_count)
+
+    @property
+    def sample_maximum_mean(self) -> float:
+        """Mean of per-sample maxima; nan before any sample."""
+        return _fixed_point_mean(self.sample_maximum_sum, self.sample_count)
+
+    def channel_means(self, axis: str) -> np.ndarray | None:
+        """Per-channel means along ``axis`` ('axis1' or 'last_axis'), or None if unknown."""
+        channel = self.channel_sums.get(axis)
+        return None if channel is None else channel.means
+
+    def update(self, values: np.ndarray, per_sample: bool = False) -> None:
+        """Fold a batch of values in; with ``per_sample``, axis 0 indexes samples.
+
+        Without ``per_sample`` the whole array counts as one sample for the per-sample min and max.
+        """
+        if values.size == 0:
+            return
+        if values.dtype.itemsize < 4:
+            values = values.astype(np.float32)
+        values = np.ascontiguousarray(values)
+        self._update_channel_sums(values)
+        rows = values.reshape(values.shape[0] if per_sample else 1, -1)
+        minima, maxima = rows.min(axis=1), rows.max(axis=1)
+        if not (np.isfinite(minima).all() and np.isfinite(maxima).all()):
+            finite = np.isfinite(rows)
+            self.nonfinite_count += int(finite.size - np.count_nonzero(finite))
+            minima = np.where(finite, rows, np.inf).min(axis=1)
+            maxima = np.where(finite, rows, -np.inf).max(axis=1)
+            seen = np.isfinite(minima)
+            minima, maxima = minima[seen], maxima[seen]
+            values = rows[finite]
+            if values.size == 0:
+                return
+        self.sample_count += len(minima)
+        self.sample_minimum_sum += _fixed_point_sum(minima)
+        self.sample_maximum_sum += _fixed_point_sum(maxima)
+        low, high = float(minima.min()), float(maxima.max())
+        self.minimum = min(self.minimum, low)
+        self.maximum = max(self.maximum, high)
+        self._grow_to(_exponent_above(max(-low, high)))
+        self._add_to_histogram(values.reshape(-1))
+
+    def merge(self, other: TensorStatistics) -> None:
+        """Add another tensor's statistics to these, exactly; ``other`` stays as it was."""
+        if other.bins != self.bins:
+            raise ValueError(f"cannot merge histograms of {other.bins} and {self.bins} bins")
+        if other.range_exponent is not None:
+            self._grow_to(other.range_exponent)
+            self.histogram += _regrid(other.histogram, other.range_exponent, self.range_exponent)
+        self.minimum = min(self.minimum, other.minimum)
+        self.maximum = max(self.maximum, other.maximum)
+        self.sample_count += other.sample_count
+        self.sample_minimum_sum += other.sample_minimum_sum
+        self.sample_maximum_sum += other.sample_maximum_sum
+        self.nonfinite_count += other.nonfinite_count
+        for axis, channel in other.channel_sums.items():
+            self._add_channel_sums(axis, channel)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict, exact: the histogram as its nonzero bins, sums as integers."""
+        nonzero = np.flatnonzero(self.histogram)
+        return {
+            "bins": self.bins,
+            "range_exponent": self.range_exponent,
+            "histogram": {
+                "index": nonzero.tolist(),
+                "count": self.histogram[nonzero].tolist(),
+            },
+            "minimum": self.minimum if self.count else None,
+            "maximum": self.maximum if self.count else None,
+            "sample_count": self.sample_count,
+            "sample_minimum_sum": self.sample_minimum_sum,
+            "sample_maximum_sum": self.sample_maximum_sum,
+            "nonfinite_count": self.nonfinite_count,
+            "channel_sums": {
+                axis: None
+                if channel is None
+                else {"sums": channel.sums.tolist(), "count": channel.count}
+                for axis, channel in self.channel_sums.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorStatistics:
+        """The statistics ``to_dict`` wrote; raises KeyError, TypeError or ValueError on bad data."""
+        statistics = cls(bins=int(data["bins"]))
+        histogram = data["histogram"]
+        statistics.histogram[np.asarray(histogram["index"], dtype=np.int64)] = np.asarray(
+            histogram["count"], dtype=np.int64
+        )
+        exponent = data["range_exponent"]
+        statistics.range_exponent = None if exponent is None else int(exponent)
+        if data["minimum"] is not None:
+            statistics.minimum = float(data["minimum"])
+            statistics.maximum = float(data["maximum"])
+        statistics.sample_count = int(data["sample_count"])
+        statistics.sample_minimum_sum = int(data["sample_minimum_sum"])
+        statistics.sample_maximum_sum = int(data["sample_maximum_sum"])
+        statistics.nonfinite_count = int(data["nonfinite_count"])
+        for axis, channel in data["channel_sums"].items():
+            if axis not in CHANNEL_AXES:
+                raise ValueError(f"unknown channel axis '{axis}'")
+            statistics.channel_sums[axis] = (
+                None
+                if channel is None
+                else ChannelSums(
+                    np.asarray(channel["sums"], dtype=np.float64), int(channel["count"])
+                )
+            )
+        return statistics
+
+    def _grow_to(self, exponent: int) -> None:
+        """Widen the histogram to half-width 2**exponent if it is narrower."""
+        if self.range_exponent is None:
+            self.range_exponent = exponent
+        elif exponent > self.range_exponent:
+            self.histogram = _regrid(self.histogram, self.range_exponent, exponent)
+            self.range_exponent = exponent
+
+    def _add_to_histogram(self, values: np.ndarray) -> None:
+        """Count values that lie within the grid, a cache-sized chunk at a time.
+
+        Chunks keep the temporaries (scaled values, indices) in cache: on large activations
+        this is faster than one pass per step over the whole array.
+        """
+        half = self.bins // 2
+        for start in range(0, values.size, CHUNK_VALUES):
+            chunk = values[start : start + CHUNK_VALUES]
+            self.histogram += np.bincount(
+                _bin_indices(chunk, self.range_exponent, half), minlength=self.bins
+            )
+
+    def _update_channel_sums(self, values: np.ndarray) -> None:
+        """Add per-channel sums along each of CHANNEL_AXES.
+
+        Sums run in float32, pairwise along the trailing axes for axis 1 and over blocks of
+        rows for the last axis, then add up in float64: about 1e-6 relative, at the speed of
+        float32 reductions. Inf - Inf warns nothing: it makes the means non-finite, as it should.
+        """
+        if values.ndim < 2:
+            return
+        for axis, position in CHANNEL_AXES.items():
+            channels = values.shape[position]
+            with np.errstate(invalid="ignore", over="ignore"):
+                if position == 1 and values.ndim > 2:
+                    sums = values.reshape(values.shape[0], channels, -1).sum(axis=2)
+                    sums = sums.sum(axis=0, dtype=np.float64)
+                else:
+                    rows = values.reshape(-1, channels)
+                    block = max(256, CHUNK_VALUES // 4 // channels)
+                    sums = np.zeros(channels, dtype=np.float64)
+                    for start in range(0, rows.shape[0], block):
+                        sums += rows[start : start + block].sum(axis=0)
+            self._add_channel_sums(axis, ChannelSums(sums, values.size // channels))
+
+    def _add_channel_sums(self, axis: str, channel: ChannelSums | None) -> None:
+        if axis not in self.channel_sums:
+            self.channel_sums[axis] = (
+                None if channel is None else ChannelSums(channel.sums.copy(), channel.count)
+            )
+            return
+        current = self.channel_sums[axis]
+        if current is None or channel is None or current.sums.shape != channel.sums.shape:
+            if current is not None:
+                logger.debug("channel count along %s varies; dropping its means", axis)
+            self.channel_sums[axis] = None
+            return
+        with np.errstate(invalid="ignore", over="ignore"):
+            current.sums = current.sums + channel.sums
+        current.count += channel.count
+
+
+def _exponent_above(magnitude: float) -> int:
+    """The smallest e with magnitude < 2**e, at least SMALLEST_EXPONENT."""
+    if magnitude <= 0.0:
+        return SMALLEST_EXPONENT
+    return max(math.frexp(magnitude)[1], SMALLEST_EXPONENT)
+
+
+def _bin_indices(values: np.ndarray, exponent: int, half: int) -> np.ndarray:
+    """Index of each value's bin on the grid of half-width 2**exponent: floor(x / width) + half.
+
+    Scaling by a power of two is exact. In float32 it is exact only when it scales up (no
+    underflow to -0.0 for tiny negatives), so coarser grids compute in float64.
+    """
+    shift = half.bit_length() - 1 - exponent
+    if shift >= 0:
+        scaled = values * np.float32(2.0**shift)
+    else:
+        scaled = values.astype(np.float64) * math.ldexp(1.0, shift)
+    np.floor(scaled, out=scaled)
+    indices = scaled.astype(np.intp)
+    indices += half
+    return indices
+
+
+def _regrid(histogram: np.ndarray, exponent: int, new_exponent: int) -> np.ndarray:
+    """The histogram on the grid of half-width 2**new_exponent (>= exponent), merging bins exactly.
+
+    Bin i of the old grid holds values in [(i - half) w, (i - half + 1) w); on a grid 2**k times
+    coarser they belong to bin half + floor((i - half) / 2**k). Past k = log2(half) every negative
+    value lands in bin half - 1 and every other in bin half.
+    """
+    if new_exponent == exponent:
+        return histogram.copy()
+    half = len(histogram) // 2
+    factor = min(2 ** (new_exponent - exponent), half)
+    merged = histogram.reshape(-1, factor).sum(axis=1)
+    regridded = np.zeros_like(histogram)
+    start = half - half // factor
+    regridded[start : start + len(merged)] = merged
+    return regridded
+
+
+def _fixed_point_sum(values: np.ndarray) -> int:
+    """The exact sum of finite floats, in units of 2**-1074."""
+    total = 0
+    for value in values.astype(np.float64).tolist():
+        numerator, denominator = value.as_integer_ratio()
+        total += numerator << (_FIXED_POINT_BITS + 1 - denominator.bit_length())
+    return total
+
+
+def _fixed_point_mean(total: int, count: int) -> float:
+    if count == 0:
+        return math.nan
+    return float(Fraction(total, count << _FIXED_POINT_BITS))

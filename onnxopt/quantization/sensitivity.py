@@ -1,0 +1,243 @@
+"""Where quantization loses accuracy: each quantized tensor and layer compared with the float model.
+
+Both models run on the same samples with their intermediate tensors exposed as outputs. A tensor
+of the quantized model is compared with the float tensor that plays its part: a DequantizeLinear
+output with the float input its consumer reads in the float model (after a Relu the quantizer
+absorbed, that is the Relu's output, not the convolution's), any other tensor with the float
+tensor of the same name. The errors are cumulative: a tensor's noise includes everything
+quantized before it, which is what the per-layer table should show (where the error grows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import runtime
+
+logger = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class TensorNoise:
+    """Power of a float tensor and of the quantized model's difference from it, over all samples."""
+
+    signal: float = 0.0
+    noise: float = 0.0
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0.0:
+            return math.inf
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+    @property
+    def noise_ratio(self) -> float:
+        """Noise power over signal power: what a node adds shows as a difference of these."""
+        if self.noise == 0.0:
+            return 0.0
+        return math.inf if self.signal == 0.0 else self.noise / self.signal
+
+
+@dataclasses.dataclass
+class LayerSqnr:
+    """One quantized tensor's fidelity, and the node that computes it (None for a graph input)."""
+
+    node: str | None
+    op_type: str
+    tensor: str
+    sqnr_db: float
+
+    def as_dict(self) -> dict[str, str | float | None]:
+        return dataclasses.asdict(self)
+
+
+def layer_sqnr(
+    float_model: ir.Model, quantized_model: ir.Model, feeds: Sequence[Feed]
+) -> list[LayerSqnr]:
+    """SQNR of every quantized activation of ``quantized_model``, worst first."""
+    return layers_from(quantized_model, compare_tensors(float_model, quantized_model, feeds))
+
+
+def layers_from(quantized_model: ir.Model, noise: dict[str, TensorNoise]) -> list[LayerSqnr]:
+    """The per-layer table from a ``compare_tensors`` result, worst first."""
+    layers = []
+    for quantize, dequantize in activation_pairs(quantized_model):
+        measured = noise.get(dequantize.outputs[0].name)
+        if measured is None:
+            continue
+        source = quantize.inputs[0]
+        producer = source.producer()
+        layers.append(
+            LayerSqnr(
+                producer.name if producer is not None else None,
+                producer.op_type if producer is not None else "input",
+                source.name,
+                measured.sqnr_db,
+            )
+        )
+    return sorted(layers, key=lambda layer: (layer.sqnr_db, layer.tensor))
+
+
+def compare_tensors(
+    float_model: ir.Model, quantized_model: ir.Model, feeds: Sequence[Feed]
+) -> dict[str, TensorNoise]:
+    """Signal and noise of every quantized-model tensor that has a float counterpart, by name."""
+    pairs = float_counterparts(float_model, quantized_model)
+    quantized_probe = _Probe(quantized_model, pairs)
+    float_probe = _Probe(float_model, set(pairs.values()))
+    noise = {name: TensorNoise() for name in pairs}
+    for feed in feeds:
+        quantized_values = quantized_probe.run(feed)
+        float_values = float_probe.run(feed)
+        for name, float_name in pairs.items():
+            if name not in noise:
+                continue
+            observed, reference = quantized_values.get(name), float_values.get(float_name)
+            if observed is None or reference is None or observed.shape != reference.shape:
+                del noise[name]
+                continue
+            reference = reference.astype(np.float64)
+            noise[name].signal += float(np.sum(reference**2))
+            noise[name].noise += float(np.sum((observed.astype(np.float64) - reference) ** 2))
+    return noise
+
+
+def node_added_noise(
+    quantized_model: ir.Model, noise: dict[str, TensorNoise], nodes: Iterable[str]
+) -> dict[str, float]:
+    """Noise-to-signal ratio each named node adds to what reaches it, largest first.
+
+    A node's output (after its own QuantizeLinear, if any) carries the noise of its inputs plus what
+    quantizing the node added; the difference of the ratios is the node's own share. It ranks
+    nodes by the damage they do themselves, so one bad layer does not make every layer after it
+    look bad too.
+    """
+    by_name = {node.name: node for node in quantized_model.graph if node.name}
+    added = {}
+    for name in nodes:
+        node = by_name.get(name)
+        if node is None:
+            continue
+        before = max(
+            (
+                noise[value.name].noise_ratio
+                for value in node.inputs
+                if value is not None and value.name in noise and not is_quantized_constant(value)
+            ),
+            default=0.0,
+        )
+        output = _as_consumed(node.outputs[0])
+        after = noise[output.name].noise_ratio if output.name in noise else before
+        share = after - before
+        added[name] = 0.0 if math.isnan(share) else share
+    return dict(sorted(added.items(), key=lambda item: -item[1]))
+
+
+def activation_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
+    """(QuantizeLinear, DequantizeLinear) pairs that quantize an activation, in graph order."""
+    pairs = []
+    for node in model.graph:
+        if node.op_type != "DequantizeLinear":
+            continue
+        producer = node.inputs[0].producer()
+        if producer is not None and producer.op_type == "QuantizeLinear":
+            pairs.append((producer, node))
+    return pairs
+
+
+def float_counterparts(float_model: ir.Model, quantized_model: ir.Model) -> dict[str, str]:
+    """For each float tensor of the quantized model, the float-model tensor it stands for."""
+    float_values = {
+        value.name
+        for value in _values(float_model.graph)
+        if value.dtype == ir.DataType.FLOAT and value.const_value is None
+    }
+    float_nodes = {node.outputs[0].name: node for node in float_model.graph if node.outputs}
+    pairs = {}
+    for quantize, dequantize in activation_pairs(quantized_model):
+        name = _consumer_reads(dequantize.outputs[0], float_nodes) or quantize.inputs[0].name
+        if name in float_values:
+            pairs[dequantize.outputs[0].name] = name
+    for node in quantized_model.graph:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for value in node.outputs:
+            if value.name in float_values and value.dtype == ir.DataType.FLOAT:
+                pairs[value.name] = value.name
+    return pairs
+
+
+def _consumer_reads(value: ir.Value, float_nodes: dict[str, ir.Node]) -> str | None:
+    """The float-model tensor that a consumer of ``value`` reads at the same input, if it exists."""
+    for usage in value.uses():
+        consumer = usage.node
+        if not consumer.outputs:
+            continue
+        counterpart = float_nodes.get(consumer.outputs[0].name)
+        if (
+            counterpart is not None
+            and counterpart.op_type == consumer.op_type
+            and usage.idx < len(counterpart.inputs)
+            and counterpart.inputs[usage.idx] is not None
+        ):
+            return counterpart.inputs[usage.idx].name
+    return None
+
+
+def _as_consumed(value: ir.Value) -> ir.Value:
+    """The value after its QuantizeLinear -> DequantizeLinear pair, or itself when it has none."""
+    for usage in value.uses():
+        if usage.node.op_type == "QuantizeLinear":
+            for inner in usage.node.outputs[0].uses():
+                if inner.node.op_type == "DequantizeLinear":
+                    return inner.node.outputs[0]
+    return value
+
+
+def is_quantized_constant(value: ir.Value) -> bool:
+    """A constant, or the DequantizeLinear of one (a quantized weight or bias), not an activation."""
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.op_type == "DequantizeLinear"
+        and producer.inputs[0].const_value is not None
+    )
+
+
+def _values(graph: ir.Graph) -> list[ir.Value]:
+    return [*graph.inputs, *(value for node in graph for value in node.outputs)]
+
+
+class _Probe:
+    """A session of a copy of the model whose named tensors are all outputs."""
+
+    def __init__(self, model: ir.Model, names: Iterable[str]):
+        copy = model.clone()
+        by_name = {value.name: value for value in _values(copy.graph)}
+        wanted = [name for name in dict.fromkeys(names) if name in by_name]
+        self.fed = {name for name in wanted if by_name[name].producer() is None}
+        outputs = set(copy.graph.outputs)
+        copy.graph.outputs.extend(
+            by_name[name]
+            for name in wanted
+            if name not in self.fed and by_name[name] not in outputs
+        )
+        self.session = runtime.create_session(copy)
+        self.output_names = [output.name for output in self.session.get_outputs()]
+
+    def run(self, feed: Feed) -> dict[str, np.ndarray]:
+        values = dict(zip(self.output_names, self.session.run(None, feed), strict=True))
+        values.update({name: feed[name] for name in self.fed if name in feed})
+        return values

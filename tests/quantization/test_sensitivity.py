@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from onnxopt.context import Context
+from onnxopt.data import open_data
+from onnxopt.passes.correct_bias import CorrectBiasPass
+from onnxopt.passes.fallback import FallbackPass
+from onnxopt.passes.quantize import QuantizePass
+from onnxopt.quantization.fusion import fusion_report
+from onnxopt.quantization.sensitivity import layer_sqnr
+from tests.quantization.helpers import build, calibrated_statistics, cosine, random_weights, run
+
+
+def outlier_samples(count: int = 8, outlier: float = 100.0):
+    """Channel 0 spans hundreds while the others span a few units: one 8-bit scale loses them."""
+    rng = np.random.default_rng(2)
+    samples = []
+    for _ in range(count):
+        x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+        x[:, 0] *= outlier
+        samples.append({"x": x})
+    return samples
+
+
+def three_convs(outlier_inside: bool = False):
+    """conv_a -> relu -> conv_b -> relu -> conv_c -> relu; conv_a all but ignores channel 0.
+
+    With ``outlier_inside``, conv_a's output carries the outlier channel instead, and conv_b is
+    the layer that needs the small channels.
+    """
+    weights = random_weights(conv_a_w=(8, 4, 3, 3), conv_b_w=(8, 8, 3, 3), conv_c_w=(4, 8, 1, 1))
+    if outlier_inside:
+        weights["conv_a_w"][0] *= 100.0
+        weights["conv_b_w"][:, 0] *= 1e-3
+    else:
+        weights["conv_a_w"][:, 0] *= 1e-3
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_a_w"], ["a"], pads=[1] * 4, name="conv_a"),
+        helper.make_node("Relu", ["a"], ["relu_a"], name="relu_a"),
+        helper.make_node("Conv", ["relu_a", "conv_b_w"], ["b"], pads=[1] * 4, name="conv_b"),
+        helper.make_node("Relu", ["b"], ["relu_b"], name="relu_b"),
+        helper.make_node("Conv", ["relu_b", "conv_c_w"], ["c"], name="conv_c"),
+        helper.make_node("Relu", ["c"], ["y"], name="relu_c"),
+    ]
+    return build(nodes, {"x": [1, 4, 8, 8]}, {"y": [1, 4, 8, 8]}, weights)
+
+
+def quantized(model, samples, correct_bias=False):
+    context = Context(
+        data=open_data(samples, model), statistics=calibrated_statistics(model, samples)
+    )
+    passes = [QuantizePass(reduce_range=False)]
+    if correct_bias:
+        passes.append(CorrectBiasPass())
+    for pass_ in passes:
+        pass_.bind(context)
+        pass_(model)
+    return context
+
+
+def fallback(model, context, **options):
+    pass_ = FallbackPass(**options)
+    pass_.bind(context)
+    pass_(model)
+    return pass_
+
+
+def test_layer_sqnr_shows_where_the_error_starts():
+    samples = outlier_samples(4)
+    float_model = three_convs()
+    model = three_convs()
+    quantized(model, samples)
+    layers = layer_sqnr(float_model, model, samples)
+    by_tensor = {layer.tensor: layer for layer in layers}
+    assert set(by_tensor) == {"x", "a", "b", "c"}
+    assert by_tensor["x"].node is None and by_tensor["x"].op_type == "input"
+    assert by_tensor["a"].node == "conv_a" and by_tensor["a"].op_type == "Conv"
+    # The input keeps its outlier channel well; conv_a's output has lost the small channels.
+    assert by_tensor["x"].sqnr_db > 30 and by_tensor["a"].sqnr_db < 10
+    assert [layer.sqnr_db for layer in layers] == sorted(layer.sqnr_db for layer in layers)
+    assert layers[-1].tensor == "x"
+
+
+def test_fallback_keeps_exactly_the_sensitive_layer_float():
+    samples = outlier_samples()
+    reference = run(three_convs(), samples)
+    model = three_convs()
+    context = quantized(model, samples, correct_bias=True)
+    before = cosine(reference, run(model, samples))
+
+    pass_ = fallback(model, context, min_cosine=0.99)
+
+    after = cosine(reference, run(model, samples))
+    assert before < 0.9 and after > 0.99
+    assert pass_.details["kept float"] == ["conv_a"]
+    assert pass_.details["budget met"] is True
+    assert pass_.changes == 1
+    kept = {entry["node"]: entry["reason"] for entry in context.quantization["kept_float"]}
+    assert kept["conv_a"] == "excluded by name"
+    assert set(context.quantization["quantized_nodes"]) == {"conv_b", "conv_c"}
+    assert set(context.quantization["bias_correction"]["corrected"]) == {"conv_b", "conv_c"}
+    layers = context.quantization["layers"]
+    assert set(layers[0]) == {"node", "op_type", "tensor", "sqnr_db"}
+    assert "a" not in {layer["tensor"] for layer in layers}
+    assert fusion_report(model).rate == 1.0
+
+
+def test_keeping_a_layer_float_keeps_its_input_float_too():
+    samples = outlier_samples(outlier=1.0)
+    reference = run(three_convs(outlier_inside=True), samples)
+    model = three_convs(outlier_inside=True)
+    context = quantized(model, samples)
+    before = cosine(reference, run(model, samples))
+
+    pass_ = fallback(model, context, min_cosine=0.99)
+
+    assert before < 0.99
+    assert sorted(pass_.details["kept float"]) == ["conv_a", "conv_b"]
+    assert cosine(reference, run(model, samples)) > 0.99
+
+
+def test_an_unreachable_budget_stops_at_max_float_layers():
+    samples = outlier_samples(4)
+    model = three_convs()
+    context = quantized(model, samples)
+    pass_ = fallback(model, context, min_cosine=None, min_sqnr_db=200.0, max_float_layers=2)
+    assert pass_.changes == 2
+    assert pass_.details["budget met"] is False
+    assert pass_.details["stopped"] == "reached max_float_layers (2) before the budget"
+
+
+def test_without_a_budget_fallback_only_reports():
+    samples = outlier_samples(4)
+    model = three_convs()
+    context = quantized(model, samples)
+    pass_ = fallback(model, context, min_cosine=None)
+    assert pass_.changes == 0 and pass_.details["kept float"] == []
+    assert context.quantization["layers"][-1]["tensor"] == "x"
