@@ -7,12 +7,13 @@ the data and the settings that change statistics guards against reusing it for s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -98,7 +99,11 @@ def save_cache(
     *,
     samples: int,
 ) -> None:
-    """Write the statistics as JSON, atomically: a temporary file in the same folder, renamed."""
+    """Write the statistics as JSON, atomically: a temporary file in the same folder, renamed.
+
+    Raises:
+        InputError: the file cannot be written there.
+    """
     path = os.fspath(path)
     content = {
         "format": CACHE_FORMAT,
@@ -106,14 +111,22 @@ def save_cache(
         "samples": samples,
         "tensors": {name: value.to_dict() for name, value in statistics.items()},
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".calibration-", suffix=".json", dir=folder)
+    # A new name in the same folder (so the rename is atomic), created with the usual permissions.
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
+        with open(temporary, "x", encoding="utf-8") as file:
             json.dump(content, file, separators=(",", ":"))
         os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise InputError(
+                f"calibration cache '{path}' cannot be written",
+                details=[f"{type(error).__name__}: {error}"],
+                fix="give a path in an existing folder you can write to",
+            ) from error
         raise
     logger.info("wrote calibration cache '%s' (%d tensors)", path, len(statistics))
 

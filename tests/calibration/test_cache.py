@@ -38,6 +38,11 @@ def test_round_trip_is_exact(tmp_path):
     assert [file.name for file in tmp_path.iterdir()] == ["calibration.json"]
 
 
+def test_unwritable_cache_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="cannot be written"):
+        save_cache(tmp_path / "missing" / "calibration.json", some_statistics(), "abc", samples=1)
+
+
 def test_missing_cache_is_none(tmp_path):
     assert load_cache(tmp_path / "none.json", "abc") is None
 

@@ -1,0 +1,220 @@
+"""The int8 preset end to end: CLI, Python API, and the inputs that break other quantizers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantType
+
+import onnxopt
+from onnxopt.cli import main
+from onnxopt.quantization.fusion import fusion_report
+from tests.builders import classifier_proto
+from tests.quantization.helpers import build, random_weights
+
+
+def run_cli(*arguments) -> int:
+    return main([str(argument) for argument in arguments])
+
+
+class Reader(CalibrationDataReader):
+    """An onnxruntime data reader, as users of quantize_static have them."""
+
+    def __init__(self, count: int = 24):
+        rng = np.random.default_rng(7)
+        self.samples = [
+            {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(count)
+        ]
+        self.position = 0
+
+    def get_next(self):
+        if self.position >= len(self.samples):
+            return None
+        self.position += 1
+        return self.samples[self.position - 1]
+
+    def rewind(self):
+        self.position = 0
+
+
+def test_calib_without_recipe_runs_int8_and_writes_a_fused_model(
+    tmp_path, classifier_path, classifier_data, capsys
+):
+    output, report = tmp_path / "int8.onnx", tmp_path / "report.json"
+    assert (
+        run_cli(
+            "optimize",
+            classifier_path,
+            "-o",
+            output,
+            "--calib",
+            classifier_data,
+            "--report",
+            report,
+        )
+        == 0
+    )
+    document = json.loads(report.read_text())
+    assert document["recipe"]["name"] == "int8"
+    assert document["passed"]
+    quantized = document["quantization"]["quantized_nodes"]
+    assert {"Conv", "Gemm"} <= set(quantized.values())
+    assert fusion_report(output).rate == 1.0
+    assert "Least accurate quantized tensors" in capsys.readouterr().out
+
+
+def test_constant_node_weights_are_quantized(tmp_path, classifier_path, classifier_data):
+    """The classifier's Gemm weight is a Constant node, as in every Paddle export."""
+    report = tmp_path / "report.json"
+    run_cli(
+        "optimize",
+        classifier_path,
+        "-o",
+        tmp_path / "q.onnx",
+        "--calib",
+        classifier_data,
+        "--report",
+        report,
+        "-q",
+    )
+    assert json.loads(report.read_text())["quantization"]["quantized_nodes"]["fc"] == "Gemm"
+
+
+def test_python_api_takes_an_onnxruntime_reader_like_quantize_static(tmp_path, classifier_path):
+    output = tmp_path / "api.onnx"
+    result = onnxopt.quantize(
+        classifier_path,
+        output,
+        Reader(),
+        calibrate_method=CalibrationMethod.Entropy,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    assert result.passed and output.exists()
+    assert (
+        result.report()["passes"][
+            [row["name"] for row in result.report()["passes"]].index("calibrate")
+        ]["details"]["method"]
+        == "entropy"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"activation_type": QuantType.QInt8}, "activation_type=QInt8 is not supported"),
+        ({"symmetric_everything": True}, "unknown option 'symmetric_everything'"),
+    ],
+)
+def test_python_api_refuses_settings_it_does_not_produce(
+    tmp_path, classifier_path, options, message
+):
+    with pytest.raises(onnxopt.InputError, match=message):
+        onnxopt.quantize(classifier_path, tmp_path / "x.onnx", Reader(), **options)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_calibration_cache_is_written_then_reused(tmp_path, classifier_path, classifier_data):
+    cache, report = tmp_path / "calib.json", tmp_path / "report.json"
+    arguments = (
+        "optimize",
+        classifier_path,
+        "--calib",
+        classifier_data,
+        "--calib-cache",
+        cache,
+        "-q",
+    )
+    assert run_cli(*arguments, "-o", tmp_path / "a.onnx") == 0
+    assert cache.exists()
+    assert run_cli(*arguments, "-o", tmp_path / "b.onnx", "--report", report) == 0
+    calibrate = next(
+        row for row in json.loads(report.read_text())["passes"] if row["name"] == "calibrate"
+    )
+    assert calibrate["details"]["cache"] == "hit"
+
+
+def test_random_calibration_warns_loudly(tmp_path, classifier_path, capsys):
+    assert (
+        run_cli("optimize", classifier_path, "-o", tmp_path / "r.onnx", "--calib", "random", "-q")
+        == 0
+    )
+    assert "RANDOM data" in capsys.readouterr().err
+
+
+def test_an_already_quantized_model_is_refused(tmp_path, classifier_path, classifier_data, capsys):
+    quantized = tmp_path / "int8.onnx"
+    run_cli("optimize", classifier_path, "-o", quantized, "--calib", classifier_data, "-q")
+    capsys.readouterr()
+    assert (
+        run_cli("optimize", quantized, "-o", tmp_path / "again.onnx", "--calib", classifier_data)
+        == 2
+    )
+    assert "already quantized" in capsys.readouterr().err
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_nan_in_calibration_data_is_refused(tmp_path, classifier_path, capsys):
+    data = tmp_path / "nan.npz"
+    samples = np.zeros((4, 1, 3, 8, 8), np.float32)
+    samples[2, 0, 0, 0, 0] = np.nan
+    np.savez(data, x=samples)
+    assert run_cli("optimize", classifier_path, "-o", tmp_path / "q.onnx", "--calib", data) == 2
+    error = capsys.readouterr().err
+    assert "'x'" in error and "NaN" in error
+
+
+def test_old_opset_is_upgraded_so_per_channel_weights_load(tmp_path, classifier_data):
+    source = tmp_path / "opset11.onnx"
+    onnx.save(classifier_proto(opset=11), source)
+    output = tmp_path / "q.onnx"
+    assert run_cli("optimize", source, "-o", output, "--calib", classifier_data, "-q") == 0
+    model = onnx.load(output)
+    assert model.opset_import[0].version >= 13
+    assert fusion_report(output).rate == 1.0
+
+
+def test_zero_range_activations_quantize_exactly(tmp_path):
+    """A Relu that never fires gives an all-zero tensor: scale 1, and zeros stay zeros."""
+    weights = random_weights(w=(4, 3, 1, 1), fc=(2, 4))
+    weights["b"] = np.full(4, -100.0, np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1, name="fc"),
+    ]
+    model = build(nodes, {"x": ["N", 3, 4, 4]}, {"y": ["N", 2]}, weights)
+    data = [
+        {"x": np.random.default_rng(0).standard_normal((1, 3, 4, 4)).astype(np.float32)}
+        for _ in range(12)
+    ]
+    result = onnxopt.optimize(model, tmp_path / "q.onnx", recipe="int8", data=data)
+    assert result.passed
+    assert result.context.quantization["tensors"]["c"] == {"scale": 1.0, "zero_point": 0}
+    outputs = result.context.validation["outputs"][0]
+    assert outputs["max_abs_error"] == 0.0
+
+
+def test_one_dimensional_convolutions_quantize_and_fuse(tmp_path):
+    weights = random_weights(w=(8, 4, 3), b=(8,), w2=(8, 8, 3))
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1], name="conv1d"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["c2"], pads=[1, 1], name="conv1d_2"),
+        helper.make_node("GlobalAveragePool", ["c2"], ["y"], name="gap"),
+    ]
+    model = build(nodes, {"x": ["N", 4, 32]}, {"y": ["N", 8, 1]}, weights)
+    data = [
+        {"x": np.random.default_rng(index).standard_normal((1, 4, 32)).astype(np.float32)}
+        for index in range(16)
+    ]
+    output = tmp_path / "conv1d.onnx"
+    result = onnxopt.optimize(model, output, recipe="int8", data=data)
+    assert result.context.quantization["quantized_nodes"]["conv1d"] == "Conv"
+    assert fusion_report(output).op_counts.get("QLinearConv", 0) == 2
