@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,9 @@ demo: $(STAMP)
 	$(BIN)/onnxopt inspect models/mnist_cnn.onnx
 	$(BIN)/onnxopt optimize models/mnist_cnn.onnx -o out/mnist_cnn.cleanup.onnx --recipe cleanup \
 		--calib models/mnist_calibration.npz --report out/mnist_cnn.cleanup.json
-	$(BIN)/onnxopt compare models/mnist_cnn.onnx out/mnist_cnn.cleanup.onnx --data models/mnist_calibration.npz --runs 30
+	$(BIN)/onnxopt optimize models/mnist_cnn.onnx -o out/mnist_cnn.int8.onnx --recipe int8 \
+		--calib models/mnist_calibration.npz --report out/mnist_cnn.int8.json
+	$(BIN)/onnxopt compare models/mnist_cnn.onnx out/mnist_cnn.int8.onnx --data models/mnist_calibration.npz --runs 100
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -28,6 +30,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/quantization.py
 
 clean:
 	rm -rf $(VENV) out

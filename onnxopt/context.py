@@ -35,6 +35,8 @@ class Context:
         validation: figures of the last validation, filled in by the validation pass.
         quantization: what the quantizer did: quantized nodes, nodes kept float and why, and
             per-tensor figures of the repairs.
+        quantization_inputs: the float model and settings the quantize pass started from, so
+            that repairs after it (fallback) can quantize again with other choices.
         progress: where long-running passes report progress.
     """
 
@@ -45,4 +47,5 @@ class Context:
     report: list[ReportRow] = dataclasses.field(default_factory=list)
     validation: dict[str, Any] = dataclasses.field(default_factory=dict)
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantization_inputs: Any = None
     progress: Progress | None = None

@@ -11,6 +11,7 @@ import onnx_ir as ir
 from onnxopt.context import Context
 from onnxopt.errors import InputError, ProcessingError
 from onnxopt.passes.base import OnnxoptPass
+from onnxopt.quantization.fusion import fusion_report
 from onnxopt.quantization.qdq import (
     AlreadyQuantizedError,
     QuantizationOptions,
@@ -123,7 +124,14 @@ class QuantizePass(OnnxoptPass):
             "kept float": len(report.kept_float),
             "relu/clip absorbed": len(report.absorbed),
         }
+        if report.dynamic:
+            self.details["dynamic"] = len(report.dynamic)
+        fusion = fusion_report(model)
+        self.details["integer kernels"] = (
+            f"{fusion.integer_kernels}/{fusion.integer_kernels + fusion.unfused}"
+        )
         self.context.quantization.update(quantization_record(report))
+        self.context.quantization["fusion"] = dataclasses.asdict(fusion) | {"rate": fusion.rate}
         self.context.quantization_inputs = QuantizationInputs(
             float_model, ranges, problems, self.options
         )
