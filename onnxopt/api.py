@@ -161,7 +161,7 @@ def quantize(
     calibration_data_reader: Any = None,
     *,
     recipe: str | os.PathLike | Recipe = "int8",
-    calibrate_method: Any = "minmax",
+    calibrate_method: Any = None,
     per_channel: bool = True,
     reduce_range: bool | None = None,
     nodes_to_exclude: Sequence[str] = (),
@@ -178,7 +178,8 @@ def quantize(
     Switching from onnxruntime means changing the import: the first three arguments, an
     onnxruntime ``CalibrationDataReader``, ``calibrate_method`` (``CalibrationMethod.MinMax``,
     ``Entropy``, ``Percentile``, or the strings ``minmax``, ``entropy``, ``percentile``, ``mse``),
-    ``per_channel``, ``reduce_range`` and ``nodes_to_exclude`` mean what they mean there.
+    ``per_channel``, ``reduce_range`` and ``nodes_to_exclude`` mean what they mean there; without
+    ``calibrate_method`` the recipe's method applies (percentile 99.99 in ``int8``).
     onnxruntime's format and type options are accepted only at the values onnxopt produces
     (QDQ, uint8 activations, int8 weights), since any other choice is slower on CPU.
 
@@ -186,15 +187,15 @@ def quantize(
         The result of ``optimize``, with the quantization report in ``result.report()``.
     """
     _check_onnxruntime_options(unsupported)
-    method = getattr(calibrate_method, "name", calibrate_method)
-    method = _ORT_METHODS.get(method, method)
     settings = [
-        f"calibrate.method={method}",
         f"quantize.per_channel={str(per_channel).lower()}",
         f"quantize.reduce_range={'none' if reduce_range is None else str(reduce_range).lower()}",
         f"quantize.exclude_nodes={_toml_list(nodes_to_exclude)}",
         f"quantize.exclude_op_types={_toml_list(op_types_to_exclude)}",
     ]
+    if calibrate_method is not None:
+        method = getattr(calibrate_method, "name", calibrate_method)
+        settings.append(f"calibrate.method={_ORT_METHODS.get(method, method)}")
     if calibration_cache is not None:
         settings.append(f'calibrate.cache="{os.fspath(calibration_cache)}"')
     return optimize(
