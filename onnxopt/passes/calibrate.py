@@ -99,7 +99,7 @@ class CalibratePass(OnnxoptPass):
         self.context.statistics.update(calibrated)
         unusable = {name: tensor.reason for name, tensor in calibrated.items() if tensor.reason}
         for name, reason in unusable.items():
-            logger.warning("tensor '%s' stays float: %s", name, reason)
+            logger.info("tensor '%s' stays float: %s", name, reason)
         self.changes = len(calibrated)
         self.details = {
             "tensors": len(calibrated),
