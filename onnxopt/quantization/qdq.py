@@ -387,6 +387,11 @@ class _Planner:
         return value
 
     def _insert_pair(self, value: ir.Value, scale: np.float32, zero_point: np.uint8) -> None:
+        """Quantize and dequantize ``value`` for the quantized nodes that read it.
+
+        Float readers keep the float tensor, unless its producer is an integer kernel that emits
+        int8 only (then every reader takes the dequantized values, or the kernel would not fuse).
+        """
         base = value.name
         scale_value = self._constant(f"{base}_scale", np.array(scale, dtype=np.float32))
         zero_value = self._constant(f"{base}_zero_point", np.array(zero_point, dtype=np.uint8))
@@ -409,8 +414,12 @@ class _Planner:
         quantize.outputs[0].dtype = ir.DataType.UINT8
         quantize.outputs[0].shape = value.shape
         self.graph.extend([quantize, dequantize])
+        producer = self.planned.get(value.producer())
+        emits_int8 = producer is not None and producer.quantize_output
         for usage in uses:
-            usage.node.replace_input_with(usage.idx, dequantized)
+            consumer = self.planned.get(usage.node)
+            if emits_int8 or (consumer is not None and value in consumer.activation_inputs):
+                usage.node.replace_input_with(usage.idx, dequantized)
 
     def _quantize_weight(self, planned: _Planned, input_scale: np.float32) -> None:
         node, weight = planned.node, planned.weight

@@ -1,0 +1,141 @@
+"""Every op rule on a Conv -> op -> Conv chain: quantized (or kept float, with the reason) and fused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from onnxopt.quantization.fusion import fusion_report
+from onnxopt.quantization.qdq import QuantizationOptions, quantize_model
+from onnxopt.quantization.rules import RULES, Kind
+from tests.quantization.helpers import build, cosine, feeds, measured_ranges, random_weights, run
+
+# op type -> (the node between the two convs, reading "a" (and "b"), writing "mid"; extra constants;
+# channels of "mid"; spatial size of "mid")
+CASES = {
+    "Add": (helper.make_node("Add", ["a", "b"], ["mid"]), {}, 4, 8),
+    "Mul": (helper.make_node("Mul", ["a", "b"], ["mid"]), {}, 4, 8),
+    "Concat": (helper.make_node("Concat", ["a", "b"], ["mid"], axis=1), {}, 8, 8),
+    "AveragePool": (
+        helper.make_node("AveragePool", ["a"], ["mid"], kernel_shape=[2, 2], strides=[2, 2]),
+        {},
+        4,
+        4,
+    ),
+    "Sigmoid": (helper.make_node("Sigmoid", ["a"], ["mid"]), {}, 4, 8),
+    "LeakyRelu": (helper.make_node("LeakyRelu", ["a"], ["mid"], alpha=0.1), {}, 4, 8),
+    "MaxPool": (
+        helper.make_node("MaxPool", ["a"], ["mid"], kernel_shape=[2, 2], strides=[2, 2]),
+        {},
+        4,
+        4,
+    ),
+    "Resize": (
+        helper.make_node("Resize", ["a", "", "scales"], ["mid"], mode="nearest"),
+        {"scales": np.array([1, 1, 2, 2], np.float32)},
+        4,
+        16,
+    ),
+    "Reshape": (
+        helper.make_node("Reshape", ["a", "shape"], ["mid"]),
+        {"shape": np.array([1, 4, 8, 8])},
+        4,
+        8,
+    ),
+    "Transpose": (helper.make_node("Transpose", ["a"], ["mid"], perm=[0, 1, 3, 2]), {}, 4, 8),
+    "Slice": (
+        helper.make_node("Slice", ["a", "starts", "ends", "axes"], ["mid"]),
+        {"starts": np.array([0]), "ends": np.array([2]), "axes": np.array([1])},
+        2,
+        8,
+    ),
+    "Split": (
+        helper.make_node("Split", ["a", "split"], ["mid", "rest"], axis=1),
+        {"split": np.array([2, 2])},
+        2,
+        8,
+    ),
+    "Gather": (
+        helper.make_node("Gather", ["a", "indices"], ["mid"], axis=1),
+        {"indices": np.array([0, 2, 3])},
+        3,
+        8,
+    ),
+    "Squeeze": (
+        helper.make_node("Squeeze", ["a5", "axes"], ["mid"]),
+        {"axes": np.array([2])},
+        4,
+        8,
+    ),
+    "Unsqueeze": (
+        helper.make_node("Unsqueeze", ["a", "axes"], ["a5"]),
+        {"axes": np.array([2])},
+        4,
+        8,
+    ),
+    "Expand": (
+        helper.make_node("Expand", ["a", "shape"], ["mid"]),
+        {"shape": np.array([1, 4, 8, 8])},
+        4,
+        8,
+    ),
+    "Tile": (
+        helper.make_node("Tile", ["a", "repeats"], ["mid"]),
+        {"repeats": np.array([1, 1, 1, 1])},
+        4,
+        8,
+    ),
+    "Softmax": (helper.make_node("Softmax", ["a"], ["mid"], axis=1), {}, 4, 8),
+    "HardSigmoid": (helper.make_node("HardSigmoid", ["a"], ["mid"]), {}, 4, 8),
+    "HardSwish": (helper.make_node("HardSwish", ["a"], ["mid"]), {}, 4, 8),
+    "Pad": (
+        helper.make_node("Pad", ["a", "pads"], ["mid"], mode="reflect"),
+        {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1])},
+        4,
+        10,
+    ),
+}
+
+
+def chain(op_type: str):
+    node, constants, channels, _ = CASES[op_type]
+    weights = random_weights(conv_a=(4, 3, 3, 3), conv_b=(4, 3, 3, 3), conv_c=(4, channels, 1, 1))
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_a"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+        helper.make_node("Conv", ["x", "conv_b"], ["b"], pads=[1, 1, 1, 1], name="conv_b"),
+    ]
+    if op_type == "Squeeze":
+        nodes.append(helper.make_node("Unsqueeze", ["a", "axes"], ["a5"], name="unsqueeze"))
+    if op_type == "Unsqueeze":
+        nodes += [node, helper.make_node("Squeeze", ["a5", "axes"], ["mid"], name="squeeze")]
+    else:
+        nodes.append(node)
+    node.name = op_type.lower()
+    nodes += [
+        helper.make_node("Conv", ["mid", "conv_c"], ["c"], name="conv_c"),
+        helper.make_node("GlobalAveragePool", ["c"], ["y"], name="pool"),
+    ]
+    outputs = {"y": [1, 4, 1, 1]}
+    if op_type not in ("Add", "Mul", "Concat"):
+        outputs["b"] = [1, 4, 8, 8]
+    return build(nodes, {"x": [1, 3, 8, 8]}, outputs, weights | constants)
+
+
+@pytest.mark.parametrize("op_type", sorted(CASES))
+def test_each_op_between_two_convs(op_type):
+    model = chain(op_type)
+    samples = feeds(model, count=6)
+    reference = run(model, samples)
+    report = quantize_model(model, measured_ranges(model, samples), {}, QuantizationOptions())
+    rule = RULES[op_type]
+    kept = {entry["node"]: entry["reason"] for entry in report.kept_float}
+    if rule.kind is Kind.FLOAT:
+        assert "no integer kernel" in kept[op_type.lower()]
+    elif op_type == "Squeeze":
+        assert {"unsqueeze", "squeeze"} <= set(report.quantized)
+    else:
+        assert report.quantized[op_type.lower()] == op_type
+    assert {"conv_a", "conv_c"} <= set(report.quantized)
+    assert fusion_report(model).rate == 1.0
+    assert cosine(reference, run(model, samples)) > 0.99
