@@ -130,10 +130,9 @@ def optimize(
             (pass_.samples for pass_ in pipeline.passes if isinstance(pass_, ValidatePass)),
             default=0,
         )
-        if source.count is not None and any(pass_.needs_data for pass_ in pipeline.passes):
-            # Calibration needs the samples more: hold back at most a quarter of them.
-            holdout = min(holdout, max(1, source.count // 4))
-        context.data, context.validation_data = source.split(holdout)
+        # Calibration needs the samples more: then validation holds back at most a quarter of them.
+        calibrating = any(pass_.needs_data for pass_ in pipeline.passes)
+        context.data, context.validation_data = source.split(holdout, 0.25 if calibrating else 1.0)
     before = summarize(loaded, str(input_path) if input_path else None)
     failure = None
     try:

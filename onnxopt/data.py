@@ -8,6 +8,7 @@ preprocessing mismatch that usually causes it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -110,27 +111,33 @@ class DataSource:
             stop = min(stop, self._stop)
         return list(self._window(self._start, stop))
 
-    def split(self, holdout: int) -> tuple[DataSource, DataSource]:
+    def split(self, holdout: int, max_share: float = 1.0) -> tuple[DataSource, DataSource]:
         """Split into (calibration, validation): validation measures samples calibration never saw.
 
-        With a known count, validation is the last ``holdout`` samples, but at most all but one so
-        calibration keeps a sample; a single sample serves both. With an unknown count, validation
-        is the first ``holdout`` samples, kept in memory, and calibration is the rest of the stream.
-        ``holdout=0`` gives an empty validation source.
+        With a known count, validation is the last ``holdout`` samples, but at most ``max_share``
+        of them (at least one) and at most all but one, so calibration keeps samples; a single
+        sample serves both. With an unknown count, the first ``holdout / max_share`` samples are
+        pulled into memory to learn whether the source is that long: if so, validation is its
+        first ``holdout`` samples and calibration the rest of the stream; if not, the count is
+        known and the rule above applies. ``holdout=0`` gives an empty validation source.
         """
         if holdout < 0:
             raise ValueError(f"holdout must be 0 or more, got {holdout}")
+        if not 0.0 < max_share <= 1.0:
+            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
         if holdout == 0:
             return self, self._window(self._start, self._start)
         if self.count is None:
-            pulled = len(self.take(holdout + 1))
-            if pulled > holdout:
+            needed = max(holdout + 1, math.ceil(holdout / max_share))
+            pulled = len(self.take(needed))
+            if pulled >= needed:
                 middle = self._start + holdout
                 return self._window(middle, None), self._window(self._start, middle)
-            return self._window(self._start, self._start + pulled).split(holdout)
+            return self._window(self._start, self._start + pulled).split(holdout, max_share)
         if self.count <= 1:
             return self, self
-        middle = self._stop - min(holdout, self.count - 1)
+        kept = min(holdout, self.count - 1, max(1, int(self.count * max_share)))
+        middle = self._stop - kept
         return self._window(self._start, middle), self._window(middle, self._stop)
 
     def _window(self, start: int, stop: int | None) -> DataSource:

@@ -413,3 +413,30 @@ def test_a_bad_first_sample_fails_when_opening(model):
 )
 def test_unusable_python_sources(model, source, expected):
     assert expected in error_of(source, model)
+
+
+def test_split_holds_back_at_most_a_share_of_a_reader_of_unknown_length():
+    model = _share_model()
+    feeds = ({"x": np.full((1, 2), index, np.float32)} for index in range(20))
+    calibration, validation = open_data(feeds, model).split(16, max_share=0.25)
+    assert len(validation.take(100)) == 5
+    assert len(list(calibration)) == 15
+
+
+def test_split_with_a_share_on_a_known_count():
+    model = _share_model()
+    feeds = [{"x": np.full((1, 2), index, np.float32)} for index in range(12)]
+    calibration, validation = open_data(feeds, model).split(8, max_share=0.25)
+    assert [feed["x"][0, 0] for feed in validation] == [9.0, 10.0, 11.0]
+    assert calibration.count == 9
+
+
+def _share_model():
+    return ir.from_proto(
+        onnx.parser.parse_model(
+            """
+            <ir_version: 8, opset_import: ["" : 17]>
+            g (float[N, 2] x) => (float[N, 2] y) { y = Relu(x) }
+            """
+        )
+    )
