@@ -107,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[arguments.command](arguments, console)
     except OnnxoptError as error:
-        errors.print(f"onnxopt: error: {error.render()}", markup=False, highlight=False)
+        errors.print(
+            f"onnxopt: error: {error.render()}", markup=False, highlight=False, soft_wrap=True
+        )
         return error.exit_code
     except KeyboardInterrupt:
         errors.print("onnxopt: interrupted; nothing was written")
@@ -123,7 +125,9 @@ def _optimize(arguments: argparse.Namespace, console: Console) -> int:
     if arguments.report:
         _check_report_path(arguments.report)
     if arguments.calib == "random":
-        Console(stderr=True).print(f"[bold red]WARNING:[/bold red] {RANDOM_DATA_WARNING}")
+        Console(stderr=True).print(
+            f"[bold red]WARNING:[/bold red] {RANDOM_DATA_WARNING}", soft_wrap=True
+        )
     overrides = list(arguments.overrides)
     if arguments.calib_cache:
         overrides.append(f"calibrate.cache={json.dumps(arguments.calib_cache)}")
@@ -147,7 +151,10 @@ def _optimize(arguments: argparse.Namespace, console: Console) -> int:
         _write_json(arguments.report, result.report())
     if result.failure is not None:
         Console(stderr=True).print(
-            f"onnxopt: error: {result.failure.render()}", markup=False, highlight=False
+            f"onnxopt: error: {result.failure.render()}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
         if result.written:
             console.print(
@@ -156,7 +163,7 @@ def _optimize(arguments: argparse.Namespace, console: Console) -> int:
         else:
             console.print("nothing written")
         return EXIT_FAILED
-    console.print(f"wrote {result.written[-1]}", highlight=False)
+    console.print(f"wrote {result.written[-1]}", highlight=False, soft_wrap=True)
     return EXIT_OK
 
 

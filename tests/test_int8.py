@@ -218,3 +218,47 @@ def test_one_dimensional_convolutions_quantize_and_fuse(tmp_path):
     result = onnxopt.optimize(model, output, recipe="int8", data=data)
     assert result.context.quantization["quantized_nodes"]["conv1d"] == "Conv"
     assert fusion_report(output).op_counts.get("QLinearConv", 0) == 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("calibrate.method=kl", "unknown calibration method 'kl'"),
+        ("quantize.tensor_overrides={ x = { low = 0.0, colour = 1 } }", "tensor override for 'x'"),
+        ('quantize.tensor_overrides={ x = { type = "int4" } }', "has type 'int4'"),
+        ("quantize.exclude_nodes=conv1", "must be a list of a string or none"),
+    ],
+)
+def test_bad_quantization_settings_exit_2_without_output(
+    tmp_path, classifier_path, classifier_data, capsys, setting, message
+):
+    output = tmp_path / "q.onnx"
+    assert (
+        run_cli(
+            "optimize", classifier_path, "-o", output, "--calib", classifier_data, "--set", setting
+        )
+        == 2
+    )
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_a_corrupt_calibration_cache_is_a_clear_error(
+    tmp_path, classifier_path, classifier_data, capsys
+):
+    cache = tmp_path / "calib.json"
+    cache.write_text("{ not json")
+    output = tmp_path / "q.onnx"
+    arguments = (
+        "optimize",
+        classifier_path,
+        "-o",
+        output,
+        "--calib",
+        classifier_data,
+        "--calib-cache",
+        cache,
+    )
+    assert run_cli(*arguments) == 2
+    assert str(cache) in capsys.readouterr().err
+    assert not output.exists()
