@@ -7,7 +7,7 @@ calibration runs in its own process with a time limit; one that runs past it, or
 reported as such. Timing starts after the imports and covers loading the model, running it over the
 samples and computing the ranges. Appends its table to benchmarks/RESULTS.md under "Calibration cost".
 
-    .venv/bin/python benchmarks/calibration.py                 # MNIST 64/128 samples, EfficientNet-Lite0 16
+    .venv/bin/python benchmarks/calibration.py                 # MNIST 64/128 samples, EfficientNet-Lite0 16/64
     .venv/bin/python benchmarks/calibration.py --limit 120
 """
 
@@ -35,7 +35,7 @@ MODELS = {
     "efficientnet": (
         BENCHMARKS / "models/efficientnet_lite0.onnx",
         BENCHMARKS / "models/efficientnet_lite0_calibration.npz",
-        (16,),
+        (16, 64),
     ),
 }
 METHODS = ("entropy", "percentile")
@@ -43,8 +43,9 @@ SECTION = "## Calibration cost"
 
 
 def samples(data_path: Path, count: int) -> list[dict[str, np.ndarray]]:
-    data = np.load(data_path)
-    return [{name: data[name][index] for name in data.files} for index in range(count)]
+    with np.load(data_path) as data:
+        arrays = {name: data[name][:count] for name in data.files}
+    return [{name: array[index] for name, array in arrays.items()} for index in range(count)]
 
 
 def worker(tool: str, model: str, data: str, count: int, method: str) -> None:

@@ -71,7 +71,7 @@ def collect_statistics(
     )
     session = runtime.create_session(copy)
     runner = _Runner(session, [value.name for value in model.graph.outputs], fetched)
-    collector = _Collector(runner, fed, progress)
+    collector = _Collector(runner, fed, progress, _weighted_inputs(copy.graph))
     feeds = _limited(data, max_samples)
     # The first sample runs alone, and shows how much memory a sample's activations take.
     first = next(feeds, None)
@@ -93,10 +93,17 @@ def collect_statistics(
 class _Collector:
     """Folds the activations of each run into per-tensor statistics, and counts samples."""
 
-    def __init__(self, runner: _Runner, fed: list[str], progress: Callable[[int], None] | None):
+    def __init__(
+        self,
+        runner: _Runner,
+        fed: list[str],
+        progress: Callable[[int], None] | None,
+        channel_means: set[str],
+    ):
         self.runner = runner
         self.fed = fed
         self.progress = progress
+        self.channel_means = channel_means
         self.statistics: dict[str, TensorStatistics] = {}
         self.samples = 0
 
@@ -106,7 +113,7 @@ class _Collector:
         for feed, outputs, count in self.runner.run(group):
             arrays = {name: feed[name] for name in self.fed}
             arrays.update(outputs)
-            _fold(self.statistics, arrays, count)
+            _fold(self.statistics, arrays, count, self.channel_means)
             folded = sum(array.nbytes for array in arrays.values()) // count
             self.samples += count
             if self.progress is not None:
@@ -190,14 +197,31 @@ def _close(actual: np.ndarray, expected: np.ndarray) -> bool:
 
 
 def _fold(
-    statistics: dict[str, TensorStatistics], arrays: dict[str, np.ndarray], count: int
+    statistics: dict[str, TensorStatistics],
+    arrays: dict[str, np.ndarray],
+    count: int,
+    channel_means: set[str],
 ) -> None:
     for name, array in arrays.items():
         if array.dtype.kind != "f":
             logger.debug("skipping '%s': onnxruntime returned %s", name, array.dtype)
             continue
         per_sample = count > 1 and array.ndim > 0 and array.shape[0] == count
-        statistics.setdefault(name, TensorStatistics()).update(array, per_sample=per_sample)
+        statistics.setdefault(name, TensorStatistics()).update(
+            array, per_sample=per_sample, channel_sums=name in channel_means
+        )
+
+
+def _weighted_inputs(graph: ir.Graph) -> set[str]:
+    """Activations that feed Conv, Gemm or MatMul: only their per-channel means are ever used
+    (by bias correction), and summing channels costs as much as the histogram."""
+    return {
+        node.inputs[0].name
+        for node in graph
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        and node.inputs
+        and node.inputs[0] is not None
+    }
 
 
 def _activations(graph: ir.Graph) -> list[ir.Value]:

@@ -120,17 +120,21 @@ class TensorStatistics:
         channel = self.channel_sums.get(axis)
         return None if channel is None else channel.means
 
-    def update(self, values: np.ndarray, per_sample: bool = False) -> None:
+    def update(
+        self, values: np.ndarray, per_sample: bool = False, channel_sums: bool = True
+    ) -> None:
         """Fold a batch of values in; with ``per_sample``, axis 0 indexes samples.
 
         Without ``per_sample`` the whole array counts as one sample for the per-sample min and max.
+        ``channel_sums=False`` skips the per-channel sums, for tensors whose means nothing reads.
         """
         if values.size == 0:
             return
         if values.dtype.itemsize < 4:
             values = values.astype(np.float32)
         values = np.ascontiguousarray(values)
-        self._update_channel_sums(values)
+        if channel_sums:
+            self._update_channel_sums(values)
         rows = values.reshape(values.shape[0] if per_sample else 1, -1)
         minima, maxima = rows.min(axis=1), rows.max(axis=1)
         if not (np.isfinite(minima).all() and np.isfinite(maxima).all()):
