@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     import onnx_ir as ir
 
     from onnxopt.data import DataSource
+    from onnxopt.passes.quantize import QuantizationInputs
     from onnxopt.progress import Progress
 
 
@@ -47,5 +48,5 @@ class Context:
     report: list[ReportRow] = dataclasses.field(default_factory=list)
     validation: dict[str, Any] = dataclasses.field(default_factory=dict)
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
-    quantization_inputs: Any = None
+    quantization_inputs: QuantizationInputs | None = None
     progress: Progress | None = None
