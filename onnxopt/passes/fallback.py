@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -16,6 +16,7 @@ from onnxopt.metrics import compare_outputs
 from onnxopt.passes.base import OnnxoptPass
 from onnxopt.passes.correct_bias import bias_correction_record, channel_means
 from onnxopt.passes.quantize import QuantizationInputs, quantization_inputs, quantization_record
+from onnxopt.progress import QUIET
 from onnxopt.quantization.bias_correction import BiasCorrectionReport, correct_biases
 from onnxopt.quantization.qdq import QuantizationReport, quantize_model
 from onnxopt.quantization.sensitivity import (
@@ -106,8 +107,11 @@ class FallbackPass(OnnxoptPass):
                 "pass 'fallback' needs calibration samples to measure the layers, and got none",
                 fix="give more samples with --calib, or leave 'fallback' out of the recipe",
             )
-        search = _Search(self, inputs, feeds, model)
-        final, stopped = search.run()
+        progress = self.context.progress or QUIET
+        attempts = ATTEMPTS_PER_LAYER * self.max_float_layers
+        with progress.task("trying sensitive layers in float", attempts) as advance:
+            search = _Search(self, inputs, feeds, model, advance)
+            final, stopped = search.run()
         if final.report is not None:
             model.graph = final.model.graph
             self.context.quantization.update(quantization_record(final.report))
@@ -145,8 +149,10 @@ class _Search:
         inputs: QuantizationInputs,
         feeds: Sequence[Feed],
         model: ir.Model,
+        advance: Callable[[int], None],
     ):
         self.fallback = fallback
+        self.advance = advance
         self.inputs = inputs
         self.feeds = list(feeds)
         self.model = model
@@ -182,6 +188,7 @@ class _Search:
             if candidate is None:
                 return current, "no quantized layer left whose fallback improves the outputs"
             tried.add(candidate)
+            self.advance(1)
             trial = self.keep_float(candidate, current.excluded)
             if trial is None:
                 continue
