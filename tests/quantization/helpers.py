@@ -8,6 +8,8 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import runtime
+from onnxopt.calibration.collect import collect_statistics
+from onnxopt.calibration.ranges import calibrate_tensor
 from onnxopt.passes.infer_shapes import InferShapesPass
 
 
@@ -62,24 +64,11 @@ def feeds(model: ir.Model, count: int = 8, seed: int = 1) -> list[dict[str, np.n
 def measured_ranges(
     model: ir.Model, samples: list[dict[str, np.ndarray]]
 ) -> dict[str, tuple[float, float]]:
-    """Global min/max of every float tensor, measured by exposing it as an output."""
-    probe = model.clone()
-    names = [value.name for value in probe.graph.inputs]
-    for node in probe.graph:
-        for value in node.outputs:
-            if value.dtype == ir.DataType.FLOAT and not value.is_graph_output():
-                probe.graph.outputs.append(value)
-    names += [value.name for value in probe.graph.outputs]
-    session = runtime.create_session(probe)
-    output_names = [output.name for output in session.get_outputs()]
-    ranges: dict[str, tuple[float, float]] = {}
-    for sample in samples:
-        values = dict(zip(output_names, session.run(None, sample), strict=True)) | sample
-        for name in names:
-            array = values[name]
-            low, high = ranges.get(name, (np.inf, -np.inf))
-            ranges[name] = (min(low, float(array.min())), max(high, float(array.max())))
-    return ranges
+    """Global min/max of every float tensor over the samples, as the calibration collectors see it."""
+    return {
+        name: (statistics.minimum, statistics.maximum)
+        for name, statistics in collect_statistics(model, None, samples).items()
+    }
 
 
 def run(model: ir.Model, samples: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -100,9 +89,6 @@ def ops(model: ir.Model) -> dict[str, int]:
 
 def calibrated_statistics(model: ir.Model, samples: list[dict[str, np.ndarray]]) -> dict:
     """What the calibrate pass leaves in ``context.statistics``: min/max ranges and channel means."""
-    from onnxopt.calibration.collect import collect_statistics
-    from onnxopt.calibration.ranges import calibrate_tensor
-
     return {
         name: calibrate_tensor(statistics, "minmax")
         for name, statistics in collect_statistics(model, None, samples).items()
