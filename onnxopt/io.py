@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -146,6 +147,48 @@ def save(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %s", ", ".join(str(path) for path in written))
     return written
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically: a new temporary file in the same folder, renamed into place.
+
+    A failure leaves neither a partial file nor the temporary one behind.
+
+    Raises:
+        InputError: the file cannot be written there.
+    """
+    path = Path(path)
+    try:
+        descriptor, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else "."
+        )
+    except OSError as error:
+        raise InputError(
+            f"cannot write '{path}'",
+            details=[f"{type(error).__name__}: {error}"],
+            fix="give a path in an existing folder you can write to",
+        ) from error
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise InputError(
+                f"cannot write '{path}'",
+                details=[f"{type(error).__name__}: {error}"],
+                fix="give a path in an existing folder you can write to",
+            ) from error
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _with_inline_weights(model: ir.Model) -> ir.Model:

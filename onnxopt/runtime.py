@@ -11,6 +11,9 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+# One sample as onnxruntime takes it: an array per model input, by input name.
+Feed = dict[str, np.ndarray]
+
 # Protobuf cannot serialize a message over 2 GiB; above this, sessions load from a file with external data.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
@@ -51,7 +54,7 @@ def concrete_shape(spec: InputSpec, free_dim: int = 1) -> tuple[int, ...]:
     return tuple(dim if isinstance(dim, int) else free_dim for dim in spec.shape)
 
 
-def random_feeds(model: ir.Model, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def random_feeds(model: ir.Model, count: int, seed: int = 0) -> list[Feed]:
     """Random samples of the right shapes and dtypes, for checks when the user gave no data.
 
     Integer inputs get 0 or 1 so that indices stay in range of any embedding table.
@@ -108,8 +111,42 @@ def create_session(
         return ort.InferenceSession(path, options, providers=providers)
 
 
-def run(
-    session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]]
-) -> list[list[np.ndarray]]:
+def run(session: ort.InferenceSession, feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
     """Outputs of every feed, in the session's output order."""
     return [session.run(None, feed) for feed in feeds]
+
+
+class ProbeSession:
+    """A session of a copy of the model in which the named values are outputs too.
+
+    How calibration and the accuracy measurements see inside a model: intermediate tensors
+    become extra graph outputs of a copy (the model itself is not changed), and values that are
+    graph inputs are read from the feed.
+
+    Attributes:
+        session: the onnxruntime session of the copy.
+        output_names: the model's own outputs.
+        fetched: the named node outputs, now outputs of the copy too.
+        fed: the named graph inputs, which ``run`` takes from the feed.
+    """
+
+    def __init__(self, model: ir.Model, names: Sequence[str], *, copy: bool = True):
+        if copy:
+            model = model.clone()
+        graph = model.graph
+        values = {value.name: value for value in graph.inputs}
+        values.update((value.name, value) for node in graph for value in node.outputs)
+        wanted = [name for name in dict.fromkeys(names) if name in values]
+        self.output_names = [value.name for value in graph.outputs]
+        self.fed = [name for name in wanted if values[name].producer() is None]
+        self.fetched = [name for name in wanted if values[name].producer() is not None]
+        outputs = set(graph.outputs)
+        graph.outputs.extend(values[name] for name in self.fetched if values[name] not in outputs)
+        self.session = create_session(model)
+
+    def run(self, feed: Feed, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The named outputs (default: all of them) and the fed values, by name."""
+        fetch = list(names) if names is not None else [o.name for o in self.session.get_outputs()]
+        arrays = dict(zip(fetch, self.session.run(fetch, feed), strict=True))
+        arrays.update({name: feed[name] for name in self.fed if name in feed})
+        return arrays

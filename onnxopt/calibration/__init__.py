@@ -1,8 +1,9 @@
 """Calibration: activation statistics over sample data, and the quantization ranges they give.
 
-``collect_statistics`` runs a model over data into per-tensor ``TensorStatistics``;
-``calibrate_tensor`` turns those into a ``CalibratedTensor`` range by one of ``METHODS``; the
-cache saves statistics between runs. The ``calibrate`` pass ties them together.
+``calibrate_model`` is the whole job: ``collect_statistics`` runs a model over data into
+per-tensor ``TensorStatistics`` (or the cache gives them back), and ``calibrate_tensor`` turns
+each into a ``CalibratedTensor`` range by one of ``METHODS``; the ``CalibrationResult`` holds
+them all. The ``calibrate`` pass is a thin adapter over ``calibrate_model``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from onnxopt.calibration.cache import (
     model_fingerprint,
     save_cache,
 )
+from onnxopt.calibration.calibrate import CalibrationResult, CalibrationSettings, calibrate_model
 from onnxopt.calibration.collect import collect_statistics
 from onnxopt.calibration.collectors import ChannelSums, TensorStatistics
 from onnxopt.calibration.ranges import (
@@ -31,8 +33,11 @@ __all__ = [
     "METHODS",
     "CachedStatistics",
     "CalibratedTensor",
+    "CalibrationResult",
+    "CalibrationSettings",
     "ChannelSums",
     "TensorStatistics",
+    "calibrate_model",
     "calibrate_tensor",
     "collect_statistics",
     "compute_range",

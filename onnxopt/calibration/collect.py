@@ -16,8 +16,8 @@ import onnxruntime as ort
 
 from onnxopt import runtime
 from onnxopt.calibration.collectors import TensorStatistics
-from onnxopt.data import Feed
-from onnxopt.passes.infer_shapes import InferShapesPass
+from onnxopt.runtime import Feed, ProbeSession
+from onnxopt.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +61,11 @@ def collect_statistics(
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
     copy = model.clone()
     if any(value.dtype is None for value in _activations(copy.graph)):
-        InferShapesPass(data_prop=False)(copy)
+        infer_shapes(copy, data_prop=False)
     values = _collected_values(copy, tensor_names)
-    fed = [value.name for value in values if value.producer() is None]
-    fetched = [value.name for value in values if value.producer() is not None]
-    graph_outputs = set(copy.graph.outputs)
-    copy.graph.outputs.extend(
-        value for value in values if value.producer() and value not in graph_outputs
-    )
-    session = runtime.create_session(copy)
-    runner = _Runner(session, [value.name for value in model.graph.outputs], fetched)
-    collector = _Collector(runner, fed, progress, _weighted_inputs(copy.graph))
+    probe = ProbeSession(copy, [value.name for value in values], copy=False)
+    runner = _Runner(probe.session, probe.output_names, probe.fetched)
+    collector = _Collector(runner, probe.fed, progress, _weighted_inputs(copy.graph))
     feeds = _limited(data, max_samples)
     # The first sample runs alone, and shows how much memory a sample's activations take.
     first = next(feeds, None)

@@ -1,0 +1,75 @@
+"""Small helpers over onnx_ir graphs that every layer uses: opsets, names, constants."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+# The default ONNX domain under both of the names models use for it.
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def default_opset(model: ir.Model) -> int:
+    """The model's opset of the default ONNX domain, whichever name it imports it under."""
+    for domain in DEFAULT_DOMAINS:
+        if domain in model.opset_imports:
+            return model.opset_imports[domain]
+    return 1
+
+
+def is_default_domain(node: ir.Node) -> bool:
+    return node.domain in DEFAULT_DOMAINS
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents, or None when it is not a constant."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def clip_bound(node: ir.Node, index: int, attribute: str) -> float | None:
+    """A Clip's lower (index 1, attribute "min") or upper (2, "max") bound.
+
+    From its input in opset 11 and later, from its attribute before; an absent bound is
+    -inf or inf; None when the bound is an input that is not a constant.
+    """
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        bound = constant_array(node.inputs[index])
+        return None if bound is None else float(bound)
+    if attribute in node.attributes:
+        return node.attributes.get_float(attribute)
+    return -math.inf if index == 1 else math.inf
+
+
+class UniqueNames:
+    """Hands out value and node names that no value of the graph has yet."""
+
+    def __init__(self, graph: ir.Graph):
+        self._taken = set(graph.initializers) | {value.name for value in graph.inputs if value.name}
+        for node in graph:
+            self._taken.update(value.name for value in node.outputs if value.name)
+            if node.name:
+                self._taken.add(node.name)
+
+    def __call__(self, name: str) -> str:
+        candidate, suffix = name, 1
+        while candidate in self._taken:
+            suffix += 1
+            candidate = f"{name}_{suffix}"
+        self._taken.add(candidate)
+        return candidate
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer of ``graph`` named ``name`` (which must be free)."""
+    value = ir.Value(
+        name=name,
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        shape=ir.Shape(array.shape),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
