@@ -24,6 +24,7 @@ from onnxopt.errors import InputError, ValidationFailed
 from onnxopt.metrics import OutputFidelity, compare_outputs
 from onnxopt.progress import QUIET, Progress
 from onnxopt.runtime import create_session, input_specs
+from onnxopt.serialize import json_data
 
 logger = logging.getLogger(__name__)
 
@@ -81,23 +82,7 @@ class Comparison:
         Infinite and NaN figures (SQNR of identical outputs is +inf) become the strings "inf",
         "-inf" and "nan", which ``float()`` reads back; None keeps meaning "not applicable".
         """
-        return {
-            "samples": self.samples,
-            "threads": self.threads,
-            "outputs": [
-                {key: _json_number(value) for key, value in output.as_dict().items()}
-                for output in self.outputs
-            ],
-            "latency_a": dataclasses.asdict(self.latency_a) if self.latency_a else None,
-            "latency_b": dataclasses.asdict(self.latency_b) if self.latency_b else None,
-            "speedup": _json_number(self.speedup),
-        }
-
-
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
+        return json_data(self) | {"speedup": json_data(self.speedup)}
 
 
 def compare_models(

@@ -18,11 +18,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import InputError
-from onnxopt.runtime import InputSpec, input_specs
+from onnxopt.runtime import Feed, InputSpec, input_specs
 
 logger = logging.getLogger(__name__)
 
-Feed = dict[str, np.ndarray]
 
 ACCEPTED_SOURCES = (
     "accepted: an .npz file, a folder of .npz files, an iterable of feed dicts, "

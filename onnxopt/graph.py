@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -12,11 +13,17 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def default_opset(model: ir.Model) -> int:
-    """The model's opset of the default ONNX domain, whichever name it imports it under."""
+    """The model's opset of the default ONNX domain, whichever name it imports it under; 1 if none."""
+    declared = declared_default_opset(model.opset_imports)
+    return 1 if declared is None else declared
+
+
+def declared_default_opset(opset_imports: Mapping[str, int]) -> int | None:
+    """The version imported for the default ONNX domain, under either of its names, or None."""
     for domain in DEFAULT_DOMAINS:
-        if domain in model.opset_imports:
-            return model.opset_imports[domain]
-    return 1
+        if domain in opset_imports:
+            return opset_imports[domain]
+    return None
 
 
 def is_default_domain(node: ir.Node) -> bool:

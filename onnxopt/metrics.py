@@ -33,9 +33,6 @@ class OutputFidelity:
     top1_agreement: float | None = None
     mismatched: float | None = None
 
-    def as_dict(self) -> dict[str, float | str | None]:
-        return dataclasses.asdict(self)
-
 
 def looks_like_class_scores(array: np.ndarray) -> bool:
     """Float [batch, classes] (or [classes]) with at least two classes: argmax means something."""

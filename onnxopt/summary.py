@@ -18,9 +18,10 @@ import onnx_ir as ir
 from rich.console import Console
 from rich.table import Table
 
+from onnxopt.graph import DEFAULT_DOMAINS, declared_default_opset
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 TOP_SPARSE_TENSORS = 5
 # Zeros are counted over slices of this many elements, so no full-size temporary is ever built.
 ZERO_COUNT_CHUNK_ELEMENTS = 1 << 24
@@ -120,10 +121,7 @@ class ModelSummary:
     @property
     def default_opset(self) -> int | None:
         """The version of the default ONNX domain, the one that decides which ops and passes apply."""
-        for domain in DEFAULT_DOMAINS:
-            if domain in self.opset_imports:
-                return self.opset_imports[domain]
-        return None
+        return declared_default_opset(self.opset_imports)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``json.dumps``; every number is finite."""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import CheckerPass
 
 from onnxopt import runtime
 from onnxopt.metrics import OutputFidelity, compare_outputs
@@ -55,30 +54,13 @@ class ValidationResult:
     def failures(self) -> list[Check]:
         return [check for check in self.checks if not check.passed]
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "samples": self.samples,
-            "data": self.data,
-            "checks": [dataclasses.asdict(check) for check in self.checks],
-            "outputs": [json_safe(output.as_dict()) for output in self.outputs],
-        }
-
-
-def json_safe(values: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no inf or nan: write them as strings a reader recognizes."""
-    return {
-        key: (str(value) if isinstance(value, float) and not math.isfinite(value) else value)
-        for key, value in values.items()
-    }
-
 
 def check_structure(model: ir.Model) -> list[Check]:
     """The onnx checker, then strict shape inference, each reported on its own."""
     checks = []
     for name, full_check in (("onnx checker", False), ("shape inference", True)):
         try:
-            ir.passes.common.CheckerPass(full_check=full_check)(model)
+            CheckerPass(full_check=full_check)(model)
         except Exception as error:
             cause = error.__cause__ or error
             checks.append(Check(name, False, f"{type(cause).__name__}: {cause}"))

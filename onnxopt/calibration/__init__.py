@@ -21,6 +21,7 @@ from onnxopt.calibration.collectors import ChannelSums, TensorStatistics
 from onnxopt.calibration.ranges import (
     METHODS,
     CalibratedTensor,
+    RangeMethod,
     calibrate_tensor,
     compute_range,
     entropy_range,
@@ -36,6 +37,7 @@ __all__ = [
     "CalibrationResult",
     "CalibrationSettings",
     "ChannelSums",
+    "RangeMethod",
     "TensorStatistics",
     "calibrate_model",
     "calibrate_tensor",

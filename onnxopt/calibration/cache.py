@@ -7,13 +7,11 @@ the data and the settings that change statistics guards against reusing it for s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +21,7 @@ import onnx_ir as ir
 from onnxopt.calibration.collectors import TensorStatistics
 from onnxopt.data import DataSource
 from onnxopt.errors import InputError
+from onnxopt.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ def save_cache(
     *,
     samples: int,
 ) -> None:
-    """Write the statistics as JSON, atomically: a temporary file in the same folder, renamed.
+    """Write the statistics as JSON, atomically (``io.atomic_write_text``).
 
     Raises:
         InputError: the file cannot be written there.
@@ -111,23 +110,14 @@ def save_cache(
         "samples": samples,
         "tensors": {name: value.to_dict() for name, value in statistics.items()},
     }
-    # A new name in the same folder (so the rename is atomic), created with the usual permissions.
-    folder, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(temporary, "x", encoding="utf-8") as file:
-            json.dump(content, file, separators=(",", ":"))
-        os.replace(temporary, path)
-    except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        if isinstance(error, OSError):
-            raise InputError(
-                f"calibration cache '{path}' cannot be written",
-                details=[f"{type(error).__name__}: {error}"],
-                fix="give a path in an existing folder you can write to",
-            ) from error
-        raise
+        atomic_write_text(path, json.dumps(content, separators=(",", ":")))
+    except InputError as error:
+        raise InputError(
+            f"calibration cache '{path}' cannot be written",
+            details=error.details,
+            fix="give a path in an existing folder you can write to",
+        ) from error
     logger.info("wrote calibration cache '%s' (%d tensors)", path, len(statistics))
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import typing
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 
@@ -17,7 +19,9 @@ from onnxopt.calibration.collectors import TensorStatistics
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
+# How a range is chosen from a tensor's statistics.
+RangeMethod = Literal["minmax", "percentile", "entropy", "mse"]
+METHODS: tuple[str, ...] = typing.get_args(RangeMethod)
 
 # uint8 has 256 levels: 255 steps between the ends of the range.
 QUANTIZATION_STEPS = 255

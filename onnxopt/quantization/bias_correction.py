@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.quantization import numerics
+from onnxopt.quantization.nodes import QdqBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def correct_biases(
     """
     counterparts = _float_nodes_by_output(float_model)
     report = BiasCorrectionReport()
-    names = _names(quantized.graph)
+    builder = QdqBuilder(quantized.graph)
     for node in list(quantized.graph):
         target = _target(node, counterparts)
         if target is None:
@@ -108,7 +109,7 @@ def correct_biases(
             if shift is None:
                 reason = f"no per-channel means of its input '{target.input_name}'"
             else:
-                reason = _apply(target, shift, scales, create_bias, names, report, label)
+                reason = _apply(target, shift, scales, create_bias, builder, report, label)
         if reason is not None:
             report.skipped.append({"node": label, "op_type": node.op_type, "reason": reason})
     logger.info(
@@ -201,7 +202,7 @@ def _apply(
     shift: np.ndarray,
     weight_scales: np.ndarray,
     create_bias: bool,
-    names: set[str],
+    builder: QdqBuilder,
     report: BiasCorrectionReport,
     label: str,
 ) -> str | None:
@@ -221,11 +222,17 @@ def _apply(
         return "its input is not quantized"
     scales = np.broadcast_to(weight_scales, shift.shape)
     values, bias_scales = numerics.quantize_bias(shift, input_scale, scales)
-    base = _unique(f"{label}_bias", names)
-    attributes = {"axis": 0} if weight_scales.size > 1 else {}
-    if not attributes:
+    axis = 0 if weight_scales.size > 1 else None
+    if axis is None:
         bias_scales = bias_scales.reshape(-1)[:1].reshape(())
-    dequantized = _dequantize_node(node, base, values, bias_scales, attributes, names)
+    dequantized = builder.dequantized_constant(
+        builder.unique(f"{label}_bias"),
+        values,
+        bias_scales,
+        np.zeros_like(bias_scales, dtype=np.int32),
+        axis,
+        before=node,
+    )
     node.resize_inputs(3)
     node.replace_input_with(2, dequantized)
     report.created.append(label)
@@ -344,67 +351,9 @@ def _float_bias(node: ir.Node, shape: tuple[int, ...]) -> np.ndarray | None:
     return None if array is None or array.shape != shape else array.astype(np.float64)
 
 
-def _dequantize_node(
-    consumer: ir.Node,
-    base: str,
-    values: np.ndarray,
-    scales: np.ndarray,
-    attributes: dict[str, int],
-    names: set[str],
-) -> ir.Value:
-    """A DequantizeLinear of new int32 initializers named like the quantizer names a bias's."""
-    graph = consumer.graph
-    inputs = [
-        _initializer(graph, _unique(f"{base}_{suffix}", names), array)
-        for suffix, array in (
-            ("quantized", values),
-            ("scale", scales.astype(np.float32)),
-            ("zero_point", np.zeros_like(scales, dtype=np.int32)),
-        )
-    ]
-    node = ir.node(
-        "DequantizeLinear",
-        inputs,
-        attributes=attributes,
-        name=_unique(f"{base}_DequantizeLinear", names),
-    )
-    output = node.outputs[0]
-    output.name = _unique(f"{base}_dequantized", names)
-    output.dtype = ir.DataType.FLOAT
-    output.shape = ir.Shape(values.shape)
-    graph.insert_before(consumer, node)
-    return output
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(
-        name=name,
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        shape=ir.Shape(array.shape),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
-
-
 def _float_nodes_by_output(model: ir.Model) -> dict[str, ir.Node]:
     """Nodes of the float model by the name of their first output, which quantization keeps."""
     return {node.outputs[0].name: node for node in model.graph if node.outputs}
-
-
-def _names(graph: ir.Graph) -> set[str]:
-    return set(graph.initializers) | {
-        value.name for node in graph for value in node.outputs if value.name
-    }
-
-
-def _unique(name: str, names: set[str]) -> str:
-    candidate, suffix = name, 1
-    while candidate in names:
-        suffix += 1
-        candidate = f"{name}_{suffix}"
-    names.add(candidate)
-    return candidate
 
 
 def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:

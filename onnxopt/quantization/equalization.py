@@ -24,6 +24,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.graph import clip_bound, is_default_domain
+
 logger = logging.getLogger(__name__)
 
 # Scales are kept in [1 / SCALE_LIMIT, SCALE_LIMIT] so that a channel with a nearly-dead range on
@@ -189,23 +191,13 @@ def _weights_problem(node: ir.Node) -> str | None:
 
 def _clip_is_relu(node: ir.Node) -> bool:
     """A Clip with lower bound 0 (or none) and no upper bound: positive-homogeneous."""
-    low = _clip_bound(node, 1, "min")
-    high = _clip_bound(node, 2, "max")
+    low = clip_bound(node, 1, "min")
+    high = clip_bound(node, 2, "max")
     return low is not None and high is not None and low in (0.0, -math.inf) and high == math.inf
 
 
-def _clip_bound(node: ir.Node, index: int, attribute: str) -> float | None:
-    """A Clip bound, from its input (opset 11+) or attribute; None when it is not a constant."""
-    if len(node.inputs) > index and node.inputs[index] is not None:
-        value = node.inputs[index].const_value
-        return None if value is None else float(value.numpy())
-    if attribute in node.attributes:
-        return node.attributes.get_float(attribute)
-    return -math.inf if index == 1 else math.inf
-
-
 def _is_conv(node: ir.Node) -> bool:
-    return node.op_type == "Conv" and node.domain in ("", "ai.onnx") and len(node.inputs) >= 2
+    return node.op_type == "Conv" and is_default_domain(node) and len(node.inputs) >= 2
 
 
 def _groups(node: ir.Node) -> int:

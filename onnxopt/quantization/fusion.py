@@ -46,8 +46,8 @@ class FusionReport:
         return 1.0 if total == 0 else self.integer_kernels / total
 
 
-def fusion_report(model: ir.Model | str | os.PathLike) -> FusionReport:
-    """Count what onnxruntime's CPU provider runs after its extended graph optimizations."""
+def onnxruntime_optimized(model: ir.Model | str | os.PathLike) -> onnx.GraphProto:
+    """The graph onnxruntime's CPU provider runs after its extended optimizations (weights left out)."""
     with tempfile.TemporaryDirectory(prefix="onnxopt-fusion-") as folder:
         source = model
         if isinstance(model, ir.Model):
@@ -62,7 +62,12 @@ def fusion_report(model: ir.Model | str | os.PathLike) -> FusionReport:
             "session.optimized_model_external_initializers_file_name", "optimized.data"
         )
         ort.InferenceSession(os.fspath(source), options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(optimized, load_external_data=False).graph
+        return onnx.load(optimized, load_external_data=False).graph
+
+
+def fusion_report(model: ir.Model | str | os.PathLike) -> FusionReport:
+    """Count what onnxruntime's CPU provider runs after its extended graph optimizations."""
+    graph = onnxruntime_optimized(model)
     producers = {output: node for node in graph.node for output in node.output}
     counts = collections.Counter(node.op_type for node in graph.node)
     unfused = sum(

@@ -18,11 +18,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import runtime
+from onnxopt.runtime import Feed, ProbeSession
 
 logger = logging.getLogger(__name__)
-
-Feed = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
@@ -57,9 +55,6 @@ class LayerSqnr:
     tensor: str
     sqnr_db: float
 
-    def as_dict(self) -> dict[str, str | float | None]:
-        return dataclasses.asdict(self)
-
 
 def layer_sqnr(
     float_model: ir.Model, quantized_model: ir.Model, feeds: Sequence[Feed]
@@ -93,8 +88,8 @@ def compare_tensors(
 ) -> dict[str, TensorNoise]:
     """Signal and noise of every quantized-model tensor that has a float counterpart, by name."""
     pairs = float_counterparts(float_model, quantized_model)
-    quantized_probe = _Probe(quantized_model, pairs)
-    float_probe = _Probe(float_model, set(pairs.values()))
+    quantized_probe = ProbeSession(quantized_model, list(pairs))
+    float_probe = ProbeSession(float_model, list(dict.fromkeys(pairs.values())))
     noise = {name: TensorNoise() for name in pairs}
     for feed in feeds:
         quantized_values = quantized_probe.run(feed)
@@ -218,26 +213,3 @@ def is_quantized_constant(value: ir.Value) -> bool:
 
 def _values(graph: ir.Graph) -> list[ir.Value]:
     return [*graph.inputs, *(value for node in graph for value in node.outputs)]
-
-
-class _Probe:
-    """A session of a copy of the model whose named tensors are all outputs."""
-
-    def __init__(self, model: ir.Model, names: Iterable[str]):
-        copy = model.clone()
-        by_name = {value.name: value for value in _values(copy.graph)}
-        wanted = [name for name in dict.fromkeys(names) if name in by_name]
-        self.fed = {name for name in wanted if by_name[name].producer() is None}
-        outputs = set(copy.graph.outputs)
-        copy.graph.outputs.extend(
-            by_name[name]
-            for name in wanted
-            if name not in self.fed and by_name[name] not in outputs
-        )
-        self.session = runtime.create_session(copy)
-        self.output_names = [output.name for output in self.session.get_outputs()]
-
-    def run(self, feed: Feed) -> dict[str, np.ndarray]:
-        values = dict(zip(self.output_names, self.session.run(None, feed), strict=True))
-        values.update({name: feed[name] for name in self.fed if name in feed})
-        return values

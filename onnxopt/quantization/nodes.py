@@ -1,0 +1,97 @@
+"""Quantization nodes and constants added to a graph under names no value has yet.
+
+The quantizer and the repairs after it (bias correction) name what they add the same way, so a
+quantized model reads alike wherever a tensor came from: ``{base}_quantized``, ``{base}_scale``,
+``{base}_zero_point``, ``{base}_DequantizeLinear``, ``{base}_dequantized``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.graph import UniqueNames, add_initializer
+
+
+class QdqBuilder:
+    """Adds QuantizeLinear/DequantizeLinear nodes and their constants to one graph."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.unique = UniqueNames(graph)
+
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
+        """A new initializer holding ``array``, named ``name`` or a free variant of it."""
+        return add_initializer(self.graph, self.unique(name), array)
+
+    def dequantized_constant(
+        self,
+        base: str,
+        values: np.ndarray,
+        scales: np.ndarray,
+        zero_points: np.ndarray,
+        axis: int | None = None,
+        *,
+        before: ir.Node | None = None,
+    ) -> ir.Value:
+        """The float value of integer constants: DequantizeLinear(values, scales, zero_points).
+
+        Args:
+            base: the name the new values and node are named after.
+            values: the integers (int8 weights, int32 biases).
+            scales: one scale, or one per slice along ``axis``.
+            zero_points: of the integer type, shaped like ``scales``.
+            axis: the axis of per-channel scales; None for one scale.
+            before: insert the node before this one; else append it to the graph.
+        """
+        inputs = [
+            self.constant(f"{base}_quantized", values),
+            self.constant(f"{base}_scale", scales.astype(np.float32)),
+            self.constant(f"{base}_zero_point", zero_points),
+        ]
+        node = ir.node(
+            "DequantizeLinear",
+            inputs,
+            attributes={"axis": axis} if axis is not None else {},
+            name=self.unique(f"{base}_DequantizeLinear"),
+        )
+        output = node.outputs[0]
+        output.name = self.unique(f"{base}_dequantized")
+        output.dtype = ir.DataType.FLOAT
+        output.shape = ir.Shape(values.shape)
+        if before is None:
+            self.graph.append(node)
+        else:
+            self.graph.insert_before(before, node)
+        return output
+
+    def quantize_dequantize(
+        self, value: ir.Value, scale: np.float32, zero_point: np.uint8
+    ) -> ir.Value:
+        """``value`` through QuantizeLinear and DequantizeLinear with one uint8 scale and zero point.
+
+        Returns the dequantized value; nothing reads it yet.
+        """
+        base = value.name
+        scale_value = self.constant(f"{base}_scale", np.array(scale, dtype=np.float32))
+        zero_value = self.constant(f"{base}_zero_point", np.array(zero_point, dtype=np.uint8))
+        quantize = ir.node(
+            "QuantizeLinear",
+            [value, scale_value, zero_value],
+            name=self.unique(f"{base}_QuantizeLinear"),
+        )
+        quantized = quantize.outputs[0]
+        quantized.name = self.unique(f"{base}_quantized")
+        quantized.dtype = ir.DataType.UINT8
+        quantized.shape = value.shape
+        dequantize = ir.node(
+            "DequantizeLinear",
+            [quantized, scale_value, zero_value],
+            name=self.unique(f"{base}_DequantizeLinear"),
+        )
+        dequantized = dequantize.outputs[0]
+        dequantized.name = self.unique(f"{base}_dequantized")
+        dequantized.dtype = ir.DataType.FLOAT
+        dequantized.shape = value.shape
+        self.graph.extend([quantize, dequantize])
+        return dequantized
