@@ -79,17 +79,14 @@ def worker(tool: str, model: str, data: str, count: int, method: str) -> None:
             calibrator.compute_data()
     else:
         import onnxopt
-        from onnxopt.context import Context
+        from onnxopt.calibration import CalibrationSettings, calibrate_model
         from onnxopt.data import open_data
-        from onnxopt.passes.calibrate import CalibratePass
-        from onnxopt.passes.infer_shapes import InferShapesPass
+        from onnxopt.shapes import infer_shapes
 
         start = time.perf_counter()
         loaded = onnxopt.load(model)
-        InferShapesPass()(loaded)
-        calibrate = CalibratePass(method=method)
-        calibrate.bind(Context(data=open_data(feeds, loaded)))
-        calibrate(loaded)
+        infer_shapes(loaded)
+        calibrate_model(loaded, open_data(feeds, loaded), CalibrationSettings(method))
     seconds = time.perf_counter() - start
     peak_megabytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_megabytes}))

@@ -6,15 +6,41 @@ The Python API mirrors the command line::
 
     result = onnxopt.optimize("model.onnx", "model.opt.onnx", recipe="cleanup", data="calib.npz")
     print(result.report()["validation"])
+
+Names are imported on first use, so ``import onnxopt.calibration`` (or the CLI) loads only what
+it needs, and every module imports on its own.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from onnxopt.__about__ import __version__
-from onnxopt.api import OptimizeResult, optimize, quantize
-from onnxopt.context import Context
-from onnxopt.errors import InputError, OnnxoptError, ProcessingError, ValidationFailed
-from onnxopt.io import load, save
-from onnxopt.pipeline import Pipeline
-from onnxopt.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from onnxopt.api import OptimizeResult, optimize, quantize
+    from onnxopt.context import Context
+    from onnxopt.errors import InputError, OnnxoptError, ProcessingError, ValidationFailed
+    from onnxopt.io import load, save
+    from onnxopt.pipeline import Pipeline
+    from onnxopt.recipe import Recipe, load_recipe
+
+_EXPORTS = {
+    "Context": "onnxopt.context",
+    "InputError": "onnxopt.errors",
+    "OnnxoptError": "onnxopt.errors",
+    "OptimizeResult": "onnxopt.api",
+    "Pipeline": "onnxopt.pipeline",
+    "ProcessingError": "onnxopt.errors",
+    "Recipe": "onnxopt.recipe",
+    "ValidationFailed": "onnxopt.errors",
+    "load": "onnxopt.io",
+    "load_recipe": "onnxopt.recipe",
+    "optimize": "onnxopt.api",
+    "quantize": "onnxopt.api",
+    "save": "onnxopt.io",
+}
 
 __all__ = [
     "Context",
@@ -32,3 +58,15 @@ __all__ = [
     "quantize",
     "save",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'onnxopt' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
-from onnxopt.__about__ import __version__
 from onnxopt.context import Context
 from onnxopt.data import open_data
 from onnxopt.errors import InputError, ValidationFailed
@@ -19,7 +18,8 @@ from onnxopt.io import check_output_path, external_data_files, load, save, stamp
 from onnxopt.passes.validate import ValidatePass
 from onnxopt.pipeline import Pipeline
 from onnxopt.progress import QUIET, Progress
-from onnxopt.recipe import Recipe, apply_overrides, load_recipe
+from onnxopt.recipe import Recipe, apply_overrides, apply_settings, load_recipe
+from onnxopt.report import report_document
 from onnxopt.runtime import random_feeds
 from onnxopt.summary import ModelSummary, summarize
 
@@ -51,27 +51,15 @@ class OptimizeResult:
 
     def report(self) -> dict[str, Any]:
         """Everything a CI job may want to keep, as JSON-ready data."""
-        return {
-            "onnxopt_version": __version__,
-            "input": str(self.input_path) if self.input_path else None,
-            "written": [str(path) for path in self.written],
-            "recipe": self.recipe.as_dict(),
-            "passes": [
-                {
-                    "name": row.pass_name,
-                    "seconds": row.seconds,
-                    "changes": row.changes,
-                    "details": row.details,
-                }
-                for row in self.context.report
-            ],
-            "before": self.before.as_dict(),
-            "after": self.after.as_dict(),
-            "validation": self.context.validation,
-            "quantization": self.context.quantization,
-            "passed": self.passed,
-            "failure": self.failure.render() if self.failure else None,
-        }
+        return report_document(
+            recipe=self.recipe,
+            context=self.context,
+            before=self.before,
+            after=self.after,
+            input_path=self.input_path,
+            written=self.written,
+            failure=self.failure,
+        )
 
 
 def optimize(
@@ -81,6 +69,7 @@ def optimize(
     recipe: str | os.PathLike | Recipe = "cleanup",
     data: Any = None,
     overrides: Sequence[str] = (),
+    settings: Mapping[str, Any] | None = None,
     force: bool = False,
     external_data: bool | None = None,
     progress: Progress = QUIET,
@@ -95,7 +84,9 @@ def optimize(
         data: calibration/validation samples: a .npz path, a folder of them, an iterable of feed
             dicts, or an onnxruntime ``CalibrationDataReader``; ``"random"`` makes random inputs,
             for smoke tests only.
-        overrides: ``pass.option=value`` settings applied on top of the recipe.
+        overrides: ``pass.option=value`` texts applied on top of the recipe and ``settings``, as
+            ``--set`` takes them (the value is TOML or a bare word).
+        settings: ``{"pass.option": value}`` applied on top of the recipe, values as they are.
         force: write the model even when validation fails.
         external_data: True or False to force weights in or out of a separate ``.data`` file;
             None decides by size (over 2 GB must be external).
@@ -118,7 +109,7 @@ def optimize(
         check_output_path(output, protected)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    recipe = apply_overrides(recipe.copy(), overrides)
+    recipe = apply_overrides(apply_settings(recipe.copy(), settings or {}), overrides)
     pipeline = Pipeline.from_recipe(recipe)
     context = Context(reference=reference, progress=progress)
     if isinstance(data, str) and data == "random":
@@ -186,31 +177,28 @@ def quantize(
         The result of ``optimize``, with the quantization report in ``result.report()``.
     """
     _check_onnxruntime_options(unsupported)
-    settings = [
-        f"quantize.per_channel={str(per_channel).lower()}",
-        f"quantize.reduce_range={'none' if reduce_range is None else str(reduce_range).lower()}",
-        f"quantize.exclude_nodes={_toml_list(nodes_to_exclude)}",
-        f"quantize.exclude_op_types={_toml_list(op_types_to_exclude)}",
-    ]
+    settings: dict[str, Any] = {
+        "quantize.per_channel": per_channel,
+        "quantize.reduce_range": reduce_range,
+        "quantize.exclude_nodes": list(nodes_to_exclude),
+        "quantize.exclude_op_types": list(op_types_to_exclude),
+    }
     if calibrate_method is not None:
         method = getattr(calibrate_method, "name", calibrate_method)
-        settings.append(f"calibrate.method={_ORT_METHODS.get(method, method)}")
+        settings["calibrate.method"] = _ORT_METHODS.get(method, method)
     if calibration_cache is not None:
-        settings.append(f'calibrate.cache="{os.fspath(calibration_cache)}"')
+        settings["calibrate.cache"] = os.fspath(calibration_cache)
     return optimize(
         model_input,
         model_output,
         recipe=recipe,
         data=calibration_data_reader,
-        overrides=[*settings, *overrides],
+        settings=settings,
+        overrides=overrides,
         force=force,
         external_data=use_external_data_format or None,
         progress=progress,
     )
-
-
-def _toml_list(items: Sequence[str]) -> str:
-    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
 
 
 def _check_onnxruntime_options(options: dict[str, Any]) -> None:

@@ -93,11 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LoudWarnings(logging.Handler):
+    """Log records on stderr as ``onnxopt: warning: ...``, warnings and worse in bold red."""
+
+    def __init__(self, console: Console):
+        super().__init__(logging.WARNING)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = "bold red" if record.levelno >= logging.WARNING else None
+        self.console.print(
+            f"onnxopt: {record.levelname.lower()}: {record.getMessage()}",
+            style=style,
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="onnxopt: %(levelname)s: %(message)s")
     console = Console()
     errors = Console(stderr=True)
+    root = logging.getLogger()
+    if not any(isinstance(handler, _LoudWarnings) for handler in root.handlers):
+        root.addHandler(_LoudWarnings(errors))
+        root.setLevel(logging.WARNING)
     handlers = {
         "optimize": _optimize,
         "inspect": _inspect,
@@ -117,26 +138,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _optimize(arguments: argparse.Namespace, console: Console) -> int:
-    from onnxopt.api import RANDOM_DATA_WARNING, optimize
+    from onnxopt.api import optimize
     from onnxopt.report import render_passes, render_quantization, render_validation
     from onnxopt.summary import render_before_after
 
     progress = Progress(enabled=not arguments.quiet)
     if arguments.report:
         _check_report_path(arguments.report)
-    if arguments.calib == "random":
-        Console(stderr=True).print(
-            f"[bold red]WARNING:[/bold red] {RANDOM_DATA_WARNING}", soft_wrap=True
-        )
-    overrides = list(arguments.overrides)
-    if arguments.calib_cache:
-        overrides.append(f"calibrate.cache={json.dumps(arguments.calib_cache)}")
+    settings = {"calibrate.cache": arguments.calib_cache} if arguments.calib_cache else {}
     result = optimize(
         arguments.model,
         arguments.output,
         recipe=arguments.recipe or ("int8" if arguments.calib else "cleanup"),
         data=arguments.calib,
-        overrides=overrides,
+        settings=settings,
+        overrides=arguments.overrides,
         force=arguments.force,
         external_data=arguments.external_data,
         progress=progress,
@@ -206,12 +222,10 @@ def _compare(arguments: argparse.Namespace, console: Console) -> int:
 
 
 def _recipes(arguments: argparse.Namespace, console: Console) -> int:
-    import typing
-
     from rich.table import Table
 
     from onnxopt.passes import PASSES
-    from onnxopt.recipe import available_presets, load_recipe, pass_options, type_name
+    from onnxopt.recipe import available_presets, load_recipe
 
     presets = Table(title="Presets", title_justify="left")
     presets.add_column("preset")
@@ -226,10 +240,9 @@ def _recipes(arguments: argparse.Namespace, console: Console) -> int:
     passes.add_column("options (type = default)")
     passes.add_column("what it does")
     for name, pass_class in sorted(PASSES.items()):
-        hints = typing.get_type_hints(pass_class.__init__)
         options = ", ".join(
-            f"{option} ({type_name(hints.get(option))} = {parameter.default!r})"
-            for option, parameter in pass_options(pass_class).items()
+            f"{option_name} ({option.describe()} = {option.default!r})"
+            for option_name, option in pass_class.options().items()
         )
         passes.add_row(name, options or "-", (pass_class.__doc__ or "").strip().splitlines()[0])
     console.print(passes)
@@ -245,9 +258,9 @@ def _check_report_path(path: str) -> None:
 
 
 def _write_json(path: str, document: dict) -> None:
-    temporary = Path(f"{path}.tmp")
-    temporary.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    from onnxopt.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(document, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

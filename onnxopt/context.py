@@ -1,16 +1,18 @@
-"""What the passes of one pipeline run share."""
+"""What the passes of one pipeline run share: data, the original model, and typed results."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import onnx_ir as ir
+import onnx_ir as ir
 
-    from onnxopt.data import DataSource
-    from onnxopt.passes.quantize import QuantizationInputs
-    from onnxopt.progress import Progress
+from onnxopt.calibration import CalibrationResult
+from onnxopt.data import DataSource
+from onnxopt.errors import ProcessingError
+from onnxopt.progress import QUIET, Progress
+from onnxopt.quantization.state import QuantizationState
+from onnxopt.validation import ValidationResult
 
 
 @dataclasses.dataclass
@@ -30,23 +32,37 @@ class Context:
     Attributes:
         data: samples for calibration; None when the user gave no data.
         validation_data: samples held back from calibration, for the final comparison.
-        reference: the original model, untouched, to compare against.
-        statistics: activation statistics collected by calibration, keyed by tensor name.
+        reference: the original model, untouched (or its path), to compare against.
+        calibration: the ranges and statistics calibration found.
+        quantization: what the quantizer did, for the repairs after it and the report.
+        validation: the result of the last validation.
         report: one row per pass, filled in by the pipeline.
-        validation: figures of the last validation, filled in by the validation pass.
-        quantization: what the quantizer did: quantized nodes, nodes kept float and why, and
-            per-tensor figures of the repairs.
-        quantization_inputs: the float model and settings the quantize pass started from, so
-            that repairs after it (fallback) can quantize again with other choices.
         progress: where long-running passes report progress.
     """
 
     data: DataSource | None = None
     validation_data: DataSource | None = None
-    reference: ir.Model | None = None
-    statistics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reference: ir.Model | str | None = None
+    calibration: CalibrationResult | None = None
+    quantization: QuantizationState | None = None
+    validation: ValidationResult | None = None
     report: list[ReportRow] = dataclasses.field(default_factory=list)
-    validation: dict[str, Any] = dataclasses.field(default_factory=dict)
-    quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
-    quantization_inputs: QuantizationInputs | None = None
-    progress: Progress | None = None
+    progress: Progress = QUIET
+
+    def calibration_for(self, pass_name: str) -> CalibrationResult:
+        """This run's calibration; a ProcessingError naming ``pass_name`` when none ran."""
+        if self.calibration is None:
+            raise ProcessingError(
+                f"pass '{pass_name}' needs activation ranges, but no calibration ran before it",
+                fix=f"put 'calibrate' before '{pass_name}' in the recipe",
+            )
+        return self.calibration
+
+    def quantization_for(self, pass_name: str) -> QuantizationState:
+        """What this run's quantizer did; a ProcessingError naming ``pass_name`` when it did not run."""
+        if self.quantization is None:
+            raise ProcessingError(
+                f"pass '{pass_name}' repairs what the quantize pass did, but no quantize pass ran before it",
+                fix=f"put 'quantize' before '{pass_name}' in the recipe",
+            )
+        return self.quantization

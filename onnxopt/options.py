@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import operator
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -70,14 +71,16 @@ class Option:
     default: Any = inspect.Parameter.empty
 
     def describe(self) -> str:
-        """What a valid value is, in words a recipe author reads."""
-        words = type_name(self.hint)
+        """What a valid value is, in words a recipe author reads: "an integer >= 1 or none"."""
         ranges = [
             constraint.describe()
             for constraint in self.constraints
             if isinstance(constraint, Range)
         ]
-        return " ".join([words, *ranges])
+        text = " ".join([type_name(_without_none(self.hint)), *ranges])
+        return (
+            f"{text} or {NONE_WORD}" if self.hint is not Any and _allows_none(self.hint) else text
+        )
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` for this option, or None."""
@@ -174,6 +177,14 @@ def _example_fix(owner: str, option: Option) -> str | None:
         return None
     default = str(option.default).lower() if isinstance(option.default, bool) else option.default
     return f"e.g. --set {owner}.{option.name}={default} (the default)"
+
+
+def _without_none(hint: Any) -> Any:
+    """The hint without its None alternative: ``int | None`` -> ``int``."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return hint
+    others = [argument for argument in typing.get_args(hint) if argument is not type(None)]
+    return others[0] if len(others) == 1 else functools.reduce(operator.or_, others)
 
 
 def _allows_none(hint: Any) -> bool:

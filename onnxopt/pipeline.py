@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from onnxopt.context import Context, ReportRow
 from onnxopt.errors import OnnxoptError, ProcessingError
+from onnxopt.graph import default_opset
 from onnxopt.passes.base import OnnxoptPass
 from onnxopt.recipe import Recipe, build_passes
 
@@ -32,11 +33,11 @@ class Pipeline:
 
     def check_requirements(self, model: ir.Model, context: Context) -> None:
         """Fail before any work when a pass cannot run on this model or with this context."""
-        statistics_available = bool(context.statistics)
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        calibrated = context.calibration is not None
+        opset = default_opset(model)
         for pass_ in self.passes:
-            check_requirements(pass_, opset, context, statistics_available)
-            statistics_available = statistics_available or pass_.provides_statistics
+            check_requirements(pass_, opset, context, calibrated)
+            calibrated = calibrated or pass_.provides_calibration
             opset = pass_.opset_after(opset)
 
     def run(self, model: ir.Model, context: Context | None = None) -> Context:
@@ -48,40 +49,29 @@ class Pipeline:
             logger.info("running %s", pass_.name)
             start = time.perf_counter()
             try:
-                pass_(model)
+                result = pass_(model)
             except OnnxoptError as error:
                 context.report.append(
-                    ReportRow(
-                        pass_.name,
-                        time.perf_counter() - start,
-                        pass_.changes,
-                        {"error": error.message},
-                    )
+                    ReportRow(pass_.name, time.perf_counter() - start, 0, {"error": error.message})
                 )
                 raise
             except Exception as error:
                 context.report.append(
-                    ReportRow(
-                        pass_.name,
-                        time.perf_counter() - start,
-                        pass_.changes,
-                        {"error": str(error)},
-                    )
+                    ReportRow(pass_.name, time.perf_counter() - start, 0, {"error": str(error)})
                 )
                 raise ProcessingError(
                     f"pass '{pass_.name}' failed: {type(error).__name__}: {error}",
                     fix=f"leave '{pass_.name}' out of the recipe to skip it, and report the model that breaks it",
                 ) from error
-            details = dict(pass_.details)
+            changes = getattr(result, "changes", int(result.modified))
+            details = dict(getattr(result, "details", {}))
             context.report.append(
-                ReportRow(pass_.name, time.perf_counter() - start, pass_.changes, details)
+                ReportRow(pass_.name, time.perf_counter() - start, changes, details)
             )
         return context
 
 
-def check_requirements(
-    pass_: OnnxoptPass, opset: int, context: Context, statistics_available: bool
-) -> None:
+def check_requirements(pass_: OnnxoptPass, opset: int, context: Context, calibrated: bool) -> None:
     """Raise a ProcessingError naming the pass and the fix when its needs are not met."""
     if pass_.min_opset is not None and opset < pass_.min_opset:
         raise ProcessingError(
@@ -93,8 +83,8 @@ def check_requirements(
             f"pass '{pass_.name}' needs calibration data",
             fix="give samples with --calib DATA.npz (or data= from Python)",
         )
-    if pass_.needs_statistics and not statistics_available:
+    if pass_.needs_calibration and not calibrated:
         raise ProcessingError(
-            f"pass '{pass_.name}' needs activation statistics",
+            f"pass '{pass_.name}' needs activation ranges",
             fix="put a calibration pass before it in the recipe",
         )

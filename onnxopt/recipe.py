@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import sys
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from onnxopt import options as options_module
 from onnxopt.errors import InputError
+from onnxopt.options import without_none_words
+from onnxopt.passes import PASSES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -117,24 +117,41 @@ def parse_recipe(text: str, default_name: str = "recipe", origin: str = "recipe"
 
 
 def apply_overrides(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
-    """Apply ``pass.option=value`` settings to every step of that pass; the value is TOML or a bare word."""
+    """Apply ``pass.option=value`` settings given as text; the value is TOML or a bare word."""
+    settings = {}
     for override in overrides:
         key, separator, raw_value = override.partition("=")
-        pass_name, dot, option = key.strip().partition(".")
-        if not separator or not dot or not pass_name or not option:
+        if not separator:
             raise InputError(
                 f"--set '{override}' is not of the form pass.option=value",
                 fix="e.g. --set validate.min_cosine=0.999",
             )
+        settings[key.strip()] = parse_value(raw_value.strip())
+    return apply_settings(recipe, settings, origin="--set")
+
+
+def apply_settings(recipe: Recipe, settings: Mapping[str, Any], origin: str = "settings") -> Recipe:
+    """Set ``{"pass.option": value}`` on every step of that pass, values as they are (no parsing).
+
+    Raises:
+        InputError: a key is not ``pass.option``, the recipe has no such pass, or the pass no
+            such option, or the value does not fit it.
+    """
+    for key, value in settings.items():
+        pass_name, dot, option = key.partition(".")
+        if not dot or not pass_name or not option:
+            raise InputError(
+                f"{origin}: '{key}' is not of the form pass.option",
+                fix="e.g. validate.min_cosine",
+            )
         steps = [spec for spec in recipe.passes if spec.name == pass_name]
         if not steps:
             raise InputError(
-                f"--set '{override}': recipe '{recipe.name}' has no pass '{pass_name}'",
+                f"{origin} '{key}={value}': recipe '{recipe.name}' has no pass '{pass_name}'",
                 details=[f"its passes: {', '.join(spec.name for spec in recipe.passes)}"],
             )
-        value = parse_value(raw_value.strip())
+        check_options(pass_name, {option: value}, origin)
         for spec in steps:
-            check_options(pass_name, {option: value}, "--set")
             spec.options[option] = value
     return recipe
 
@@ -147,97 +164,21 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def pass_options(pass_class: type) -> dict[str, inspect.Parameter]:
-    """The options a pass takes: the keyword parameters of its ``__init__``."""
-    signature = inspect.signature(pass_class.__init__)
-    return {
-        name: parameter
-        for name, parameter in signature.parameters.items()
-        if name != "self"
-        and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
-    }
-
-
 def check_options(pass_name: str, options: Mapping[str, Any], origin: str) -> None:
     """Fail with the valid choices when a pass, option or value is wrong."""
-    from onnxopt.passes import PASSES
-
     if pass_name not in PASSES:
         raise InputError(
             f"{origin}: unknown pass '{pass_name}'",
             details=[f"passes: {', '.join(sorted(PASSES))}"],
         )
-    pass_class = PASSES[pass_name]
-    parameters = pass_options(pass_class)
-    hints = typing.get_type_hints(pass_class.__init__)
-    for option, value in options.items():
-        if option not in parameters:
-            valid = (
-                ", ".join(f"{name} ({type_name(hints.get(name))})" for name in parameters) or "none"
-            )
-            raise InputError(
-                f"{origin}: pass '{pass_name}' has no option '{option}'",
-                details=[f"options: {valid}"],
-            )
-        expected = hints.get(option)
-        if expected is not None and not _fits(value, expected):
-            raise InputError(
-                f"{origin}: option '{pass_name}.{option}' must be {type_name(expected)}, got {value!r}",
-            )
+    declared = PASSES[pass_name].options()
+    options_module.check_options(pass_name, options, declared, origin)
 
 
 def build_passes(recipe: Recipe) -> list:
     """Instantiate the recipe's passes with their options, after checking them."""
-    from onnxopt.passes import PASSES
-
     passes = []
     for spec in recipe.passes:
         check_options(spec.name, spec.options, f"recipe '{recipe.name}'")
-        options = {key: (None if value == "none" else value) for key, value in spec.options.items()}
-        passes.append(PASSES[spec.name](**options))
+        passes.append(PASSES[spec.name](**without_none_words(spec.options)))
     return passes
-
-
-def _fits(value: Any, expected: Any) -> bool:
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        arguments = typing.get_args(expected)
-        if type(None) in arguments and value == "none":
-            return True
-        return any(_fits(value, argument) for argument in arguments if argument is not type(None))
-    if origin in (list, Sequence, tuple):
-        (item_type, *_) = typing.get_args(expected) or (Any,)
-        return isinstance(value, list) and all(_fits(item, item_type) for item in value)
-    if expected is Any:
-        return True
-    if origin is dict or expected is dict:
-        return isinstance(value, dict)
-    if expected is bool:
-        return isinstance(value, bool)
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(expected, type):
-        return isinstance(value, expected)
-    return True
-
-
-def type_name(expected: Any) -> str:
-    """A type hint in words a recipe author reads."""
-    if expected is None:
-        return "any"
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(
-            "none" if argument is type(None) else type_name(argument)
-            for argument in typing.get_args(expected)
-        )
-    if origin in (list, Sequence, tuple):
-        (item_type, *_) = typing.get_args(expected) or (Any,)
-        return f"a list of {type_name(item_type)}"
-    if origin is dict or expected is dict:
-        return "a table"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        expected, str(expected)
-    )

@@ -1,15 +1,117 @@
-"""The tables `onnxopt optimize` prints: what each pass did and how the result validated."""
+"""The report of one optimization: its JSON form and the tables `onnxopt optimize` prints.
+
+Every typed result a run leaves in its ``Context`` (calibration, quantization, validation, the
+pass rows) becomes JSON here and nowhere else.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from onnxopt.context import ReportRow
+from onnxopt.__about__ import __version__
+from onnxopt.calibration import CalibrationResult
+from onnxopt.context import Context, ReportRow
+from onnxopt.errors import ValidationFailed
+from onnxopt.quantization.state import QuantizationState
+from onnxopt.recipe import Recipe
+from onnxopt.serialize import json_data
+from onnxopt.summary import ModelSummary
+from onnxopt.validation import ValidationResult
+
+
+def report_document(
+    *,
+    recipe: Recipe,
+    context: Context,
+    before: ModelSummary,
+    after: ModelSummary,
+    input_path: Path | None,
+    written: Sequence[Path],
+    failure: ValidationFailed | None,
+) -> dict[str, Any]:
+    """Everything a CI job may want to keep about one optimization, as JSON-ready data."""
+    return {
+        "onnxopt_version": __version__,
+        "input": str(input_path) if input_path else None,
+        "written": [str(path) for path in written],
+        "recipe": recipe.as_dict(),
+        "passes": passes_json(context.report),
+        "before": before.as_dict(),
+        "after": after.as_dict(),
+        "calibration": calibration_json(context.calibration),
+        "validation": validation_json(context.validation),
+        "quantization": quantization_json(context.quantization),
+        "passed": failure is None,
+        "failure": failure.render() if failure else None,
+    }
+
+
+def passes_json(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": row.pass_name,
+            "seconds": row.seconds,
+            "changes": row.changes,
+            "details": json_data(row.details),
+        }
+        for row in rows
+    ]
+
+
+def calibration_json(result: CalibrationResult | None) -> dict[str, Any] | None:
+    """How calibration went, and the tensors it could give no range (which stay float)."""
+    if result is None:
+        return None
+    return {
+        "samples": result.samples,
+        "method": result.method,
+        "cache": result.cache,
+        "tensors": len(result.tensors),
+        "unusable": result.problems,
+    }
+
+
+def validation_json(result: ValidationResult | None) -> dict[str, Any]:
+    if result is None:
+        return {}
+    return {
+        "passed": result.passed,
+        "samples": result.samples,
+        "data": result.data,
+        "checks": json_data(result.checks),
+        "outputs": json_data(result.outputs),
+    }
+
+
+def quantization_json(state: QuantizationState | None) -> dict[str, Any]:
+    """What the quantizer and the repairs did, describing the model that is written."""
+    if state is None:
+        return {}
+    report = state.report
+    document: dict[str, Any] = {
+        "quantized_nodes": report.quantized,
+        "kept_float": report.kept_float,
+        "absorbed": report.absorbed,
+        "tensors": report.tensors,
+        "widened_weight_scales": report.widened_weight_scales,
+        "dynamic": report.dynamic,
+        "fusion": json_data(state.fusion) | {"rate": state.fusion.rate},
+    }
+    if state.bias_correction is not None:
+        document["bias_correction"] = {
+            "create_bias": state.bias_correction.create_bias
+        } | json_data(state.bias_correction.report)
+    if state.fallback is not None:
+        document["fallback"] = json_data(state.fallback)
+    if state.layers:
+        document["layers"] = json_data(state.layers)
+    return json_data(document)
 
 
 def render_passes(rows: Sequence[ReportRow], console: Console) -> None:
@@ -24,52 +126,51 @@ def render_passes(rows: Sequence[ReportRow], console: Console) -> None:
     console.print(table)
 
 
-def render_validation(validation: dict[str, Any], console: Console) -> None:
-    if not validation:
+def render_validation(result: ValidationResult | None, console: Console) -> None:
+    if result is None:
         return
-    table = Table(title=f"Validation on {validation['data']}", title_justify="left")
+    table = Table(title=f"Validation on {result.data}", title_justify="left")
     table.add_column("check")
     table.add_column("result")
     table.add_column("detail")
-    for check in validation["checks"]:
-        verdict = "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]"
-        table.add_row(check["name"], verdict, check["detail"])
+    for check in result.checks:
+        verdict = "[green]pass[/green]" if check.passed else "[red]FAIL[/red]"
+        table.add_row(check.name, verdict, check.detail)
     console.print(table)
-    if not validation["outputs"]:
+    if not result.outputs:
         return
     outputs = Table(title="Fidelity per output", title_justify="left")
     for column in ("output", "max abs error", "cosine", "SQNR dB", "top-1 agreement"):
         outputs.add_column(column, justify="left" if column == "output" else "right")
-    for output in validation["outputs"]:
-        top1 = output["top1_agreement"]
+    for output in result.outputs:
+        top1 = output.top1_agreement
         outputs.add_row(
-            output["name"],
-            _number(output["max_abs_error"], "{:.3g}"),
-            _number(output["cosine"], "{:.6f}"),
-            _number(output["sqnr_db"], "{:.1f}"),
+            output.name,
+            _number(output.max_abs_error, "{:.3g}"),
+            _number(output.cosine, "{:.6f}"),
+            _number(output.sqnr_db, "{:.1f}"),
             "-" if top1 is None else f"{top1:.1%}",
         )
     console.print(outputs)
 
 
-def render_quantization(quantization: dict[str, Any], console: Console, rows: int = 10) -> None:
+def render_quantization(state: QuantizationState | None, console: Console, rows: int = 10) -> None:
     """Where accuracy is lost and what stayed float: the two things a user acts on."""
-    layers = quantization.get("layers") or []
-    if layers:
+    if state is None:
+        return
+    if state.layers:
         table = Table(
-            title=f"Least accurate quantized tensors (of {len(layers)})", title_justify="left"
+            title=f"Least accurate quantized tensors (of {len(state.layers)})",
+            title_justify="left",
         )
         for column in ("node", "op", "tensor", "SQNR dB"):
             table.add_column(column, justify="right" if column == "SQNR dB" else "left")
-        for layer in layers[:rows]:
+        for layer in state.layers[:rows]:
             table.add_row(
-                layer["node"],
-                layer["op_type"],
-                layer["tensor"],
-                _number(layer["sqnr_db"], "{:.1f}"),
+                layer.node or "", layer.op_type, layer.tensor, _number(layer.sqnr_db, "{:.1f}")
             )
         console.print(table)
-    kept = quantization.get("kept_float") or []
+    kept = state.report.kept_float
     if kept:
         table = Table(title=f"Kept float ({len(kept)} nodes)", title_justify="left")
         table.add_column("node")
@@ -82,9 +183,7 @@ def render_quantization(quantization: dict[str, Any], console: Console, rows: in
         console.print(table)
 
 
-def _number(value: float | str, pattern: str) -> str:
-    if isinstance(value, str):
-        return value
+def _number(value: float, pattern: str) -> str:
     return pattern.format(value) if math.isfinite(value) else str(value)
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
+from typing import Annotated
 
 import onnx_ir as ir
 
-from onnxopt.errors import InputError
-from onnxopt.passes.base import OnnxoptPass
+from onnxopt.options import Range
+from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.quantization.equalization import equalize_model
-
-logger = logging.getLogger(__name__)
 
 
 class EqualizePass(OnnxoptPass):
@@ -21,23 +19,22 @@ class EqualizePass(OnnxoptPass):
     fold-batchnorm (a BatchNorm between the convolutions hides the pair) and before calibration
     (it changes the activations calibration measures). Chains through Relu6 are left alone:
     Clip(0, 6) is not positive-homogeneous, so rescaling through it would change the model.
+
+    Args:
+        iterations: sweeps over the chain; more balance long chains of convolutions further.
     """
 
     name = "equalize"
 
-    def __init__(self, iterations: int = 2):
+    def __init__(self, iterations: Annotated[int, Range(low=1)] = 2):
         super().__init__()
-        if iterations < 1:
-            raise InputError(
-                f"equalize.iterations must be 1 or more, got {iterations}",
-                fix="use 2 (the default); more sweeps balance long chains of convolutions further",
-            )
         self.iterations = iterations
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         report = equalize_model(model, self.iterations)
-        self.changes = len(report.pairs)
-        self.details = {"pairs": len(report.pairs)}
+        details = {"pairs": len(report.pairs)}
         if report.refused:
-            self.details["refused"] = report.refused
-        return ir.passes.PassResult(model, modified=bool(self.changes))
+            details["refused"] = report.refused
+        return PassResult(
+            model, modified=bool(report.pairs), changes=len(report.pairs), details=details
+        )

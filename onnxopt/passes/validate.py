@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
+from typing import Annotated
 
 import onnx_ir as ir
 
 from onnxopt import runtime
 from onnxopt.errors import ValidationFailed
-from onnxopt.passes.base import OnnxoptPass
+from onnxopt.options import Range
+from onnxopt.passes.base import OnnxoptPass, PassResult
+from onnxopt.runtime import Feed
 from onnxopt.validation import Thresholds, validate
-
-logger = logging.getLogger(__name__)
 
 
 class ValidatePass(OnnxoptPass):
@@ -25,12 +25,12 @@ class ValidatePass(OnnxoptPass):
 
     def __init__(
         self,
-        samples: int = 8,
-        atol: float | None = None,
-        rtol: float = 0.0,
-        min_cosine: float | None = None,
+        samples: Annotated[int, Range(low=1)] = 8,
+        atol: Annotated[float | None, Range(low=0.0)] = None,
+        rtol: Annotated[float, Range(low=0.0)] = 0.0,
+        min_cosine: Annotated[float | None, Range(-1.0, 1.0)] = None,
         min_sqnr_db: float | None = None,
-        min_top1_agreement: float | None = None,
+        min_top1_agreement: Annotated[float | None, Range(0.0, 1.0)] = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -38,13 +38,10 @@ class ValidatePass(OnnxoptPass):
         self.thresholds = Thresholds(atol, rtol, min_cosine, min_sqnr_db, min_top1_agreement)
         self.seed = seed
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         feeds, description = self._feeds(model)
         result = validate(model, self.context.reference, feeds, self.thresholds, description)
-        self.context.validation = result.as_dict()
-        self.details = {"samples": len(feeds)}
-        if not result.passed:
-            self.details["failed"] = [check.name for check in result.failures]
+        self.context.validation = result
         if not result.passed:
             raise ValidationFailed(
                 "the optimized model failed validation",
@@ -52,9 +49,9 @@ class ValidatePass(OnnxoptPass):
                 fix="loosen the recipe's thresholds (--set validate.<option>=...) if the loss is acceptable, "
                 "or --force to write it anyway",
             )
-        return ir.passes.PassResult(model, modified=False)
+        return PassResult(model, modified=False, changes=0, details={"samples": len(feeds)})
 
-    def _feeds(self, model: ir.Model) -> tuple[list, str]:
+    def _feeds(self, model: ir.Model) -> tuple[list[Feed], str]:
         source = self.context.validation_data
         if source is not None:
             feeds = source.take(self.samples)
