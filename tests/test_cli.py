@@ -145,10 +145,21 @@ def test_output_folder_that_cannot_be_written(tmp_path, classifier_path, capsys)
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [
-        ({"image": np.zeros((2, 1, 3, 8, 8), np.float32)}, "x"),
-        ({"x": np.zeros((2, 1, 3, 9, 9), np.float32)}, "x"),
-        ({"x": np.full((2, 1, 3, 8, 8), np.nan, np.float32)}, "x"),
+        (
+            {"image": np.zeros((2, 1, 3, 8, 8), np.float32)},
+            "data file '{data}' has no array for model input 'x'",
+        ),
+        (
+            {"x": np.zeros((2, 1, 3, 9, 9), np.float32)},
+            "each sample of array 'x' in '{data}' has shape (1, 3, 9, 9); the model expects "
+            "x: float32[N, 3, 8, 8]",
+        ),
+        (
+            {"x": np.full((2, 1, 3, 8, 8), np.nan, np.float32)},
+            "input 'x' of sample 1 of '{data}' has 192 NaN or Inf values",
+        ),
     ],
+    ids=["missing input", "wrong shape", "not finite"],
 )
 def test_bad_data_exits_2_and_names_the_input(tmp_path, classifier_path, capsys, arrays, message):
     data = tmp_path / "bad.npz"
@@ -159,7 +170,8 @@ def test_bad_data_exits_2_and_names_the_input(tmp_path, classifier_path, capsys,
         == 2
     )
     error = capsys.readouterr().err
-    assert f"'{message}'" in error
+    assert error.startswith("onnxopt: error: " + message.format(data=data))
+    assert "fix: " in error and "Traceback" not in error
     assert not output.exists()
 
 

@@ -103,6 +103,25 @@ def test_python_api_takes_an_onnxruntime_reader_like_quantize_static(tmp_path, c
     )
 
 
+def test_python_api_passes_paths_and_names_as_values_not_as_toml_text(tmp_path, classifier_path):
+    folder = tmp_path / 'quote " and back\\slash'
+    folder.mkdir()
+    cache = folder / "calib.json"
+    result = onnxopt.quantize(
+        classifier_path,
+        folder / "q.onnx",
+        Reader(),
+        calibration_cache=cache,
+        nodes_to_exclude=['fc"]'],
+        per_channel=False,
+    )
+    assert result.passed and cache.exists() and (folder / "q.onnx").exists()
+    steps = {spec.name: spec.options for spec in result.recipe.passes}
+    assert steps["calibrate"]["cache"] == str(cache)
+    assert steps["quantize"]["exclude_nodes"] == ['fc"]']
+    assert steps["quantize"]["per_channel"] is False
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -196,9 +215,8 @@ def test_zero_range_activations_quantize_exactly(tmp_path):
     ]
     result = onnxopt.optimize(model, tmp_path / "q.onnx", recipe="int8", data=data)
     assert result.passed
-    assert result.context.quantization["tensors"]["c"] == {"scale": 1.0, "zero_point": 0}
-    outputs = result.context.validation["outputs"][0]
-    assert outputs["max_abs_error"] == 0.0
+    assert result.context.quantization.report.tensors["c"] == {"scale": 1.0, "zero_point": 0}
+    assert result.context.validation.outputs[0].max_abs_error == 0.0
 
 
 def test_one_dimensional_convolutions_quantize_and_fuse(tmp_path):
@@ -216,16 +234,24 @@ def test_one_dimensional_convolutions_quantize_and_fuse(tmp_path):
     ]
     output = tmp_path / "conv1d.onnx"
     result = onnxopt.optimize(model, output, recipe="int8", data=data)
-    assert result.context.quantization["quantized_nodes"]["conv1d"] == "Conv"
+    assert result.context.quantization.report.quantized["conv1d"] == "Conv"
     assert fusion_report(output).op_counts.get("QLinearConv", 0) == 2
 
 
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ("calibrate.method=kl", "unknown calibration method 'kl'"),
-        ("quantize.tensor_overrides={ x = { low = 0.0, colour = 1 } }", "tensor override for 'x'"),
-        ('quantize.tensor_overrides={ x = { type = "int4" } }', "has type 'int4'"),
+        (
+            "calibrate.method=kl",
+            "option 'calibrate.method' must be one of minmax, percentile, entropy, mse, got 'kl'",
+        ),
+        (
+            "quantize.tensor_overrides={ x = { low = 0.0, colour = 1 } }",
+            "has entry 'x' that is not a table with keys among high, low, type",
+        ),
+        ('quantize.tensor_overrides={ x = { type = "int4" } }', "has entry 'x' of type 'int4'"),
+        ("calibrate.percentile=40", "option 'calibrate.percentile' must be a number in (50, 100]"),
+        ("fallback.samples=0", "option 'fallback.samples' must be an integer >= 1, got 0"),
         ("quantize.exclude_nodes=conv1", "must be a list of a string or none"),
     ],
 )

@@ -9,6 +9,7 @@ import pytest
 
 from onnxopt import io
 from onnxopt.errors import InputError
+from onnxopt.io import atomic_write_text
 from tests.builders import classifier_proto
 
 
@@ -103,3 +104,22 @@ def test_stamp_metadata_records_recipe_and_passes(classifier_path):
     assert model.metadata_props["onnxopt.recipe"] == "cleanup"
     assert model.metadata_props["onnxopt.passes"] == "fold-constants,validate"
     assert model.metadata_props["onnxopt.version"]
+
+
+def test_atomic_write_text_replaces_the_file_and_leaves_nothing_else(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_atomic_write_text_that_fails_leaves_no_partial_file(tmp_path):
+    blocked = tmp_path / "a-folder"
+    blocked.mkdir()
+    (blocked / "inside").write_text("keeps the folder from being replaced")
+    with pytest.raises(InputError, match="cannot write"):
+        atomic_write_text(blocked, "text")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-folder"]
+    with pytest.raises(InputError, match="cannot write"):
+        atomic_write_text(tmp_path / "missing" / "file.json", "text")

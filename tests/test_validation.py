@@ -75,6 +75,6 @@ def test_validate_pass_uses_random_inputs_without_data_and_raises_on_failure():
     with pytest.raises(ValidationFailed, match="failed validation") as raised:
         validate_pass(perturbed(1.0))
     assert "allclose" in raised.value.render()
-    assert context.validation["passed"] is False
-    assert context.validation["samples"] == 3
-    assert "random" in context.validation["data"]
+    assert context.validation.passed is False
+    assert context.validation.samples == 3
+    assert "random" in context.validation.data

@@ -12,6 +12,7 @@ from onnxopt.context import Context
 from onnxopt.data import open_data
 from onnxopt.errors import InputError, ProcessingError
 from onnxopt.passes import PASSES
+from onnxopt.passes.base import PassResult
 from onnxopt.passes.calibrate import CalibratePass
 from onnxopt.pipeline import Pipeline
 from tests.builders import classifier_proto
@@ -50,18 +51,17 @@ def classifier_context(count: int = 10, **context) -> tuple[ir.Model, Context]:
     return model, Context(data=open_data(feeds, model), **context)
 
 
-def calibrate(model: ir.Model, context: Context, **options) -> CalibratePass:
+def calibrate(model: ir.Model, context: Context, **options) -> PassResult:
     calibration = CalibratePass(**options)
     calibration.bind(context)
-    calibration(model)
-    return calibration
+    return calibration(model)
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_every_float_activation_gets_a_range(method):
     model, context = classifier_context()
     calibration = calibrate(model, context, method=method)
-    assert set(context.statistics) == {
+    assert set(context.calibration.tensors) == {
         "x",
         "conv",
         "bn",
@@ -71,10 +71,10 @@ def test_every_float_activation_gets_a_range(method):
         "flat",
         "logits",
     }
-    for tensor in context.statistics.values():
+    for tensor in context.calibration.tensors.values():
         assert isinstance(tensor, CalibratedTensor) and tensor.reason is None
         assert math.isfinite(tensor.low) and tensor.low <= tensor.high
-    assert context.statistics["relu"].low == 0.0
+    assert context.calibration.tensors["relu"].low == 0.0
     assert calibration.changes == 8
     assert calibration.details == {"tensors": 8, "samples": 10, "method": method, "cache": None}
 
@@ -82,7 +82,7 @@ def test_every_float_activation_gets_a_range(method):
 def test_minmax_of_per_sample_means_is_narrower():
     model, context = classifier_context()
     calibrate(model, context, per_sample_minmax=True)
-    narrow = context.statistics["x"]
+    narrow = context.calibration.tensors["x"]
     assert narrow.statistics.minimum < narrow.low and narrow.high < narrow.statistics.maximum
 
 
@@ -93,7 +93,7 @@ def test_progress_counts_samples_and_samples_limits_them():
     [(description, total, steps)] = progress.tasks
     assert (description, total, sum(steps), max(steps)) == ("calibrating", 6, 6, 4)
     assert calibration.details["samples"] == 6
-    assert context.statistics["x"].statistics.sample_count == 6
+    assert context.calibration.tensors["x"].statistics.sample_count == 6
 
 
 def test_tensors_with_inf_or_mask_values_get_a_reason_not_a_range():
@@ -102,7 +102,7 @@ def test_tensors_with_inf_or_mask_values_get_a_reason_not_a_range():
     feeds = [{"x": rng.standard_normal((1, 4)).astype(np.float32)} for _ in range(4)]
     context = Context(data=open_data(feeds, model))
     calibration = calibrate(model, context, method="entropy")
-    statistics = context.statistics
+    statistics = context.calibration.tensors
     assert "NaN or Inf" in statistics["q"].reason and math.isnan(statistics["q"].low)
     assert "attention mask" in statistics["s"].reason
     assert statistics["p"].reason is None and statistics["x"].reason is None
@@ -113,10 +113,14 @@ def test_cache_is_written_then_hit_and_serves_every_method(tmp_path):
     path = str(tmp_path / "calibration.json")
     model, context = classifier_context()
     assert calibrate(model, context, method="entropy", cache=path).details["cache"] == "written"
-    first = {name: (tensor.low, tensor.high) for name, tensor in context.statistics.items()}
+    first = {
+        name: (tensor.low, tensor.high) for name, tensor in context.calibration.tensors.items()
+    }
     again = calibrate(model, context, method="entropy", cache=path)
     assert again.details["cache"] == "hit" and again.details["samples"] == 10
-    assert {name: (tensor.low, tensor.high) for name, tensor in context.statistics.items()} == first
+    assert {
+        name: (tensor.low, tensor.high) for name, tensor in context.calibration.tensors.items()
+    } == first
     assert calibrate(model, context, method="mse", cache=path).details["cache"] == "hit"
 
 

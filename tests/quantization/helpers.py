@@ -8,9 +8,10 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import runtime
+from onnxopt.calibration import CalibrationResult, CalibrationSettings, calibrate_model
 from onnxopt.calibration.collect import collect_statistics
-from onnxopt.calibration.ranges import calibrate_tensor
-from onnxopt.passes.infer_shapes import InferShapesPass
+from onnxopt.data import open_data
+from onnxopt.shapes import infer_shapes
 
 
 def build(
@@ -38,7 +39,7 @@ def build(
     proto.ir_version = 8
     onnx.checker.check_model(proto)
     model = ir.from_proto(proto)
-    InferShapesPass()(model)
+    infer_shapes(model)
     return model
 
 
@@ -87,9 +88,6 @@ def ops(model: ir.Model) -> dict[str, int]:
     return counts
 
 
-def calibrated_statistics(model: ir.Model, samples: list[dict[str, np.ndarray]]) -> dict:
-    """What the calibrate pass leaves in ``context.statistics``: min/max ranges and channel means."""
-    return {
-        name: calibrate_tensor(statistics, "minmax")
-        for name, statistics in collect_statistics(model, None, samples).items()
-    }
+def calibrated(model: ir.Model, samples: list[dict[str, np.ndarray]]) -> CalibrationResult:
+    """What the calibrate pass leaves in ``context.calibration``: min/max ranges, channel means."""
+    return calibrate_model(model, open_data(samples, model), CalibrationSettings("minmax"))

@@ -64,8 +64,7 @@ def test_equalization_keeps_outputs_and_evens_channel_ranges():
     first_spread = spread(output_channel_ranges(weight(model, "conv_w")))
     depthwise_spread = spread(output_channel_ranges(weight(model, "depthwise_w")))
 
-    equalize = EqualizePass(iterations=3)
-    equalize(model)
+    equalize = EqualizePass(iterations=3)(model)
 
     assert equalize.changes == 3
     after = run(model, samples)
@@ -104,8 +103,7 @@ def test_equalization_makes_per_tensor_quantization_usable():
 def test_relu6_is_not_positive_homogeneous_so_its_chain_is_left_alone():
     model = separable_chain(between="Clip")
     conv_w = weight(model, "conv_w").copy()
-    equalize = EqualizePass()
-    equalize(model)
+    equalize = EqualizePass()(model)
     np.testing.assert_array_equal(weight(model, "conv_w"), conv_w)
     assert equalize.details["refused"] == {
         "Clip with an upper bound (Relu6) is not positive-homogeneous": 1
@@ -122,7 +120,6 @@ def test_an_activation_used_elsewhere_stops_the_pair():
         helper.make_node("Add", ["c2", "a1"], ["y"], name="residual"),
     ]
     model = build(nodes, {"x": [1, 3, 4, 4]}, {"y": [1, 4, 4, 4]}, weights)
-    equalize = EqualizePass()
-    equalize(model)
+    equalize = EqualizePass()(model)
     assert equalize.changes == 0
     assert equalize.details["refused"] == {"an activation between them is used elsewhere": 1}

@@ -9,15 +9,19 @@ from onnxopt.quantization import numerics
 
 
 @given(st.floats(-1e3, 1e3), st.floats(-1e3, 1e3))
-def test_zero_is_exactly_representable(low, high):
+def test_zero_is_exactly_representable_and_the_range_round_trips(low, high):
     low, high = min(low, high), max(low, high)
     scale, zero_point = numerics.activation_parameters(low, high)
     assert 0 <= int(zero_point) <= 255
-    assert float(scale) * (0 - int(zero_point)) * 0 == 0.0
-    quantized = numerics.quantize_values(
-        np.zeros(1, np.float32), scale, np.array(zero_point), np.uint8
+    covered = np.array([min(low, 0.0), 0.0, max(high, 0.0)], np.float32)
+    quantized = numerics.quantize_values(covered, scale, np.array(zero_point), np.uint8)
+    assert quantized[1] == zero_point
+    restored = (quantized.astype(np.float64) - int(zero_point)) * float(scale)
+    assert restored[1] == 0.0
+    # Every value of the range comes back within half a step (plus float32 rounding).
+    assert np.all(
+        np.abs(restored - covered) <= float(scale) * 0.5 + 1e-6 * max(1.0, abs(low), abs(high))
     )
-    assert quantized[0] == zero_point
 
 
 def test_range_is_widened_to_include_zero():

@@ -5,7 +5,8 @@ import pytest
 from onnx import helper
 
 from onnxopt.quantization.fusion import fusion_report
-from onnxopt.quantization.qdq import AlreadyQuantizedError, QuantizationOptions, quantize_model
+from onnxopt.quantization.plan import AlreadyQuantizedError, QuantizationOptions
+from onnxopt.quantization.qdq import quantize_model
 from tests.quantization.helpers import (
     build,
     cosine,

@@ -10,7 +10,7 @@ from onnxopt.passes.fallback import FallbackPass
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.quantization.fusion import fusion_report
 from onnxopt.quantization.sensitivity import layer_sqnr
-from tests.quantization.helpers import build, calibrated_statistics, cosine, random_weights, run
+from tests.quantization.helpers import build, calibrated, cosine, random_weights, run
 
 
 def outlier_samples(count: int = 8, outlier: float = 100.0):
@@ -48,9 +48,7 @@ def three_convs(outlier_inside: bool = False):
 
 
 def quantized(model, samples, correct_bias=False):
-    context = Context(
-        data=open_data(samples, model), statistics=calibrated_statistics(model, samples)
-    )
+    context = Context(data=open_data(samples, model), calibration=calibrated(model, samples))
     passes = [QuantizePass(reduce_range=False)]
     if correct_bias:
         passes.append(CorrectBiasPass())
@@ -63,8 +61,7 @@ def quantized(model, samples, correct_bias=False):
 def fallback(model, context, **options):
     pass_ = FallbackPass(**options)
     pass_.bind(context)
-    pass_(model)
-    return pass_
+    return pass_(model)
 
 
 def test_layer_sqnr_shows_where_the_error_starts():
@@ -90,21 +87,24 @@ def test_fallback_keeps_exactly_the_sensitive_layer_float():
     context = quantized(model, samples, correct_bias=True)
     before = cosine(reference, run(model, samples))
 
-    pass_ = fallback(model, context, min_cosine=0.99)
+    assert context.quantization.fusion.integer_kernels == 3
+
+    result = fallback(model, context, min_cosine=0.99)
 
     after = cosine(reference, run(model, samples))
     assert before < 0.9 and after > 0.99
-    assert pass_.details["kept float"] == ["conv_a"]
-    assert pass_.details["budget met"] is True
-    assert pass_.changes == 1
-    kept = {entry["node"]: entry["reason"] for entry in context.quantization["kept_float"]}
+    assert result.details["kept float"] == ["conv_a"]
+    assert result.details["budget met"] is True
+    assert result.changes == 1
+    state = context.quantization
+    kept = {entry["node"]: entry["reason"] for entry in state.report.kept_float}
     assert kept["conv_a"] == "excluded by name"
-    assert set(context.quantization["quantized_nodes"]) == {"conv_b", "conv_c"}
-    assert set(context.quantization["bias_correction"]["corrected"]) == {"conv_b", "conv_c"}
-    layers = context.quantization["layers"]
-    assert set(layers[0]) == {"node", "op_type", "tensor", "sqnr_db"}
-    assert "a" not in {layer["tensor"] for layer in layers}
-    assert fusion_report(model).rate == 1.0
+    assert set(state.report.quantized) == {"conv_b", "conv_c"}
+    assert set(state.bias_correction.report.corrected) == {"conv_b", "conv_c"}
+    assert "a" not in {layer.tensor for layer in state.layers}
+    # The figures describe the model that is written, not the one quantize made first.
+    assert state.fusion == fusion_report(model)
+    assert state.fusion.integer_kernels == 2 and state.fusion.rate == 1.0
 
 
 def test_keeping_a_layer_float_keeps_its_input_float_too():
@@ -114,10 +114,10 @@ def test_keeping_a_layer_float_keeps_its_input_float_too():
     context = quantized(model, samples)
     before = cosine(reference, run(model, samples))
 
-    pass_ = fallback(model, context, min_cosine=0.99)
+    result = fallback(model, context, min_cosine=0.99)
 
     assert before < 0.99
-    assert sorted(pass_.details["kept float"]) == ["conv_a", "conv_b"]
+    assert sorted(result.details["kept float"]) == ["conv_a", "conv_b"]
     assert cosine(reference, run(model, samples)) > 0.99
 
 
@@ -125,16 +125,17 @@ def test_an_unreachable_budget_stops_at_max_float_layers():
     samples = outlier_samples(4)
     model = three_convs()
     context = quantized(model, samples)
-    pass_ = fallback(model, context, min_cosine=None, min_sqnr_db=200.0, max_float_layers=2)
-    assert pass_.changes == 2
-    assert pass_.details["budget met"] is False
-    assert pass_.details["stopped"] == "reached max_float_layers (2) before the budget"
+    result = fallback(model, context, min_cosine=None, min_sqnr_db=200.0, max_float_layers=2)
+    assert result.changes == 2
+    assert result.details["budget met"] is False
+    assert result.details["stopped"] == "reached max_float_layers (2) before the budget"
+    assert context.quantization.fallback.stopped == result.details["stopped"]
 
 
 def test_without_a_budget_fallback_only_reports():
     samples = outlier_samples(4)
     model = three_convs()
     context = quantized(model, samples)
-    pass_ = fallback(model, context, min_cosine=None)
-    assert pass_.changes == 0 and pass_.details["kept float"] == []
-    assert context.quantization["layers"][-1]["tensor"] == "x"
+    result = fallback(model, context, min_cosine=None)
+    assert result.changes == 0 and result.details["kept float"] == []
+    assert context.quantization.layers[-1].tensor == "x"

@@ -1,0 +1,63 @@
+"""Planning decides without rewriting; emitting carries the plan out."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from onnxopt.quantization.plan import QuantizationOptions, plan_quantization
+from onnxopt.quantization.qdq import emit_plan, quantize_model
+from tests.quantization.helpers import build, feeds, measured_ranges, ops, random_weights, run
+from tests.quantization.test_qdq import cnn
+
+
+def chain_through_relus():
+    """conv -> Relu -> Clip(0, inf) -> Pad -> conv: two absorptions in a row, then a float op,
+    and a conv that stays float since it makes the graph output (which must stay exact)."""
+    weights = random_weights(w1=(4, 3, 3, 3), w2=(4, 4, 3, 3))
+    weights |= {"zero": np.array(0, np.float32), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1])}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("Clip", ["r1", "zero"], ["r2"], name="clip"),
+        helper.make_node("Pad", ["r2", "pads"], ["p"], name="pad"),
+        helper.make_node("Conv", ["p", "w2"], ["y"], name="conv2"),
+    ]
+    return build(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]}, weights)
+
+
+def test_planning_leaves_the_graph_as_it_was():
+    model = chain_through_relus()
+    ranges = measured_ranges(model, feeds(model))
+    before = [(node.name, [value.name for value in node.inputs]) for node in model.graph]
+    plan_quantization(model, ranges, {}, QuantizationOptions(reduce_range=False))
+    assert [(node.name, [value.name for value in node.inputs]) for node in model.graph] == before
+
+
+def test_the_plan_prints_every_decision():
+    model = chain_through_relus()
+    plan = plan_quantization(
+        model, measured_ranges(model, feeds(model)), {}, QuantizationOptions(reduce_range=False)
+    )
+    decisions = {row.node: row.decision for row in plan.decisions()}
+    assert decisions == {
+        "conv1": "int8, output int8",
+        "relu": "absorbed into conv1",
+        "clip": "absorbed into conv1",
+        "pad": "float: onnxruntime has no integer kernel for it on CPU, so int8 would only add conversions",
+        "conv2": "float: output: it is a graph output, kept float for full output precision",
+    }
+    lines = plan.describe().splitlines()
+    assert len(lines) == 5 and lines[1].split() == ["relu", "Relu", "absorbed", "into", "conv1"]
+
+
+def test_emitting_the_plan_is_quantizing():
+    samples = feeds(cnn())
+    planned, direct = cnn(), cnn()
+    ranges = measured_ranges(planned, samples)
+    options = QuantizationOptions(reduce_range=False)
+    report = emit_plan(plan_quantization(planned, ranges, {}, options))
+    assert report == quantize_model(direct, ranges, {}, options)
+    assert ops(planned) == ops(direct)
+    assert "Relu" not in ops(planned)
+    np.testing.assert_array_equal(run(planned, samples), run(direct, samples))
