@@ -1,21 +1,25 @@
 """Graph cleanup over public onnx_ir and onnxscript APIs: plain functions with typed results.
 
 ``fold_constants`` (``constants.py``) evaluates what is constant and removes what that leaves
-unused with ``remove_dead_code`` (``dead_code.py``); ``eliminate_identities`` (``identity.py``)
-removes Identity nodes. The cleanup passes are thin adapters over these.
+unused with ``remove_dead_code`` (``dead_code.py``); ``fold_batchnorms`` (``batchnorm.py``) folds
+BatchNormalization into the Conv, ConvTranspose or Gemm before it; ``eliminate_identities``
+(``identity.py``) removes Identity nodes. The cleanup passes are thin adapters over these.
 """
 
 from __future__ import annotations
 
+from onnxopt.cleanup.batchnorm import BatchNormFoldResult, fold_batchnorms
 from onnxopt.cleanup.constants import ConstantFoldResult, fold_constants
 from onnxopt.cleanup.dead_code import DeadCodeResult, remove_dead_code
 from onnxopt.cleanup.identity import IdentityResult, eliminate_identities
 
 __all__ = [
+    "BatchNormFoldResult",
     "ConstantFoldResult",
     "DeadCodeResult",
     "IdentityResult",
     "eliminate_identities",
+    "fold_batchnorms",
     "fold_constants",
     "remove_dead_code",
 ]
