@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 import onnx_ir as ir
-from onnxscript.rewriter.rules.common import _fuse_pad_into_conv
 
-from onnxopt.passes.base import OnnxoptPass
-
-logger = logging.getLogger(__name__)
+from onnxopt.cleanup.pad import fuse_pads
+from onnxopt.passes.base import OnnxoptPass, PassResult
 
 
 class FusePadIntoConvPass(OnnxoptPass):
@@ -17,18 +13,15 @@ class FusePadIntoConvPass(OnnxoptPass):
 
     TensorFlow-style "same" padding exports as a separate Pad before each Conv. Folded, the Conv
     pads by itself: one node less in float, and in int8 no float island (dequantize, Pad,
-    quantize) between two integer kernels. Uses onnxscript's rules, which also turn ``auto_pad``
-    into explicit pads and refuse non-zero or non-spatial padding.
+    quantize) between two integer kernels. Safe because a zero Pad on the spatial axes is what
+    the Conv's own padding computes; onnxscript's rules refuse any other Pad, and turn
+    ``auto_pad`` into explicit pads first so that the amounts add up.
     """
 
     name = "fuse-pad"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        pads_before = sum(1 for node in model.graph.all_nodes() if node.op_type == "Pad")
-        _fuse_pad_into_conv.rules.apply_to_model(model)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
-        self.changes = pads_before - sum(
-            1 for node in model.graph.all_nodes() if node.op_type == "Pad"
+    def call(self, model: ir.Model) -> PassResult:
+        result = fuse_pads(model)
+        return PassResult(
+            model, modified=bool(result.fused or result.made_explicit), changes=result.fused
         )
-        logger.info("folded %d Pad nodes into Conv", self.changes)
-        return ir.passes.PassResult(model, modified=bool(self.changes))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
-from onnxopt.passes.base import OnnxoptPass
+from onnxopt.options import Range
+from onnxopt.passes.base import OnnxoptPass, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -16,8 +18,9 @@ class LiftConstantsPass(OnnxoptPass):
     """Lift Constant nodes, in the main graph and subgraphs, to initializers.
 
     Exporters such as Paddle's store weights as Constant nodes; the passes after this one
-    (BatchNorm folding, quantization) look for weights among initializers. A Constant that is a
-    graph output stays a node, and functions keep theirs, since they cannot hold initializers.
+    (BatchNorm folding, quantization) look for weights among initializers. Safe because an
+    initializer holds the same tensor the node made. A Constant that is a graph output stays a
+    node, and functions keep theirs, since they cannot hold initializers.
 
     Args:
         size_limit: lift only constants of at least this many elements; smaller ones, such as
@@ -28,19 +31,21 @@ class LiftConstantsPass(OnnxoptPass):
 
     name = "lift-constants"
 
-    def __init__(self, size_limit: int = 16, lift_all_constants: bool = True):
+    def __init__(
+        self, size_limit: Annotated[int, Range(low=0)] = 16, lift_all_constants: bool = True
+    ):
         super().__init__()
         self.size_limit = size_limit
         self.lift_all_constants = lift_all_constants
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         before = _count_constants(model.graph)
         LiftConstantsToInitializersPass(
             lift_all_constants=self.lift_all_constants, size_limit=self.size_limit
         )(model)
-        self.changes = before - _count_constants(model.graph)
-        logger.info("lifted %d constants to initializers", self.changes)
-        return ir.passes.PassResult(model, modified=bool(self.changes))
+        lifted = before - _count_constants(model.graph)
+        logger.info("lifted %d constants to initializers", lifted)
+        return PassResult(model, modified=bool(lifted), changes=lifted)
 
 
 def _count_constants(graph: ir.Graph) -> int:

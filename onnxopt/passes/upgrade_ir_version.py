@@ -7,7 +7,7 @@ import logging
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
-from onnxopt.passes.base import OnnxoptPass
+from onnxopt.passes.base import OnnxoptPass, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +26,16 @@ class UpgradeIrVersionPass(OnnxoptPass):
 
     name = "upgrade-ir-version"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         if model.ir_version >= FIRST_IR_VERSION_WITHOUT_INITIALIZER_INPUTS:
-            return ir.passes.PassResult(model, modified=False)
+            return PassResult(model, modified=False)
         listed = sum(1 for value in model.graph.inputs if value.name in model.graph.initializers)
         RemoveInitializersFromInputsPass()(model)
         model.ir_version = FIRST_IR_VERSION_WITHOUT_INITIALIZER_INPUTS
-        self.changes = listed + 1
-        self.details = {"initializers no longer inputs": listed}
         logger.info("upgraded to IR version 4; %d initializers are no longer graph inputs", listed)
-        return ir.passes.PassResult(model, modified=True)
+        return PassResult(
+            model,
+            modified=True,
+            changes=listed + 1,
+            details={"initializers no longer inputs": listed},
+        )

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import onnx
 import onnx_ir as ir
 from onnx import version_converter
 
 from onnxopt.errors import ProcessingError
-from onnxopt.passes.base import OnnxoptPass
+from onnxopt.graph import default_opset
+from onnxopt.options import Range
+from onnxopt.passes.base import OnnxoptPass, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -19,22 +22,23 @@ class UpgradeOpsetPass(OnnxoptPass):
 
     Per-channel DequantizeLinear needs opset 13; a quantizer that writes it into an opset 10-12
     model produces a file that does not load. Models at or above ``target_opset`` are left alone.
+    Safe because the converter rewrites each node into its equivalent in the newer opset.
     The conversion goes through one protobuf message, so it is limited to models under 2 GB.
     """
 
     name = "upgrade-opset"
 
-    def __init__(self, target_opset: int = 13):
+    def __init__(self, target_opset: Annotated[int, Range(low=1)] = 13):
         super().__init__()
         self.target_opset = target_opset
 
     def opset_after(self, opset: int) -> int:
         return max(opset, self.target_opset)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    def call(self, model: ir.Model) -> PassResult:
+        current = default_opset(model)
         if current >= self.target_opset:
-            return ir.passes.PassResult(model, modified=False)
+            return PassResult(model, modified=False)
         try:
             converted = version_converter.convert_version(
                 ir.serde.serialize_model(model), self.target_opset
@@ -49,7 +53,7 @@ class UpgradeOpsetPass(OnnxoptPass):
         model.ir_version = max(model.ir_version, upgraded.ir_version)
         model.functions.clear()
         model.functions.update(upgraded.functions)
-        self.changes = 1
-        self.details = {"opset": f"{current} -> {self.target_opset}"}
         logger.info("converted the model from opset %d to %d", current, self.target_opset)
-        return ir.passes.PassResult(model, modified=True)
+        return PassResult(
+            model, modified=True, changes=1, details={"opset": f"{current} -> {self.target_opset}"}
+        )

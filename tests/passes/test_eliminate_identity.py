@@ -4,6 +4,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from onnxopt.passes.base import PassResult
 from onnxopt.passes.eliminate_identity import EliminateIdentityPass
 from tests.helpers import assert_outputs_close, count_ops, model_from_text, output_names, run_model
 
@@ -11,23 +12,20 @@ X = {"x": np.array([0.5, -1.0, 2.0], dtype=np.float32)}
 BOTH_BRANCHES = [{**X, "condition": np.array(value)} for value in (True, False)]
 
 
-def eliminate(
-    text: str, feeds: list[dict[str, np.ndarray]]
-) -> tuple[EliminateIdentityPass, ir.Model]:
-    """Run the pass over the model in ``text``, check its outputs and names, and return both."""
+def eliminate(text: str, feeds: list[dict[str, np.ndarray]]) -> tuple[PassResult, ir.Model]:
+    """Run the pass over ``text``'s model, check outputs and names; return the result and the model."""
     model = model_from_text(text)
     names = output_names(model)
     before = [run_model(model, feed) for feed in feeds]
-    eliminate_identity = EliminateIdentityPass()
-    eliminate_identity(model)
+    result = EliminateIdentityPass()(model)
     assert output_names(model) == names
     for feed, expected in zip(feeds, before, strict=True):
         assert_outputs_close(run_model(model, feed), expected)
-    return eliminate_identity, model
+    return result, model
 
 
 def test_eliminate_identity_removes_inner_and_output_identities():
-    eliminate_identity, model = eliminate(
+    result, model = eliminate(
         """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[3] x) => (float[3] y) {
@@ -39,12 +37,12 @@ g (float[3] x) => (float[3] y) {
 """,
         [X],
     )
-    assert eliminate_identity.changes == 2
+    assert result.changes == 2
     assert count_ops(model) == {"Relu": 1, "Neg": 1}
 
 
 def test_eliminate_identity_keeps_identity_from_graph_input_to_output():
-    eliminate_identity, model = eliminate(
+    result, model = eliminate(
         """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[3] x) => (float[3] y) {
@@ -53,12 +51,12 @@ g (float[3] x) => (float[3] y) {
 """,
         [X],
     )
-    assert eliminate_identity.changes == 0
+    assert result.changes == 0
     assert count_ops(model) == {"Identity": 1}
 
 
 def test_eliminate_identity_keeps_identity_between_two_outputs():
-    eliminate_identity, _ = eliminate(
+    result, _ = eliminate(
         """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[3] x) => (float[3] relu, float[3] copy) {
@@ -68,12 +66,12 @@ g (float[3] x) => (float[3] relu, float[3] copy) {
 """,
         [X],
     )
-    assert eliminate_identity.changes == 0
+    assert result.changes == 0
 
 
 @pytest.mark.parametrize("outputs", ["float[3] y", "float[3] relu, float[3] y"])
 def test_eliminate_identity_keeps_subgraph_output_taken_from_outer_scope(outputs):
-    eliminate_identity, model = eliminate(
+    result, model = eliminate(
         f"""
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[3] x, bool condition) => ({outputs}) {{
@@ -86,12 +84,12 @@ g (float[3] x, bool condition) => ({outputs}) {{
 """,
         BOTH_BRANCHES,
     )
-    assert eliminate_identity.changes == 1
+    assert result.changes == 1
     assert count_ops(model) == {"Relu": 1, "If": 1, "Identity": 1, "Neg": 1}
 
 
 def test_eliminate_identity_removes_identity_in_functions():
-    eliminate_identity, model = eliminate(
+    result, model = eliminate(
         """
 <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
 g (float[3] x) => (float[3] y) {
@@ -105,5 +103,5 @@ negate (input) => (output) {
 """,
         [X],
     )
-    assert eliminate_identity.changes == 1
+    assert result.changes == 1
     assert count_ops(model) == {"negate": 1, "Neg": 1}

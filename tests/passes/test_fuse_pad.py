@@ -27,9 +27,9 @@ def test_zero_pad_folds_into_the_conv():
     model = model_from_text(PAD_CONV % weights())
     feed = {"x": np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)}
     expected = run_model(model, feed)
-    pass_ = FusePadIntoConvPass()
-    assert pass_(model).modified
-    assert pass_.changes == 1
+    result = FusePadIntoConvPass()(model)
+    assert result.modified
+    assert result.changes == 1
     assert count_ops(model) == {"Conv": 1}
     np.testing.assert_allclose(run_model(model, feed), expected, rtol=1e-5, atol=1e-6)
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes import infer_shapes
+from onnxopt import shapes
 from onnxopt.passes.infer_shapes import InferShapesPass
 from tests.helpers import assert_outputs_close, model_from_text, run_model
 
@@ -24,9 +24,8 @@ def test_infer_shapes_fills_in_intermediate_values_with_data_propagation():
     model = model_from_text(COMPUTED_RESHAPE)
     feeds = {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4)}
     before = run_model(model, feeds)
-    infer = InferShapesPass()
-    infer(model)
-    assert infer.changes == 4
+    result = InferShapesPass()(model)
+    assert result.changes == 4
     assert model.graph.outputs[0].shape == ir.Shape([2, 12])
     assert all(node.outputs[0].dtype is not None for node in model.graph)
     assert_outputs_close(run_model(model, feeds), before)
@@ -67,14 +66,13 @@ def test_infer_shapes_works_on_models_over_two_gigabytes(tmp_path):
         [x], relu.outputs, nodes=[matmul, relu], initializers=[weight], opset_imports={"": 17}
     )
     model = ir.Model(graph, ir_version=8)
-    infer = InferShapesPass()
-    infer(model)
-    assert infer.changes == 2
+    result = InferShapesPass()(model)
+    assert result.changes == 2
     assert model.graph.outputs[0].shape == ir.Shape([2, 2**14 + 1])
 
 
 def test_infer_shapes_skips_data_propagation_next_to_long_vectors(monkeypatch):
-    monkeypatch.setattr(infer_shapes, "LONGEST_PROPAGATED_VECTOR", 5)
+    monkeypatch.setattr(shapes, "LONGEST_PROPAGATED_VECTOR", 5)
     model = model_from_text(
         COMPUTED_RESHAPE.replace("float[2,3,4] x", "float[2,3,4] x, float[5] long")
     )

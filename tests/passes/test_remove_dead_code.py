@@ -23,14 +23,13 @@ double (input) => (output) {
 }
 """)
     before = run_model(model, X)
-    remove = RemoveDeadCodePass()
-    remove(model)
+    result = RemoveDeadCodePass()(model)
     assert count_ops(model) == {"Relu": 1, "Add": 1}
     assert list(model.graph.initializers) == ["used"]
     assert not model.functions
     assert set(model.opset_imports) == {""}
-    assert remove.details == {"nodes": 2, "initializers": 1, "functions": 1}
-    assert remove.changes == 4
+    assert result.details == {"nodes": 2, "initializers": 1, "functions": 1}
+    assert result.changes == 4
     assert output_names(model) == ["y", "kept"]
     assert_outputs_close(run_model(model, X), before)
 
@@ -42,9 +41,8 @@ g (float[3] x, float[3] bias) => (float[3] y) <float[3] bias = {1.0, 2.0, 3.0}> 
     y = Relu(x)
 }
 """)
-    remove = RemoveDeadCodePass()
-    remove(model)
-    assert remove.changes == 0
+    result = RemoveDeadCodePass()(model)
+    assert result.changes == 0
     assert list(model.graph.initializers) == ["bias"]
 
 
@@ -63,9 +61,8 @@ g (float[3] x, bool condition) => (float[3] y) {
 """)
     feeds = [{**X, "condition": np.array(value)} for value in (True, False)]
     before = [run_model(model, feed) for feed in feeds]
-    remove = RemoveDeadCodePass()
-    remove(model)
-    assert remove.details == {"nodes": 1, "initializers": 1, "functions": 0}
+    result = RemoveDeadCodePass()(model)
+    assert result.details == {"nodes": 1, "initializers": 1, "functions": 0}
     assert count_ops(model) == {"If": 1, "Relu": 1, "Abs": 1}
     for feed, expected in zip(feeds, before, strict=True):
         assert_outputs_close(run_model(model, feed), expected)
