@@ -52,14 +52,18 @@ def clip_bound(node: ir.Node, index: int, attribute: str) -> float | None:
 
 
 class UniqueNames:
-    """Hands out value and node names that no value of the graph has yet."""
+    """Hands out value and node names that nothing in the graph (or every graph of a model) has yet."""
 
-    def __init__(self, graph: ir.Graph):
-        self._taken = set(graph.initializers) | {value.name for value in graph.inputs if value.name}
-        for node in graph:
-            self._taken.update(value.name for value in node.outputs if value.name)
-            if node.name:
-                self._taken.add(node.name)
+    def __init__(self, scope: ir.Graph | ir.Model):
+        graphs = list(scope.graphs()) if isinstance(scope, ir.Model) else [scope]
+        self._taken: set[str] = set()
+        for graph in graphs:
+            self._taken.update(graph.initializers)
+            self._taken.update(value.name for value in graph.inputs if value.name)
+            for node in graph:
+                self._taken.update(value.name for value in node.outputs if value.name)
+                if node.name:
+                    self._taken.add(node.name)
 
     def __call__(self, name: str) -> str:
         candidate, suffix = name, 1

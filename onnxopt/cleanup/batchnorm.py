@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import add_initializer, default_opset, is_default_domain
+from onnxopt.graph import UniqueNames, add_initializer, default_opset, is_default_domain
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def fold_batchnorms(model: ir.Model) -> BatchNormFoldResult:
     """
     result = BatchNormFoldResult()
     refused: collections.Counter[str] = collections.Counter()
-    names = _NameSource(model)
+    names = UniqueNames(model)
     opset = default_opset(model)
     nodes = list(model.graph.all_nodes())
     for function in model.functions.values():
@@ -142,7 +142,7 @@ def _output_channels(producer: ir.Node) -> int | None:
     return shape[0]
 
 
-def _fold(producer: ir.Node, batchnorm: ir.Node, names: _NameSource) -> None:
+def _fold(producer: ir.Node, batchnorm: ir.Node, names: UniqueNames) -> None:
     gamma, beta, mean, var = (_float64(value) for value in batchnorm.inputs[1:])
     epsilon = batchnorm.attributes.get_float("epsilon", DEFAULT_EPSILON)
     scale = gamma / np.sqrt(var + epsilon)
@@ -224,30 +224,3 @@ def _float64(value: ir.Value) -> np.ndarray:
 def _set_constant(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(array, name=value.name)
     value.shape = ir.Shape(array.shape)
-
-
-class _NameSource:
-    """Hands out value names that no value of the model has, subgraphs included."""
-
-    def __init__(self, model: ir.Model):
-        self._taken: set[str] | None = None
-        self._model = model
-
-    def __call__(self, name: str) -> str:
-        if self._taken is None:
-            self._taken = {
-                value.name
-                for graph in self._model.graphs()
-                for value in (
-                    *graph.inputs,
-                    *graph.initializers.values(),
-                    *(output for node in graph for output in node.outputs),
-                )
-                if value.name
-            }
-        candidate, suffix = name, 1
-        while candidate in self._taken:
-            suffix += 1
-            candidate = f"{name}_{suffix}"
-        self._taken.add(candidate)
-        return candidate

@@ -63,13 +63,8 @@ def quantize_model(
     problems: Mapping[str, str],
     options: QuantizationOptions,
 ) -> QuantizationReport:
-    """Quantize the model in place with calibrated activation ranges: plan, then emit.
-
-    Args:
-        model: the float model; must not contain quantization ops.
-        ranges: calibrated (low, high) per activation tensor name.
-        problems: tensors that must stay float, with the reason (e.g. a non-finite range).
-        options: what to quantize and how.
+    """Quantize the model in place: ``plan.plan_quantization`` (whose arguments these are), then
+    ``emit_plan``.
 
     Raises:
         AlreadyQuantizedError: the model holds quantization ops already.
