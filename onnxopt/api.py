@@ -115,12 +115,13 @@ def optimize(
     if isinstance(data, str) and data == "random":
         logger.warning(RANDOM_DATA_WARNING)
         data = random_feeds(loaded, RANDOM_SAMPLES)
+    holdout = max(
+        (pass_.samples for pass_ in pipeline.passes if isinstance(pass_, ValidatePass)),
+        default=0,
+    )
+    context.comparison_samples = holdout or context.comparison_samples
     if data is not None:
         source = open_data(data, loaded)
-        holdout = max(
-            (pass_.samples for pass_ in pipeline.passes if isinstance(pass_, ValidatePass)),
-            default=0,
-        )
         # Calibration needs the samples more: then validation holds back at most a quarter of them.
         calibrating = any(pass_.needs_data for pass_ in pipeline.passes)
         context.data, context.validation_data = source.split(holdout, 0.25 if calibrating else 1.0)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxopt.errors import InputError, ValidationFailed
-from onnxopt.metrics import OutputFidelity, compare_outputs
+from onnxopt.metrics import OutputFidelity, class_score_outputs, compare_outputs
 from onnxopt.progress import QUIET, Progress
 from onnxopt.runtime import create_session, input_specs
 from onnxopt.serialize import json_data
@@ -130,7 +130,9 @@ def compare_models(
             outputs_b.append(session_b.run(output_names, sample))
             advance()
     try:
-        fidelity = compare_outputs(output_names, outputs_a, outputs_b)
+        fidelity = compare_outputs(
+            output_names, outputs_a, outputs_b, class_outputs=class_score_outputs(model_a)
+        )
     except ValueError as error:
         raise ValidationFailed(f"model B does not return what model A returns: {error}") from error
 

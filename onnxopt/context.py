@@ -10,6 +10,7 @@ import onnx_ir as ir
 from onnxopt.calibration import CalibrationResult
 from onnxopt.data import DataSource
 from onnxopt.errors import ProcessingError
+from onnxopt.fidelity import ReferenceComparison, reference_comparison
 from onnxopt.progress import QUIET, Progress
 from onnxopt.quantization.state import QuantizationState
 from onnxopt.validation import ValidationResult
@@ -38,6 +39,9 @@ class Context:
         validation: the result of the last validation.
         report: one row per pass, filled in by the pipeline.
         progress: where long-running passes report progress.
+        comparison_samples: how many samples fidelity is judged on (the validate pass's).
+        comparison: the reference's outputs on those samples, made once by the first pass that
+            measures fidelity, so that every pass measures the same way.
     """
 
     data: DataSource | None = None
@@ -48,6 +52,30 @@ class Context:
     validation: ValidationResult | None = None
     report: list[ReportRow] = dataclasses.field(default_factory=list)
     progress: Progress = QUIET
+    comparison_samples: int = 8
+    comparison: ReferenceComparison | None = None
+
+    def reference_comparison(
+        self, samples: int | None = None, seed: int = 0
+    ) -> ReferenceComparison:
+        """The comparison every fidelity figure of this run is measured with; made on first use.
+
+        On the held-back validation samples (at most ``samples``, default
+        ``comparison_samples``), or on random samples the reference runs on when there is no
+        data. Later calls get the same comparison, whatever they ask.
+        """
+        if self.comparison is None:
+            if self.reference is None:
+                raise ProcessingError(
+                    "fidelity cannot be measured: the run has no reference model",
+                    fix="give the original model as Context(reference=...)",
+                )
+            count = samples or self.comparison_samples
+            source = self.validation_data
+            feeds = source.take(count) if source is not None else []
+            description = f"{len(feeds)} held-back samples of {source.description}" if feeds else ""
+            self.comparison = reference_comparison(self.reference, feeds, description, count, seed)
+        return self.comparison
 
     def calibration_for(self, pass_name: str) -> CalibrationResult:
         """This run's calibration; a ProcessingError naming ``pass_name`` when none ran."""

@@ -456,6 +456,9 @@ def _checked_feed(sample: Any, specs: list[InputSpec], where: str) -> Feed:
     for spec in specs:
         value = sample[spec.name]
         subject = f"input '{spec.name}' of {where}"
+        if isinstance(value, np.generic):
+            # A scalar input's sample, array[i] of an (N,) array: a 0-d feed of its own dtype.
+            value = np.asarray(value)
         if not isinstance(value, np.ndarray):
             raise InputError(
                 f"{subject} is a {type(value).__name__}, not a numpy array",

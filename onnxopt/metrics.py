@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
+import onnx_ir as ir
 
 
 @dataclasses.dataclass
@@ -34,9 +35,53 @@ class OutputFidelity:
     mismatched: float | None = None
 
 
-def looks_like_class_scores(array: np.ndarray) -> bool:
-    """Float [batch, classes] (or [classes]) with at least two classes: argmax means something."""
-    return array.dtype.kind == "f" and array.ndim in (1, 2) and array.shape[-1] >= 2
+# Ops a classifier's scores come from, and ops that only reshape or relabel them on the way out.
+CLASSIFIER_HEADS = frozenset({"Gemm", "MatMul", "Conv", "Softmax", "LogSoftmax", "Sigmoid", "Add"})
+PASS_THROUGH = frozenset({"Reshape", "Flatten", "Squeeze", "Identity", "Cast"})
+
+
+def class_score_outputs(model: ir.Model) -> set[str]:
+    """Graph outputs that hold class scores, [batch, classes] or [classes], so top-1 means something.
+
+    Judged from the graph, not the values: a float output of rank 1 or 2 (when known) with at
+    least two classes, computed by a classifier head (Gemm, MatMul, Conv, a bias Add after one of
+    them, Softmax, LogSoftmax, Sigmoid), through reshapes. An embedding normalized by a Div or
+    pooled by a ReduceMean is not one, whatever its shape.
+    """
+    found = set()
+    for value in model.graph.outputs:
+        if value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            continue
+        if value.shape is not None and (
+            len(value.shape) not in (1, 2)
+            or (isinstance(value.shape[-1], int) and value.shape[-1] < 2)
+        ):
+            continue
+        if _is_classifier_head(_through_reshapes(value.producer())):
+            found.add(value.name)
+    return found
+
+
+def _through_reshapes(node: ir.Node | None) -> ir.Node | None:
+    while node is not None and node.op_type in PASS_THROUGH and node.inputs:
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return node
+
+
+def _is_classifier_head(node: ir.Node | None) -> bool:
+    if node is None or node.op_type not in CLASSIFIER_HEADS:
+        return False
+    if node.op_type != "Add":
+        return True
+    constants = [
+        value for value in node.inputs if value is not None and value.const_value is not None
+    ]
+    computed = [value for value in node.inputs if value is not None and value.const_value is None]
+    return (
+        len(constants) == 1
+        and len(computed) == 1
+        and _is_classifier_head(_through_reshapes(computed[0].producer()))
+    )
 
 
 def compare_outputs(
@@ -44,18 +89,27 @@ def compare_outputs(
     reference: Sequence[Sequence[np.ndarray]],
     candidate: Sequence[Sequence[np.ndarray]],
     rtol: float = 0.0,
+    class_outputs: Collection[str] = (),
 ) -> list[OutputFidelity]:
-    """Fidelity of every output, with reference[i][j] being output j of sample i."""
+    """Fidelity of every output, with reference[i][j] being output j of sample i.
+
+    Top-1 agreement is measured for the outputs named in ``class_outputs`` (see
+    ``class_score_outputs``) whose arrays are [batch, classes] or [classes].
+    """
     results = []
     for index, name in enumerate(names):
         expected = [np.asarray(sample[index]) for sample in reference]
         actual = [np.asarray(sample[index]) for sample in candidate]
-        results.append(_compare_one(name, expected, actual, rtol))
+        results.append(_compare_one(name, expected, actual, rtol, name in class_outputs))
     return results
 
 
 def _compare_one(
-    name: str, expected: list[np.ndarray], actual: list[np.ndarray], rtol: float
+    name: str,
+    expected: list[np.ndarray],
+    actual: list[np.ndarray],
+    rtol: float,
+    class_scores: bool,
 ) -> OutputFidelity:
     for sample, (want, got) in enumerate(zip(expected, actual, strict=True)):
         if want.shape != got.shape:
@@ -77,7 +131,7 @@ def _compare_one(
     beyond = finite_error - rtol * np.abs(np.nan_to_num(reference))
     max_beyond = float(np.nan_to_num(beyond, nan=math.inf).max()) if error.size else 0.0
     top1 = None
-    if expected and all(looks_like_class_scores(array) for array in expected):
+    if class_scores and expected and all(_holds_classes(array) for array in expected):
         want_classes = np.concatenate([np.atleast_2d(array).argmax(-1) for array in expected])
         got_classes = np.concatenate([np.atleast_2d(array).argmax(-1) for array in actual])
         top1 = float(np.mean(want_classes == got_classes))
@@ -90,6 +144,10 @@ def _compare_one(
         top1_agreement=top1,
         mismatched=mismatched,
     )
+
+
+def _holds_classes(array: np.ndarray) -> bool:
+    return array.dtype.kind == "f" and array.ndim in (1, 2) and array.shape[-1] >= 2
 
 
 def _cosine(reference: np.ndarray, observed: np.ndarray) -> float:

@@ -47,24 +47,41 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
-def concrete_shape(spec: InputSpec, free_dim: int = 1) -> tuple[int, ...]:
-    """The shape of one sample, with every free dimension set to ``free_dim``."""
+def concrete_shape(spec: InputSpec, free_dim: int = 1, batch: int | None = None) -> tuple[int, ...]:
+    """The shape of one sample, with every free dimension set to ``free_dim``.
+
+    With ``batch``, a free axis 0 of an input of rank 2 or more (the batch axis, as a rule) gets
+    ``batch`` instead.
+    """
     if spec.shape is None:
         return ()
-    return tuple(dim if isinstance(dim, int) else free_dim for dim in spec.shape)
+    return tuple(
+        dim
+        if isinstance(dim, int)
+        else (batch if batch is not None and axis == 0 and len(spec.shape) > 1 else free_dim)
+        for axis, dim in enumerate(spec.shape)
+    )
 
 
-def random_feeds(model: ir.Model, count: int, seed: int = 0) -> list[Feed]:
+def random_feeds(
+    model: ir.Model | Sequence[InputSpec],
+    count: int,
+    seed: int = 0,
+    free_dim: int = 1,
+    batch: int | None = None,
+) -> list[Feed]:
     """Random samples of the right shapes and dtypes, for checks when the user gave no data.
 
+    Free dimensions get ``free_dim`` (a free batch axis ``batch``, see ``concrete_shape``).
     Integer inputs get 0 or 1 so that indices stay in range of any embedding table.
     """
+    specs = input_specs(model) if isinstance(model, ir.Model) else list(model)
     rng = np.random.default_rng(seed)
     feeds = []
     for _ in range(count):
         feed = {}
-        for spec in input_specs(model):
-            shape = concrete_shape(spec)
+        for spec in specs:
+            shape = concrete_shape(spec, free_dim, batch)
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif spec.dtype.kind == "b":
@@ -73,6 +90,42 @@ def random_feeds(model: ir.Model, count: int, seed: int = 0) -> list[Feed]:
                 feed[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
         feeds.append(feed)
     return feeds
+
+
+# Sizes tried for free dimensions until the model runs: batch 1 first, then lengths that
+# sequence and signal models accept (a reflect Pad needs more samples than it pads).
+FREE_DIM_CANDIDATES = (1, 16, 64, 256, 512, 1024, 4096)
+
+
+def runnable_random_feeds(
+    model: ir.Model, count: int, seed: int = 0
+) -> tuple[list[Feed], str | None]:
+    """Random samples the model itself runs on, and None; or no samples and why none ran.
+
+    Tries the sizes of FREE_DIM_CANDIDATES for every free dimension but the batch axis (which
+    stays 1), in order, until the model runs on a sample: a model whose If branch pads an audio frame fails at size 1 and runs at
+    512, and comparing another model with it on samples it fails on would blame the wrong model.
+    """
+    specs = input_specs(model)
+    try:
+        session = create_session(model)
+    except Exception as error:  # onnxruntime raises several unrelated types
+        return [], f"onnxruntime cannot load the model: {type(error).__name__}: {error}"
+    free = any(
+        spec.shape is not None and any(not isinstance(dim, int) for dim in spec.shape)
+        for spec in specs
+    )
+    failure = ""
+    for size in FREE_DIM_CANDIDATES if free else (1,):
+        [probe] = random_feeds(specs, 1, seed, size, batch=1)
+        try:
+            session.run(None, probe)
+        except Exception as error:  # onnxruntime raises several unrelated types
+            failure = f"{type(error).__name__}: {error}"
+            continue
+        return random_feeds(specs, count, seed, size, batch=1), None
+    tried = ", ".join(str(size) for size in FREE_DIM_CANDIDATES) if free else "its fixed shapes"
+    return [], f"the model fails on random inputs (free dimensions tried: {tried}): {failure}"
 
 
 def model_size_bytes(model: ir.Model) -> int:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import CheckerPass
 
 from onnxopt import runtime
-from onnxopt.metrics import OutputFidelity, compare_outputs
+from onnxopt.fidelity import ReferenceComparison
+from onnxopt.metrics import OutputFidelity
 
 
 @dataclasses.dataclass
@@ -30,11 +30,16 @@ class Thresholds:
 
 @dataclasses.dataclass
 class Check:
-    """One named check and, when it failed, why and by how much."""
+    """One named check and, when it failed or could not run, why.
+
+    A skipped check (the comparison, when the original model itself fails on every sample
+    tried) does not fail validation; the report says why it did not run.
+    """
 
     name: str
     passed: bool
     detail: str = ""
+    skipped: bool = False
 
 
 @dataclasses.dataclass
@@ -70,48 +75,44 @@ def check_structure(model: ir.Model) -> list[Check]:
 
 
 def validate(
-    model: ir.Model,
-    reference: ir.Model | str | None,
-    feeds: Sequence[dict[str, np.ndarray]],
-    thresholds: Thresholds,
-    data_description: str = "",
-    reference_outputs: list[list[np.ndarray]] | None = None,
+    model: ir.Model, comparison: ReferenceComparison | None, thresholds: Thresholds
 ) -> ValidationResult:
     """Check the model's structure, load it in onnxruntime, and compare it with the reference.
 
     Args:
         model: the optimized model.
-        reference: the original model (in memory or a path); None skips the comparison.
-        feeds: the samples to compare on.
+        comparison: the reference's outputs on the samples to compare on; None skips comparing.
         thresholds: the limits the comparison must meet.
-        data_description: where the samples came from, for the report.
-        reference_outputs: the reference's outputs on ``feeds``, when already known.
     """
+    feeds = comparison.feeds if comparison is not None else []
+    description = comparison.description if comparison is not None else ""
     checks = check_structure(model)
-    result = ValidationResult(checks, [], len(feeds), data_description)
+    result = ValidationResult(checks, [], len(feeds), description)
     if not result.passed:
         return result
     try:
-        session = runtime.create_session(model)
+        runtime.create_session(model)
     except Exception as error:
         checks.append(Check("onnxruntime session", False, f"{type(error).__name__}: {error}"))
         return result
     checks.append(Check("onnxruntime session", True))
-    if reference is None and reference_outputs is None:
+    if comparison is None:
+        return result
+    if comparison.problem is not None:
+        checks.append(Check("comparison with the original", True, comparison.problem, skipped=True))
         return result
     try:
-        candidate_outputs = runtime.run(session, feeds)
+        result.outputs = comparison.measure(model, rtol=thresholds.rtol)
     except Exception as error:
         checks.append(Check("onnxruntime run", False, f"{type(error).__name__}: {error}"))
         return result
-    if reference_outputs is None:
-        reference_outputs = runtime.run(runtime.create_session(reference), feeds)
-    names = [output.name for output in session.get_outputs()]
-    result.outputs = compare_outputs(
-        names, reference_outputs, candidate_outputs, rtol=thresholds.rtol
-    )
     checks.extend(fidelity_checks(result.outputs, thresholds))
     return result
+
+
+def meets(outputs: Sequence[OutputFidelity], thresholds: Thresholds) -> bool:
+    """Whether the outputs pass every fidelity check the thresholds set."""
+    return all(check.passed for check in fidelity_checks(outputs, thresholds))
 
 
 def fidelity_checks(outputs: Sequence[OutputFidelity], thresholds: Thresholds) -> list[Check]:

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from onnxopt.compare import compare_models, render_comparison
 from onnxopt.errors import InputError
+from onnxopt.metrics import class_score_outputs, compare_outputs
 from onnxopt.progress import Progress
 from onnxopt.runtime import random_feeds
 
@@ -141,3 +142,30 @@ def test_render_comparison_shows_fidelity_and_latency():
         "speedup of optimized",
     ):
         assert expected in text
+
+
+CLASSIFIER_AND_EMBEDDING = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 3] logits, float[N, 3] probabilities, float[N, 4] embedding,
+                      float[N, 2, 3] per_step) <float[4, 3] w = {1,0,0, 0,1,0, 0,0,1, 1,1,1},
+                      float[3] b = {0.1, 0.2, 0.3}, int64[3] steps = {-1, 2, 3}> {
+    product = MatMul(x, w)
+    logits = Add(product, b)
+    probabilities = Softmax<axis = -1>(logits)
+    norm = ReduceL2<keepdims = 1>(x)
+    embedding = Div(x, norm)
+    flat = Concat<axis = 1>(logits, logits)
+    per_step = Reshape(flat, steps)
+}
+"""
+
+
+def test_class_scores_are_told_apart_from_embeddings_by_the_graph():
+    model = ir.from_proto(onnx.parser.parse_model(CLASSIFIER_AND_EMBEDDING))
+    assert class_score_outputs(model) == {"logits", "probabilities"}
+    scores = [np.array([[0.0, 1.0, 0.5]]), np.array([[0.0, 1.0]])]
+    flipped = [np.array([[1.0, 0.0, 0.5]]), np.array([[1.0, 0.0]])]
+    fidelity = compare_outputs(
+        ["logits", "embedding"], [scores], [flipped], class_outputs={"logits"}
+    )
+    assert fidelity[0].top1_agreement == 0.0 and fidelity[1].top1_agreement is None

@@ -440,3 +440,31 @@ def _share_model():
             """
         )
     )
+
+
+SCALAR_INPUT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x, int64 rate) => (float[N, 4] y) {
+    scale = Cast<to = 1>(rate)
+    y = Mul(x, scale)
+}
+"""
+
+
+def test_a_scalar_input_takes_one_element_of_an_array_of_shape_n_per_sample(tmp_path):
+    model = ir.from_proto(onnx.parser.parse_model(SCALAR_INPUT))
+    path = tmp_path / "scalar.npz"
+    rates = np.array([16000, 8000, 16000], dtype=np.int64)
+    np.savez(path, x=np.ones((3, 1, 4), np.float32), rate=rates)
+    feeds = list(open_data(path, model))
+    assert [feed["rate"].shape for feed in feeds] == [(), (), ()]
+    assert [int(feed["rate"]) for feed in feeds] == [16000, 8000, 16000]
+    session = create_session(model)
+    assert session.run(None, feeds[1])[0][0, 0] == 8000.0
+
+
+def test_a_scalar_of_the_wrong_type_is_still_refused(tmp_path):
+    model = ir.from_proto(onnx.parser.parse_model(SCALAR_INPUT))
+    feed = {"x": np.ones((1, 4), np.float32), "rate": np.float32(16000)}
+    with pytest.raises(InputError, match="input 'rate'"):
+        list(open_data([feed], model))

@@ -251,7 +251,7 @@ def test_one_dimensional_convolutions_quantize_and_fuse(tmp_path):
         ),
         ('quantize.tensor_overrides={ x = { type = "int4" } }', "has entry 'x' of type 'int4'"),
         ("calibrate.percentile=40", "option 'calibrate.percentile' must be a number in (50, 100]"),
-        ("fallback.samples=0", "option 'fallback.samples' must be an integer >= 1, got 0"),
+        ("fallback.max_seconds=0", "option 'fallback.max_seconds' must be a number > 0 or none"),
         ("quantize.exclude_nodes=conv1", "must be a list of a string or none"),
     ],
 )

@@ -41,6 +41,7 @@ LAYERS = {
     "metrics": FOUNDATIONS,
     "serialize": FOUNDATIONS,
     "validation": FOUNDATIONS,
+    "fidelity": FOUNDATIONS,
     "summary": FOUNDATIONS,
     "compare": FOUNDATIONS,
     "calibration": ALGORITHMS,

@@ -1,4 +1,4 @@
-"""Sensitivity-guided fallback: keep the layers that cost the most accuracy in float."""
+"""Fallback: keep the fewest quantized layers float for the outputs to meet a fidelity budget."""
 
 from __future__ import annotations
 
@@ -6,22 +6,31 @@ from typing import Annotated
 
 import onnx_ir as ir
 
-from onnxopt.errors import ProcessingError
 from onnxopt.options import Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.quantization.channel_means import channel_means
-from onnxopt.quantization.fallback import FidelityBudget, QuantizedFrom, keep_sensitive_layers_float
+from onnxopt.quantization.fallback import QuantizedFrom, keep_sensitive_layers_float
 from onnxopt.quantization.state import BiasCorrection
+from onnxopt.validation import Thresholds
 
 
 class FallbackPass(OnnxoptPass):
-    """Keep the quantized layers that hurt the outputs most in float, until they meet the budget.
+    """Keep the quantized layers that hurt the outputs most float, until the outputs meet the budget.
 
-    The search (``quantization.fallback``) quantizes the float model again with the worst layers
-    float, one at a time, and keeps a step only if the final outputs improve. Put it after
-    'quantize' (and 'correct-bias', which it applies again to every model it makes) and before
-    'validate'. With no budget it only measures. Either way the SQNR of every quantized tensor,
-    worst first, goes to the report.
+    Ranks the layers by the noise each adds, then bisects how many of the worst to keep float
+    (``quantization.fallback``), measuring each candidate exactly as the validate pass measures:
+    against the original model, on the held-back samples (``validate.samples``), with the same
+    metrics. The search always ends with a model that meets the budget; when only the float
+    model does, that is the model, and the report says so. Put it after 'quantize' (and
+    'correct-bias', which it applies again to every model it makes) and before 'validate'. The
+    SQNR of every quantized tensor of the chosen model, worst first, goes to the report.
+
+    Args:
+        min_cosine: every output's cosine similarity with the original, at least.
+        min_sqnr_db: every output's SQNR against the original, at least.
+        min_top1_agreement: outputs that hold class scores agree on the top class this often.
+        max_seconds: stop the search after this long, with the best model known to meet the
+            budget (at worst the float model).
     """
 
     name = "fallback"
@@ -32,35 +41,30 @@ class FallbackPass(OnnxoptPass):
         self,
         min_cosine: Annotated[float | None, Range(-1.0, 1.0)] = 0.99,
         min_sqnr_db: float | None = None,
-        max_float_layers: Annotated[int, Range(low=0)] = 8,
-        samples: Annotated[int, Range(low=1)] = 16,
+        min_top1_agreement: Annotated[float | None, Range(0.0, 1.0)] = None,
+        max_seconds: Annotated[float | None, Range(low=0.0, low_open=True)] = None,
     ):
         super().__init__()
-        self.budget = FidelityBudget(min_cosine, min_sqnr_db)
-        self.max_float_layers = max_float_layers
-        self.samples = samples
+        self.budget = Thresholds(
+            min_cosine=min_cosine, min_sqnr_db=min_sqnr_db, min_top1_agreement=min_top1_agreement
+        )
+        self.max_seconds = max_seconds
 
     def call(self, model: ir.Model) -> PassResult:
         state = self.context.quantization_for(self.name)
-        data = self.context.data
-        feeds = data.take(self.samples) if data is not None else []
-        if not feeds:
-            raise ProcessingError(
-                "pass 'fallback' needs calibration samples to measure the layers, and got none",
-                fix="give more samples with --calib, or leave 'fallback' out of the recipe",
-            )
+        comparison = self.context.reference_comparison()
         source = QuantizedFrom(state.float_model, state.ranges, state.problems, state.options)
         if state.bias_correction is not None:
             statistics = self.context.calibration_for(self.name).statistics
             source.create_bias = state.bias_correction.create_bias
-            source.means = channel_means(model, state.float_model, statistics, data)
+            source.means = channel_means(model, state.float_model, statistics, self.context.data)
         result = keep_sensitive_layers_float(
             model,
             list(state.report.quantized),
             source,
-            feeds,
+            comparison,
             self.budget,
-            self.max_float_layers,
+            self.max_seconds,
             self.context.progress,
         )
         if result.report is not None:
@@ -72,13 +76,12 @@ class FallbackPass(OnnxoptPass):
         state.fallback = result.outcome
         outcome = result.outcome
         details = {
-            "kept float": outcome.kept_float,
-            "cosine": round(outcome.fidelity.cosine, 6),
-            "sqnr_db": round(outcome.fidelity.sqnr_db, 2),
+            "kept float": len(outcome.kept_float),
+            "still quantized": outcome.quantized_layers,
+            "trials": outcome.trials,
             "budget met": outcome.budget_met,
+            "stopped": outcome.stopped,
         }
-        if not outcome.budget_met:
-            details["stopped"] = outcome.stopped
         return PassResult(
             model,
             modified=bool(outcome.kept_float),

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import onnx_ir as ir
 
-from onnxopt import runtime
 from onnxopt.errors import ValidationFailed
 from onnxopt.options import Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
-from onnxopt.runtime import Feed
 from onnxopt.validation import Thresholds, validate
+
+logger = logging.getLogger(__name__)
 
 
 class ValidatePass(OnnxoptPass):
     """Check the model and compare it with the original before anyone writes it.
 
-    Compares on samples held back from the user's data, or on random inputs of the right shapes
-    and dtypes when there is no data. Fails the run (nothing is written) when a check fails.
+    Compares on samples held back from the user's data, or on random inputs the original model
+    runs on when there is no data (when it runs on none, the comparison is skipped and the
+    report says why). Every pass that measures fidelity in the run measures on these samples.
+    Fails the run (nothing is written) when a check fails.
     """
 
     name = "validate"
@@ -39,9 +42,16 @@ class ValidatePass(OnnxoptPass):
         self.seed = seed
 
     def call(self, model: ir.Model) -> PassResult:
-        feeds, description = self._feeds(model)
-        result = validate(model, self.context.reference, feeds, self.thresholds, description)
+        comparison = (
+            self.context.reference_comparison(self.samples, self.seed)
+            if self.context.reference is not None
+            else None
+        )
+        result = validate(model, comparison, self.thresholds)
         self.context.validation = result
+        for check in result.checks:
+            if check.skipped:
+                logger.warning("%s not run: %s", check.name, check.detail)
         if not result.passed:
             raise ValidationFailed(
                 "the optimized model failed validation",
@@ -49,13 +59,4 @@ class ValidatePass(OnnxoptPass):
                 fix="loosen the recipe's thresholds (--set validate.<option>=...) if the loss is acceptable, "
                 "or --force to write it anyway",
             )
-        return PassResult(model, modified=False, changes=0, details={"samples": len(feeds)})
-
-    def _feeds(self, model: ir.Model) -> tuple[list[Feed], str]:
-        source = self.context.validation_data
-        if source is not None:
-            feeds = source.take(self.samples)
-            if feeds:
-                return feeds, f"{len(feeds)} held-back samples of {source.description}"
-        feeds = runtime.random_feeds(model, self.samples, self.seed)
-        return feeds, f"{len(feeds)} random samples (no data given)"
+        return PassResult(model, modified=False, changes=0, details={"samples": result.samples})

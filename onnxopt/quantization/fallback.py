@@ -1,69 +1,40 @@
-"""Sensitivity-guided fallback: keep the quantized layers that hurt the outputs most in float.
+"""Fallback: the fewest quantized layers kept float for the outputs to meet a fidelity budget.
 
-Each step ranks the quantized nodes by the noise each adds to what reaches it (the per-tensor
-SQNR of the quantized model against the float model, as noise-to-signal ratios, on a few
-samples), quantizes the float model again with the worst one excluded, and keeps that only if
-the final outputs improve. Ranking this way costs one run of each model per step, where
-measuring every layer's effect on the outputs alone costs a quantization and a run per layer;
-since every step is checked on the final outputs, a wrong guess costs a step, never accuracy.
-A layer is only float when its input is, so the layers that would still quantize its input
-(its producer, or the other users of that tensor) go float with it.
+The layers are ranked once by the noise each adds to what reaches it (the per-tensor SQNR of the
+quantized model against the float model, as noise-to-signal ratios, from one run of each), then
+a bisection finds how many of the worst to keep float: a few quantizations, each measured on the
+final outputs with the run's ``ReferenceComparison``, the very measurement validation makes.
+Keeping every layer float gives the float model, which meets any budget the original meets, so
+the search always ends with a model that meets the budget: int8 where it can, float where it
+must, and float altogether (with the reason) when nothing less will do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import onnx_ir as ir
 
-from onnxopt import runtime
-from onnxopt.metrics import compare_outputs
+from onnxopt.fidelity import ReferenceComparison
+from onnxopt.metrics import OutputFidelity
 from onnxopt.progress import QUIET, Progress
 from onnxopt.quantization.bias_correction import BiasCorrectionReport, ChannelMeans, correct_biases
 from onnxopt.quantization.plan import QuantizationOptions
 from onnxopt.quantization.qdq import QuantizationReport, quantize_model
 from onnxopt.quantization.sensitivity import (
     LayerSqnr,
-    TensorNoise,
     compare_tensors,
-    is_quantized_constant,
     layers_from,
     node_added_noise,
 )
-from onnxopt.runtime import Feed
+from onnxopt.validation import Thresholds, meets
 
 logger = logging.getLogger(__name__)
-
-# A float layer must buy at least this much output SQNR (2.3% less noise power) to be kept.
-MIN_GAIN_DB = 0.1
-# Candidates tried per float layer allowed, so a budget out of reach ends the search in bounded time.
-ATTEMPTS_PER_LAYER = 3
-# Rounds of pulling in the layers that still quantize a float layer's input.
-CLOSURE_ROUNDS = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class Fidelity:
-    """The worst output's cosine and SQNR against the float model."""
-
-    cosine: float
-    sqnr_db: float
-
-
-@dataclasses.dataclass(frozen=True)
-class FidelityBudget:
-    """Thresholds the outputs must meet; None turns one off."""
-
-    min_cosine: float | None = 0.99
-    min_sqnr_db: float | None = None
-
-    def met_by(self, fidelity: Fidelity) -> bool:
-        return (self.min_cosine is None or fidelity.cosine >= self.min_cosine) and (
-            self.min_sqnr_db is None or fidelity.sqnr_db >= self.min_sqnr_db
-        )
 
 
 @dataclasses.dataclass
@@ -89,22 +60,33 @@ class QuantizedFrom:
 
 @dataclasses.dataclass
 class FallbackOutcome:
-    """How the search ended: the layers kept float, the fidelity reached, and why it stopped."""
+    """How the search ended.
+
+    Attributes:
+        kept_float: the layers kept float, worst first.
+        outputs: the fidelity of every output of the chosen model.
+        budget_met: whether the chosen model meets the budget.
+        quantized_layers: how many layers the chosen model still quantizes.
+        trials: how many quantizations the search measured.
+        stopped: why the search ended, in words.
+    """
 
     kept_float: list[str]
-    fidelity: Fidelity
+    outputs: list[OutputFidelity]
     budget_met: bool
+    quantized_layers: int
+    trials: int
     stopped: str
 
 
 @dataclasses.dataclass
 class FallbackResult:
-    """The best model the search found.
+    """The model the search chose.
 
     Attributes:
         model: that model: the quantized model given, or a new one quantized again.
         outcome: how the search ended.
-        report: the quantizer's report of a new model; None when the given one was best.
+        report: the quantizer's report of a new model; None when the given one was chosen.
         bias_correction: bias correction's report of a new model, when biases are corrected.
         layers: the SQNR of every quantized tensor of ``model``, worst first.
     """
@@ -117,128 +99,132 @@ class FallbackResult:
 
 
 @dataclasses.dataclass
-class _State:
-    """A quantized model, the layers it keeps float, and how close it is to the float model."""
+class _Trial:
+    """A quantization with some layers float, and how its outputs compare."""
 
+    float_layers: int
     model: ir.Model
-    excluded: list[str]
-    fidelity: Fidelity
-    quantized: list[str]
+    outputs: list[OutputFidelity]
+    met: bool
     report: QuantizationReport | None = None
     bias_report: BiasCorrectionReport | None = None
-    noise: dict[str, TensorNoise] | None = None
 
 
 def keep_sensitive_layers_float(
     quantized: ir.Model,
     quantized_nodes: Sequence[str],
     source: QuantizedFrom,
-    feeds: Sequence[Feed],
-    budget: FidelityBudget,
-    max_float_layers: int,
+    comparison: ReferenceComparison,
+    budget: Thresholds,
+    max_seconds: float | None = None,
     progress: Progress = QUIET,
 ) -> FallbackResult:
-    """Keep the fewest layers float that bring the outputs within ``budget``, greedily.
-
-    With no threshold set, only measures. The search stops when the budget is met, when
-    ``max_float_layers`` are float, or after ATTEMPTS_PER_LAYER candidates per layer allowed.
+    """The quantization that meets ``budget`` with the fewest layers float, by bisection.
 
     Args:
         quantized: the quantized model; not changed.
         quantized_nodes: its quantized nodes.
         source: how it was made, to quantize again with layers float.
-        feeds: the samples the outputs and tensors are compared on.
+        comparison: what the outputs are measured against (the run's validation samples).
         budget: what the outputs must reach.
-        max_float_layers: the most layers the search may keep float.
-        progress: shows the candidates tried.
+        max_seconds: stop bisecting after this long, keeping the best model known to meet the
+            budget (at worst the float model); None for no limit.
+        progress: shows the quantizations tried.
     """
-    attempts = ATTEMPTS_PER_LAYER * max_float_layers
-    with progress.task("trying sensitive layers in float", attempts) as advance:
-        search = _Search(source, feeds, budget, max_float_layers, advance)
-        final, stopped = search.run(quantized, list(quantized_nodes))
+    start = time.perf_counter()
+    first = _Trial(0, quantized, *_judge(comparison, quantized, budget))
+    ranking: list[str] = []
+    if not first.met:
+        ranking = _ranking(source.float_model, quantized, quantized_nodes, comparison)
+    search = _Bisection(source, comparison, budget, ranking, first)
+    steps = math.ceil(math.log2(len(ranking) + 1)) + 1 if ranking else 0
+    with progress.task("keeping sensitive layers float", steps) as advance:
+        chosen, stopped = search.run(advance, start, max_seconds)
+    noise = compare_tensors(source.float_model, chosen.model, comparison.feeds)
+    still_quantized = chosen.report.quantized if chosen.report else quantized_nodes
     outcome = FallbackOutcome(
-        final.excluded, final.fidelity, budget.met_by(final.fidelity), stopped
+        ranking[: chosen.float_layers],
+        chosen.outputs,
+        chosen.met,
+        len(still_quantized),
+        search.trials,
+        stopped,
     )
-    logger.info("kept %d layers float: %s", len(final.excluded), stopped)
+    logger.info("fallback: %s", stopped)
     return FallbackResult(
-        final.model,
-        outcome,
-        final.report,
-        final.bias_report,
-        layers_from(final.model, search.noise_of(final)),
+        chosen.model, outcome, chosen.report, chosen.bias_report, layers_from(chosen.model, noise)
     )
 
 
-class _Search:
-    """The greedy search: one layer at a time, each checked on the final outputs."""
+def _judge(
+    comparison: ReferenceComparison, model: ir.Model, budget: Thresholds
+) -> tuple[list[OutputFidelity], bool]:
+    outputs = comparison.measure(model, rtol=budget.rtol)
+    return outputs, meets(outputs, budget)
+
+
+def _ranking(
+    float_model: ir.Model,
+    quantized: ir.Model,
+    quantized_nodes: Sequence[str],
+    comparison: ReferenceComparison,
+) -> list[str]:
+    """Every quantized node, the ones that add the most noise first."""
+    noise = compare_tensors(float_model, quantized, comparison.feeds)
+    shares = node_added_noise(float_model, quantized, noise, quantized_nodes)
+    unmeasured = [name for name in quantized_nodes if name not in shares]
+    return [*shares, *unmeasured]
+
+
+class _Bisection:
+    """The smallest number of the worst-ranked layers to keep float for the budget to hold."""
 
     def __init__(
         self,
         source: QuantizedFrom,
-        feeds: Sequence[Feed],
-        budget: FidelityBudget,
-        max_float_layers: int,
-        advance: Callable[[int], None],
+        comparison: ReferenceComparison,
+        budget: Thresholds,
+        ranking: list[str],
+        first: _Trial,
     ):
         self.source = source
-        self.feeds = list(feeds)
+        self.comparison = comparison
         self.budget = budget
-        self.limit = max_float_layers
-        self.advance = advance
-        self.output_names = [value.name for value in source.float_model.graph.outputs]
-        self.reference = runtime.run(runtime.create_session(source.float_model), self.feeds)
+        self.ranking = ranking
+        self.first = first
+        self.trials = 1
 
-    def run(self, model: ir.Model, quantized: list[str]) -> tuple[_State, str]:
-        """The best state found, and why the search stopped."""
-        current = _State(model, [], self.fidelity(model), quantized)
-        tried: set[str] = set()
-        while True:
-            if self.budget.met_by(current.fidelity):
-                return current, "budget met"
-            if len(current.excluded) >= self.limit:
-                return current, f"reached max_float_layers ({self.limit}) before the budget"
-            if len(tried) >= ATTEMPTS_PER_LAYER * self.limit:
-                return current, f"tried {len(tried)} layers without meeting the budget"
-            ranking = node_added_noise(current.model, self.noise_of(current), current.quantized)
-            candidate = next(
-                (name for name, share in ranking.items() if share > 0 and name not in tried), None
-            )
-            if candidate is None:
-                return current, "no quantized layer left whose fallback improves the outputs"
-            tried.add(candidate)
-            self.advance(1)
-            trial = self.keep_float(candidate, current.excluded)
-            if trial is None:
-                continue
-            gain = trial.fidelity.sqnr_db - current.fidelity.sqnr_db
-            logger.debug("keeping %s float: %+.2f dB", trial.excluded, gain)
-            if gain >= MIN_GAIN_DB:
-                current = trial
-
-    def keep_float(self, candidate: str, excluded: list[str]) -> _State | None:
-        """The model quantized with ``candidate`` float and its input float too; None past the limit."""
-        excluded = [*excluded, candidate]
-        for _ in range(CLOSURE_ROUNDS):
-            if len(excluded) > self.limit:
-                return None
-            model, report = self.quantize(excluded)
-            still_quantizing = quantizers_of_inputs(model, candidate, report) - set(excluded)
-            if not still_quantizing:
+    def run(
+        self, advance: Callable[[int], None], start: float, max_seconds: float | None
+    ) -> tuple[_Trial, str]:
+        """The chosen trial and why the search stopped."""
+        if self.first.met:
+            return self.first, "budget met with every layer quantized"
+        passing = None
+        low, high = 0, len(self.ranking)
+        while high - low > 1:
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
                 break
-            excluded += sorted(still_quantizing)
-        else:
-            return None
-        bias_report = None
-        if self.source.create_bias is not None and self.source.means is not None:
-            bias_report = correct_biases(
-                model, self.source.float_model, self.source.means, self.source.create_bias
-            )
-        return _State(
-            model, excluded, self.fidelity(model), list(report.quantized), report, bias_report
-        )
+            middle = (low + high) // 2
+            trial = self.trial(middle)
+            advance(1)
+            if trial.met:
+                high, passing = middle, trial
+            else:
+                low = middle
+        if passing is None or passing.float_layers != high:
+            passing = self.trial(high)
+            advance(1)
+        if high < len(self.ranking):
+            return passing, f"budget met with {high} of {len(self.ranking)} layers kept float"
+        if passing.met:
+            return passing, "int8 cannot meet the budget: every quantized layer kept float"
+        return passing, "even the float model misses the budget: every quantized layer kept float"
 
-    def quantize(self, excluded: list[str]) -> tuple[ir.Model, QuantizationReport]:
-        """The float model quantized as before, with the named nodes float."""
+    def trial(self, float_layers: int) -> _Trial:
+        """The float model quantized with the ``float_layers`` worst layers float, and judged."""
+        self.trials += 1
+        excluded = self.ranking[:float_layers]
         model = self.source.float_model.clone()
         options = dataclasses.replace(
             self.source.options,
@@ -248,48 +234,11 @@ class _Search:
             ],
         )
         report = quantize_model(model, self.source.ranges, self.source.problems, options)
-        return model, report
-
-    def fidelity(self, model: ir.Model) -> Fidelity:
-        outputs = runtime.run(runtime.create_session(model), self.feeds)
-        results = compare_outputs(self.output_names, self.reference, outputs)
-        return Fidelity(
-            min(result.cosine for result in results), min(result.sqnr_db for result in results)
-        )
-
-    def noise_of(self, state: _State) -> dict[str, TensorNoise]:
-        """Per-tensor noise of a state's model, measured once."""
-        if state.noise is None:
-            state.noise = compare_tensors(self.source.float_model, state.model, self.feeds)
-        return state.noise
-
-
-def quantizers_of_inputs(model: ir.Model, name: str, report: QuantizationReport) -> set[str]:
-    """Quantized nodes that make node ``name`` read a dequantized activation.
-
-    The producer of the quantized tensor when it is quantized (its integer kernel emits int8),
-    else the quantized users of the tensor (each quantizes it for itself).
-    """
-    node = next((node for node in model.graph if node.name == name), None)
-    if node is None:
-        return set()
-    quantized = set(report.quantized)
-    culprits: set[str] = set()
-    for value in node.inputs:
-        if value is None or is_quantized_constant(value):
-            continue
-        dequantize = value.producer()
-        if dequantize is None or dequantize.op_type != "DequantizeLinear":
-            continue
-        quantize = dequantize.inputs[0].producer()
-        if quantize is None or quantize.op_type != "QuantizeLinear":
-            continue
-        source = quantize.inputs[0].producer()
-        if source is not None and source.name in quantized:
-            culprits.add(source.name)
-        else:
-            culprits.update(
-                usage.node.name for usage in value.uses() if usage.node.name in quantized
+        bias_report = None
+        if self.source.create_bias is not None and self.source.means is not None:
+            bias_report = correct_biases(
+                model, self.source.float_model, self.source.means, self.source.create_bias
             )
-    culprits.discard(name)
-    return culprits
+        outputs, met = _judge(self.comparison, model, self.budget)
+        logger.debug("%d layers float: budget %s", float_layers, "met" if met else "missed")
+        return _Trial(float_layers, model, outputs, met, report, bias_report)

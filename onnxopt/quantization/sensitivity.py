@@ -108,34 +108,66 @@ def compare_tensors(
 
 
 def node_added_noise(
-    quantized_model: ir.Model, noise: dict[str, TensorNoise], nodes: Iterable[str]
+    float_model: ir.Model,
+    quantized_model: ir.Model,
+    noise: dict[str, TensorNoise],
+    nodes: Iterable[str],
 ) -> dict[str, float]:
-    """Noise-to-signal ratio each named node adds to what reaches it, largest first.
+    """Noise-to-signal ratio each named quantized node adds to what reaches it, largest first.
 
     A node's output (after its own QuantizeLinear, if any) carries the noise of its inputs plus what
     quantizing the node added; the difference of the ratios is the node's own share. It ranks
     nodes by the damage they do themselves, so one bad layer does not make every layer after it
-    look bad too.
+    look bad too. A node is charged for the quantization of an input when that quantization
+    exists for it (its producer emits float), not when its producer is an integer kernel that
+    emits int8 anyway. Nodes the quantizer replaced (a MatMul quantized at run time) are found
+    through their float counterpart's tensor names, which quantization keeps.
     """
-    by_name = {node.name: node for node in quantized_model.graph if node.name}
+    quantized_nodes = {node.name: node for node in quantized_model.graph if node.name}
+    float_nodes = {node.name: node for node in float_model.graph if node.name}
+    values = {value.name: value for value in _values(quantized_model.graph)}
+    names = set(nodes)
     added = {}
     for name in nodes:
-        node = by_name.get(name)
-        if node is None:
+        node = quantized_nodes.get(name)
+        if node is not None:
+            inputs = [_charged_input(value, names) for value in node.inputs]
+            output = node.outputs[0]
+        elif name in float_nodes:
+            counterpart = float_nodes[name]
+            inputs = [values.get(value.name) for value in counterpart.inputs if value is not None]
+            output = values.get(counterpart.outputs[0].name)
+        else:
             continue
         before = max(
             (
                 noise[value.name].noise_ratio
-                for value in node.inputs
+                for value in inputs
                 if value is not None and value.name in noise and not is_quantized_constant(value)
             ),
             default=0.0,
         )
-        output = _as_consumed(node.outputs[0])
-        after = noise[output.name].noise_ratio if output.name in noise else before
+        consumed = _as_consumed(output) if output is not None else None
+        after = noise[consumed.name].noise_ratio if consumed and consumed.name in noise else before
         share = after - before
         added[name] = 0.0 if math.isnan(share) else share
     return dict(sorted(added.items(), key=lambda item: -item[1]))
+
+
+def _charged_input(value: ir.Value | None, quantized: set[str]) -> ir.Value | None:
+    """What a node's input noise is measured at: before the input's Q/DQ pair when the pair is
+    there for this node (its producer is not a quantized node), else the dequantized value."""
+    if value is None:
+        return None
+    dequantize = value.producer()
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return value
+    quantize = dequantize.inputs[0].producer()
+    if quantize is None or quantize.op_type != "QuantizeLinear":
+        return value
+    source = quantize.inputs[0]
+    producer = source.producer()
+    return value if producer is not None and producer.name in quantized else source
 
 
 def activation_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:

@@ -8,9 +8,12 @@ from onnxopt.data import open_data
 from onnxopt.passes.correct_bias import CorrectBiasPass
 from onnxopt.passes.fallback import FallbackPass
 from onnxopt.passes.quantize import QuantizePass
+from onnxopt.passes.validate import ValidatePass
 from onnxopt.quantization.fusion import fusion_report
+from onnxopt.quantization.plan import QuantizationOptions
+from onnxopt.quantization.qdq import quantize_model
 from onnxopt.quantization.sensitivity import layer_sqnr
-from tests.quantization.helpers import build, calibrated, cosine, random_weights, run
+from tests.quantization.helpers import build, calibrated, cosine, ops, random_weights, run
 
 
 def outlier_samples(count: int = 8, outlier: float = 100.0):
@@ -48,7 +51,14 @@ def three_convs(outlier_inside: bool = False):
 
 
 def quantized(model, samples, correct_bias=False):
-    context = Context(data=open_data(samples, model), calibration=calibrated(model, samples))
+    """Quantize ``model`` in place; the context compares with a float copy on the same samples."""
+    context = Context(
+        data=open_data(samples, model),
+        validation_data=open_data(samples, model),
+        reference=model.clone(),
+        calibration=calibrated(model, samples),
+        comparison_samples=len(samples),
+    )
     passes = [QuantizePass(reduce_range=False)]
     if correct_bias:
         passes.append(CorrectBiasPass())
@@ -93,7 +103,7 @@ def test_fallback_keeps_exactly_the_sensitive_layer_float():
 
     after = cosine(reference, run(model, samples))
     assert before < 0.9 and after > 0.99
-    assert result.details["kept float"] == ["conv_a"]
+    assert context.quantization.fallback.kept_float == ["conv_a"]
     assert result.details["budget met"] is True
     assert result.changes == 1
     state = context.quantization
@@ -107,29 +117,58 @@ def test_fallback_keeps_exactly_the_sensitive_layer_float():
     assert state.fusion.integer_kernels == 2 and state.fusion.rate == 1.0
 
 
-def test_keeping_a_layer_float_keeps_its_input_float_too():
+def test_the_search_keeps_the_fewest_layers_float_that_meet_the_budget():
     samples = outlier_samples(outlier=1.0)
     reference = run(three_convs(outlier_inside=True), samples)
     model = three_convs(outlier_inside=True)
     context = quantized(model, samples)
     before = cosine(reference, run(model, samples))
 
-    result = fallback(model, context, min_cosine=0.99)
+    result = fallback(model, context, min_cosine=0.999)
 
-    assert before < 0.99
-    assert sorted(result.details["kept float"]) == ["conv_a", "conv_b"]
-    assert cosine(reference, run(model, samples)) > 0.99
+    outcome = context.quantization.fallback
+    assert before < 0.999 and outcome.budget_met
+    assert cosine(reference, run(model, samples)) > 0.999
+    assert result.changes == len(outcome.kept_float) >= 1
+    assert outcome.quantized_layers == 3 - len(outcome.kept_float)
+    # One layer fewer kept float misses the budget: the bisection found the edge.
+    fewer = three_convs(outlier_inside=True)
+    quantize_model(
+        fewer,
+        context.quantization.ranges,
+        {},
+        QuantizationOptions(reduce_range=False, exclude_nodes=outcome.kept_float[:-1]),
+    )
+    assert cosine(reference, run(fewer, samples)) < 0.999
 
 
-def test_an_unreachable_budget_stops_at_max_float_layers():
+def test_a_budget_int8_cannot_meet_ends_with_the_float_model():
     samples = outlier_samples(4)
+    reference = run(three_convs(), samples)
     model = three_convs()
     context = quantized(model, samples)
-    result = fallback(model, context, min_cosine=None, min_sqnr_db=200.0, max_float_layers=2)
-    assert result.changes == 2
-    assert result.details["budget met"] is False
-    assert result.details["stopped"] == "reached max_float_layers (2) before the budget"
-    assert context.quantization.fallback.stopped == result.details["stopped"]
+    result = fallback(model, context, min_cosine=None, min_sqnr_db=200.0)
+    assert result.details["budget met"] is True
+    assert (
+        result.details["stopped"] == "int8 cannot meet the budget: every quantized layer kept float"
+    )
+    assert result.details["still quantized"] == 0
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops(model))
+    np.testing.assert_allclose(run(model, samples), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_fallback_and_validation_measure_the_same_thing():
+    samples = outlier_samples()
+    model = three_convs()
+    context = quantized(model, samples, correct_bias=True)
+    fallback(model, context, min_cosine=0.99)
+    validate = ValidatePass(samples=len(samples), min_cosine=0.99)
+    validate.bind(context)
+    validate(model)
+    measured = {output.name: output for output in context.validation.outputs}
+    for output in context.quantization.fallback.outputs:
+        assert measured[output.name] == output
+    assert context.validation.passed
 
 
 def test_without_a_budget_fallback_only_reports():
@@ -137,5 +176,5 @@ def test_without_a_budget_fallback_only_reports():
     model = three_convs()
     context = quantized(model, samples)
     result = fallback(model, context, min_cosine=None)
-    assert result.changes == 0 and result.details["kept float"] == []
+    assert result.changes == 0 and result.details["kept float"] == 0
     assert context.quantization.layers[-1].tensor == "x"

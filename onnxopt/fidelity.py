@@ -1,0 +1,75 @@
+"""What every fidelity figure of a run is measured against: the original model's outputs on fixed
+samples, computed once.
+
+Validation and the repairs that search for a model meeting a budget (fallback) both measure
+through one ``ReferenceComparison``: the same reference, samples, session settings and metric,
+so a repair never reports a fidelity the written model does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import runtime
+from onnxopt.metrics import OutputFidelity, class_score_outputs, compare_outputs
+from onnxopt.runtime import Feed
+
+
+@dataclasses.dataclass
+class ReferenceComparison:
+    """The reference model's outputs on fixed samples, to measure candidates against.
+
+    Attributes:
+        feeds: the samples; empty when no comparison can run.
+        description: where the samples come from, for the report.
+        reference_outputs: the reference's outputs, sample by sample.
+        class_outputs: outputs that hold class scores, where top-1 agreement is measured.
+        problem: why no comparison can run (the reference fails on every sample tried), or None.
+    """
+
+    feeds: list[Feed]
+    description: str
+    reference_outputs: list[list[np.ndarray]]
+    class_outputs: frozenset[str]
+    problem: str | None = None
+
+    def measure(self, model: ir.Model, rtol: float = 0.0) -> list[OutputFidelity]:
+        """Fidelity of every output of ``model`` against the reference, on the same samples."""
+        session = runtime.create_session(model)
+        outputs = runtime.run(session, self.feeds)
+        names = [output.name for output in session.get_outputs()]
+        return compare_outputs(
+            names, self.reference_outputs, outputs, rtol=rtol, class_outputs=self.class_outputs
+        )
+
+
+def reference_comparison(
+    reference: ir.Model | str | os.PathLike,
+    feeds: Sequence[Feed] | None,
+    description: str,
+    random_samples: int = 8,
+    seed: int = 0,
+) -> ReferenceComparison:
+    """The reference's outputs on ``feeds``, or, without feeds, on random samples it runs on.
+
+    Never raises for a reference that fails: the comparison then carries the reason in
+    ``problem``, since a model cannot be blamed for failing where the original fails too.
+    """
+    model = reference if isinstance(reference, ir.Model) else ir.load(os.fspath(reference))
+    classes = frozenset(class_score_outputs(model))
+    if not feeds:
+        feeds, problem = runtime.runnable_random_feeds(model, random_samples, seed)
+        if problem is not None:
+            return ReferenceComparison([], "no samples", [], classes, problem)
+        description = f"{len(feeds)} random samples (no data given)"
+    try:
+        outputs = runtime.run(runtime.create_session(reference), feeds)
+    except Exception as error:  # onnxruntime raises several unrelated types
+        problem = f"the original model fails on {description}: {type(error).__name__}: {error}"
+        return ReferenceComparison([], description, [], classes, problem)
+    return ReferenceComparison(list(feeds), description, outputs, classes)
