@@ -11,6 +11,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxopt.compare import SpeedReport, measure_speed
 from onnxopt.context import Context
 from onnxopt.data import open_data
 from onnxopt.errors import InputError, ValidationFailed
@@ -44,6 +45,7 @@ class OptimizeResult:
     input_path: Path | None
     written: list[Path]
     failure: ValidationFailed | None = None
+    speed: SpeedReport | None = None
 
     @property
     def passed(self) -> bool:
@@ -59,6 +61,7 @@ class OptimizeResult:
             input_path=self.input_path,
             written=self.written,
             failure=self.failure,
+            speed=self.speed,
         )
 
 
@@ -74,6 +77,7 @@ def optimize(
     external_data: bool | None = None,
     progress: Progress = QUIET,
     raise_on_failure: bool = True,
+    timing: bool = True,
 ) -> OptimizeResult:
     """Optimize a model with a recipe, validate it against the original, and write it.
 
@@ -92,6 +96,8 @@ def optimize(
             None decides by size (over 2 GB must be external).
         progress: where long passes show progress.
         raise_on_failure: raise ``ValidationFailed`` when validation fails (the CLI reports instead).
+        timing: time the result against the input model (a few seconds, one thread and the
+            default threads) for ``result.speed``.
 
     Returns:
         The optimized model, the report rows and the summaries before and after.
@@ -137,10 +143,23 @@ def optimize(
         written = save(loaded, output, protected=protected, external_data=external_data)
     after = summarize(ir.load(written[-1]), written[-1]) if written else summarize(loaded)
     result = OptimizeResult(loaded, recipe, context, before, after, input_path, written, failure)
+    if timing:
+        reference_model = model if isinstance(model, ir.Model) else input_path
+        result.speed = measure_speed(
+            reference_model, written[-1] if written else loaded, _timing_feed(context), progress
+        )
     if failure is not None and raise_on_failure and not force:
         failure.result = result
         raise failure
     return result
+
+
+def _timing_feed(context: Context) -> dict[str, Any] | None:
+    """One sample to time on: the first compared on, else one the input model runs on."""
+    comparison = context.comparison
+    if comparison is None and context.reference is not None:
+        comparison = context.reference_comparison()
+    return comparison.feeds[0] if comparison is not None and comparison.feeds else None
 
 
 _ORT_METHODS = {"MinMax": "minmax", "Entropy": "entropy", "Percentile": "percentile"}
@@ -162,6 +181,7 @@ def quantize(
     overrides: Sequence[str] = (),
     force: bool = False,
     progress: Progress = QUIET,
+    timing: bool = True,
     **unsupported: Any,
 ) -> OptimizeResult:
     """INT8 QDQ quantization with the ``int8`` recipe, called like onnxruntime's ``quantize_static``.
@@ -199,6 +219,7 @@ def quantize(
         force=force,
         external_data=use_external_data_format or None,
         progress=progress,
+        timing=timing,
     )
 
 

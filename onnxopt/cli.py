@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write weights to OUTPUT.data (automatic above 2 GB)",
     )
+    optimize.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="skip timing the result against the input model (a few seconds)",
+    )
     optimize.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
 
     inspect_command = commands.add_parser(
@@ -139,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _optimize(arguments: argparse.Namespace, console: Console) -> int:
     from onnxopt.api import optimize
-    from onnxopt.report import render_passes, render_quantization, render_validation
+    from onnxopt.report import render_passes, render_quantization, render_speed, render_validation
     from onnxopt.summary import render_before_after
 
     progress = Progress(enabled=not arguments.quiet)
@@ -157,12 +162,14 @@ def _optimize(arguments: argparse.Namespace, console: Console) -> int:
         external_data=arguments.external_data,
         progress=progress,
         raise_on_failure=False,
+        timing=not arguments.no_timing,
     )
     if not arguments.quiet:
         render_before_after(result.before, result.after, console)
         render_passes(result.context.report, console)
         render_quantization(result.context.quantization, console)
         render_validation(result.context.validation, console)
+        render_speed(result.speed, console)
     if arguments.report:
         _write_json(arguments.report, result.report())
     if result.failure is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -225,6 +226,79 @@ def _time_interleaved(
                 seconds[which].append(elapsed)
         advance()
     return seconds
+
+
+@dataclasses.dataclass
+class SpeedComparison:
+    """Latency of two models on one sample, timed in turns, with one thread count."""
+
+    threads: int | None
+    latency_a: LatencyStats
+    latency_b: LatencyStats
+
+    @property
+    def speedup(self) -> float:
+        """median_A / median_B: above 1 when B is faster."""
+        if self.latency_b.median_ms == 0.0:
+            return math.inf
+        return self.latency_a.median_ms / self.latency_b.median_ms
+
+
+def time_models(
+    model_a: ir.Model | str | os.PathLike,
+    model_b: ir.Model | str | os.PathLike,
+    feed: dict[str, np.ndarray],
+    threads: int | None = None,
+    seconds: float = 2.0,
+    runs: tuple[int, int] = (5, 200),
+    warmup: int = 3,
+) -> SpeedComparison:
+    """How fast B runs against A on one sample: a short interleaved timing, medians.
+
+    After ``warmup`` runs of each, times as many rounds as fit in about ``seconds`` (at least
+    ``runs[0]``, at most ``runs[1]``), so a slow model costs seconds, not minutes.
+    """
+    sessions = [create_session(model, threads=threads) for model in (model_a, model_b)]
+    start = time.perf_counter()
+    _time_interleaved(sessions[0], sessions[1], [feed], 0, warmup, lambda: None)
+    per_round = (time.perf_counter() - start) / warmup
+    rounds = int(min(max(seconds / max(per_round, 1e-9), runs[0]), runs[1]))
+    seconds_a, seconds_b = _time_interleaved(
+        sessions[0], sessions[1], [feed], rounds, 0, lambda: None
+    )
+    return SpeedComparison(
+        threads, LatencyStats.from_seconds(seconds_a), LatencyStats.from_seconds(seconds_b)
+    )
+
+
+@dataclasses.dataclass
+class SpeedReport:
+    """How much faster the optimized model runs: one thread, then onnxruntime's default threads.
+
+    Attributes:
+        comparisons: the timings, ``latency_a`` of the input model, ``latency_b`` of the result.
+        skipped: why nothing was timed, or None.
+    """
+
+    comparisons: list[SpeedComparison]
+    skipped: str | None = None
+
+
+def measure_speed(
+    model_a: ir.Model | str | os.PathLike,
+    model_b: ir.Model | str | os.PathLike,
+    feed: dict[str, np.ndarray] | None,
+    progress: Progress = QUIET,
+) -> SpeedReport:
+    """A short interleaved timing of B against A with one thread and with the default threads."""
+    if feed is None:
+        return SpeedReport([], "no sample the input model runs on")
+    comparisons = []
+    with progress.task("timing", 2) as advance:
+        for threads in (1, None):
+            comparisons.append(time_models(model_a, model_b, feed, threads))
+            advance(1)
+    return SpeedReport(comparisons)
 
 
 def _format_optional(value: float | None, pattern: str) -> str:

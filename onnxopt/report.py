@@ -16,6 +16,7 @@ from rich.table import Table
 
 from onnxopt.__about__ import __version__
 from onnxopt.calibration import CalibrationResult
+from onnxopt.compare import SpeedReport
 from onnxopt.context import Context, ReportRow
 from onnxopt.errors import ValidationFailed
 from onnxopt.quantization.state import QuantizationState
@@ -34,6 +35,7 @@ def report_document(
     input_path: Path | None,
     written: Sequence[Path],
     failure: ValidationFailed | None,
+    speed: SpeedReport | None = None,
 ) -> dict[str, Any]:
     """Everything a CI job may want to keep about one optimization, as JSON-ready data."""
     return {
@@ -47,9 +49,48 @@ def report_document(
         "calibration": calibration_json(context.calibration),
         "validation": validation_json(context.validation),
         "quantization": quantization_json(context.quantization),
+        "speed": speed_json(speed),
         "passed": failure is None,
         "failure": failure.render() if failure else None,
     }
+
+
+def speed_json(speed: SpeedReport | None) -> dict[str, Any] | None:
+    """Latency of the input model and the result, medians in milliseconds, and the speedup."""
+    if speed is None:
+        return None
+    return {
+        "skipped": speed.skipped,
+        "timings": [
+            {
+                "threads": comparison.threads if comparison.threads is not None else "default",
+                "input_ms": comparison.latency_a.median_ms,
+                "result_ms": comparison.latency_b.median_ms,
+                "speedup": json_data(comparison.speedup),
+                "runs": comparison.latency_a.runs,
+            }
+            for comparison in speed.comparisons
+        ],
+    }
+
+
+def render_speed(speed: SpeedReport | None, console: Console) -> None:
+    if speed is None:
+        return
+    if speed.skipped:
+        console.print(f"Speed: not timed ({speed.skipped})")
+        return
+    table = Table(title="Speed (batch 1, median of interleaved runs)", title_justify="left")
+    for column in ("threads", "input", "result", "speedup"):
+        table.add_column(column, justify="left" if column == "threads" else "right")
+    for comparison in speed.comparisons:
+        table.add_row(
+            "1" if comparison.threads == 1 else "default",
+            f"{comparison.latency_a.median_ms:.3g} ms",
+            f"{comparison.latency_b.median_ms:.3g} ms",
+            f"{comparison.speedup:.2f}x",
+        )
+    console.print(table)
 
 
 def passes_json(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:

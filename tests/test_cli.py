@@ -212,3 +212,20 @@ def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as raised:
         run_cli("optimize")
     assert raised.value.code == 2
+
+
+def test_optimize_times_the_result_against_the_input_unless_told_not_to(
+    tmp_path, classifier_path, capsys
+):
+    report = tmp_path / "report.json"
+    assert run_cli("optimize", classifier_path, "-o", tmp_path / "a.onnx", "--report", report) == 0
+    assert "Speed (batch 1" in capsys.readouterr().out
+    speed = json.loads(report.read_text())["speed"]
+    assert speed["skipped"] is None
+    assert [timing["threads"] for timing in speed["timings"]] == [1, "default"]
+    for timing in speed["timings"]:
+        assert timing["input_ms"] > 0 and timing["result_ms"] > 0 and timing["runs"] >= 5
+        assert timing["speedup"] == pytest.approx(timing["input_ms"] / timing["result_ms"])
+    arguments = ("optimize", classifier_path, "-o", tmp_path / "b.onnx", "--report", report)
+    assert run_cli(*arguments, "--no-timing") == 0
+    assert json.loads(report.read_text())["speed"] is None

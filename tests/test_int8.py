@@ -243,7 +243,7 @@ def test_one_dimensional_convolutions_quantize_and_fuse(tmp_path):
     [
         (
             "calibrate.method=kl",
-            "option 'calibrate.method' must be one of minmax, percentile, entropy, mse, got 'kl'",
+            "option 'calibrate.method' must be one of auto, minmax, percentile, entropy, mse, got 'kl'",
         ),
         (
             "quantize.tensor_overrides={ x = { low = 0.0, colour = 1 } }",

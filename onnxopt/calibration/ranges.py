@@ -20,7 +20,7 @@ from onnxopt.calibration.collectors import TensorStatistics
 logger = logging.getLogger(__name__)
 
 # How a range is chosen from a tensor's statistics.
-RangeMethod = Literal["minmax", "percentile", "entropy", "mse"]
+RangeMethod = Literal["auto", "minmax", "percentile", "entropy", "mse"]
 METHODS: tuple[str, ...] = typing.get_args(RangeMethod)
 
 # uint8 has 256 levels: 255 steps between the ends of the range.
@@ -115,6 +115,8 @@ def compute_range(
         return entropy_range(statistics)
     if method == "mse":
         return mse_range(statistics)
+    if method == "auto":
+        return auto_range(statistics)
     raise ValueError(f"unknown calibration method '{method}'; valid: {', '.join(METHODS)}")
 
 
@@ -215,6 +217,50 @@ def mse_range(statistics: TensorStatistics) -> tuple[float, float]:
     high = min(statistics.maximum, float(edges[high_index]))
     low = max(statistics.minimum, float(edges[low_index]))
     return min(low, high), high
+
+
+# The percentiles auto_range weighs against the minmax and the MSE-optimal ranges.
+AUTO_PERCENTILES = (99.9, 99.99, 99.999)
+
+
+def auto_range(statistics: TensorStatistics) -> tuple[float, float]:
+    """Of the minmax, percentile and MSE-optimal ranges, the one with the least expected error.
+
+    The error is ``expected_error``'s, over the tensor's histogram: what 8 bits will cost this
+    tensor, rounding and clipping together. Minmax wins for tensors without outliers (clipping
+    anything costs more than the steps it saves), a clipping range for long-tailed ones.
+    """
+    candidates = [
+        minmax_range(statistics),
+        *(percentile_range(statistics, percentile) for percentile in AUTO_PERCENTILES),
+        mse_range(statistics),
+    ]
+    errors = [expected_error(statistics, low, high) for low, high in candidates]
+    return candidates[int(np.argmin(errors))]
+
+
+def expected_error(statistics: TensorStatistics, low: float, high: float) -> float:
+    """Expected squared error of quantizing the tensor to uint8 over (low, high), per value.
+
+    As in ``mse_range``: the range is widened to hold 0 and split into 255 steps; a value outside
+    costs its squared distance to the range, one within half a step of 0 its square, any other
+    step**2 / 12; values sit at their bin's center.
+    """
+    counts = statistics.histogram.astype(np.float64)
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    centers = statistics.bin_edges[:-1] + statistics.bin_width / 2
+    low, high = min(low, 0.0), max(high, 0.0)
+    step = (high - low) / QUANTIZATION_STEPS
+    below, above = centers < low, centers > high
+    clipped = np.where(below, (low - centers) ** 2, 0.0) + np.where(
+        above, (centers - high) ** 2, 0.0
+    )
+    inside = ~(below | above)
+    to_zero = inside & (np.abs(centers) < step / 2)
+    rounded = np.where(to_zero, centers**2, np.where(inside, step**2 / 12, 0.0))
+    return float(np.dot(counts, clipped + rounded) / total)
 
 
 def _quantile(statistics: TensorStatistics, fraction: float) -> float:

@@ -8,9 +8,11 @@ import pytest
 from onnxopt.calibration.collectors import TensorStatistics
 from onnxopt.calibration.ranges import (
     METHODS,
+    auto_range,
     calibrate_tensor,
     compute_range,
     entropy_range,
+    expected_error,
     minmax_range,
     mse_range,
     percentile_range,
@@ -74,7 +76,7 @@ def test_non_negative_tensors_keep_their_minimum():
 
 @pytest.mark.parametrize(
     ("method", "kept"),
-    [("minmax", True), ("percentile", False), ("entropy", False), ("mse", False)],
+    [("minmax", True), ("percentile", False), ("entropy", False), ("mse", False), ("auto", False)],
 )
 def test_only_minmax_keeps_a_far_outlier(method, kept):
     values = np.append(GAUSSIAN, np.float32(100.0))
@@ -82,6 +84,26 @@ def test_only_minmax_keeps_a_far_outlier(method, kept):
     assert (high == 100.0) is kept
     if method != "minmax":
         assert high < 50
+
+
+def test_auto_picks_the_candidate_with_the_least_expected_error():
+    uniform, tailed = statistics_of(UNIFORM), statistics_of(np.append(GAUSSIAN, np.float32(100.0)))
+    assert auto_range(uniform) == pytest.approx(minmax_range(uniform), abs=0.02)
+    for statistics in (uniform, tailed):
+        chosen = expected_error(statistics, *auto_range(statistics))
+        for candidate in (minmax_range, percentile_range, mse_range):
+            assert chosen <= expected_error(statistics, *candidate(statistics))
+    assert (
+        expected_error(tailed, *auto_range(tailed))
+        < expected_error(tailed, *minmax_range(tailed)) / 2
+    )
+
+
+def test_expected_error_of_a_range_that_fits_is_a_twelfth_of_a_step_squared():
+    statistics = statistics_of(UNIFORM)
+    step = 4.0 / 255
+    assert expected_error(statistics, -1.0, 3.0) == pytest.approx(step**2 / 12, rel=0.05)
+    assert expected_error(statistics, -1.0, 2.0) > expected_error(statistics, -1.0, 3.0)
 
 
 def test_an_outlier_of_ten_thousand_is_kept_by_minmax_and_cut_by_percentile():
