@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import onnx_ir as ir
 
@@ -31,6 +31,7 @@ class CalibrationSettings:
         samples: calibrate on at most this many samples; None for all.
         cache: a JSON file to reuse statistics from, when it was made for the same model, data
             and collection settings, and to write them to otherwise.
+        tensors: the activations to collect; None for every float activation.
     """
 
     method: str = "minmax"
@@ -39,6 +40,7 @@ class CalibrationSettings:
     batch_size: int = 8
     samples: int | None = None
     cache: str | os.PathLike | None = None
+    tensors: Sequence[str] | None = None
 
 
 @dataclasses.dataclass
@@ -120,6 +122,7 @@ def _statistics(
                 "data": data_fingerprint(data),
                 "samples": settings.samples,
                 "batch_size": settings.batch_size,
+                "tensors": None if settings.tensors is None else sorted(settings.tensors),
             },
         )
         cached = load_cache(settings.cache, fingerprint)
@@ -140,7 +143,7 @@ def _statistics(
 
         statistics = collect_statistics(
             model,
-            None,
+            settings.tensors,
             data,
             batch_size=settings.batch_size,
             max_samples=settings.samples,

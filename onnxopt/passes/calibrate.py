@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+from typing import Annotated, Literal
 
 import onnx_ir as ir
 
 from onnxopt.calibration import CalibrationSettings, RangeMethod, calibrate_model
 from onnxopt.options import Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
+from onnxopt.quantization.plan import tensors_to_calibrate
 
 
 class CalibratePass(OnnxoptPass):
@@ -27,6 +29,9 @@ class CalibratePass(OnnxoptPass):
         samples: calibrate on at most this many samples; None for all.
         cache: a JSON file to reuse statistics from, when it was made for the same model, data
             and settings, and to write them to otherwise.
+        tensors: "all" float activations, or only those the quantizer can use ("quantizable"):
+            inputs and outputs of ops it may quantize, not the tensors around ops that stay float,
+            which saves time and memory on models with large activations.
     """
 
     name = "calibrate"
@@ -41,14 +46,19 @@ class CalibratePass(OnnxoptPass):
         batch_size: Annotated[int, Range(low=1)] = 8,
         samples: Annotated[int | None, Range(low=1)] = None,
         cache: str | None = None,
+        tensors: Literal["all", "quantizable"] = "all",
     ):
         super().__init__()
         self.settings = CalibrationSettings(
             method, percentile, per_sample_minmax, batch_size, samples, cache
         )
+        self.tensors = tensors
 
     def call(self, model: ir.Model) -> PassResult:
-        result = calibrate_model(model, self.context.data, self.settings, self.context.progress)
+        settings = self.settings
+        if self.tensors == "quantizable":
+            settings = dataclasses.replace(settings, tensors=tensors_to_calibrate(model))
+        result = calibrate_model(model, self.context.data, settings, self.context.progress)
         self.context.calibration = result
         details = {
             "tensors": len(result.tensors),

@@ -14,6 +14,7 @@ from onnxopt.errors import InputError, ProcessingError
 from onnxopt.passes import PASSES
 from onnxopt.passes.base import PassResult
 from onnxopt.passes.calibrate import CalibratePass
+from onnxopt.passes.quantize import QuantizePass
 from onnxopt.pipeline import Pipeline
 from tests.builders import classifier_proto
 from tests.helpers import model_from_text
@@ -153,3 +154,36 @@ def test_registered_and_run_by_the_pipeline_which_requires_data():
     assert context.report[0].details["tensors"] == 8
     with pytest.raises(ProcessingError, match="needs calibration data"):
         Pipeline([CalibratePass()]).run(model, Context())
+
+
+FLOAT_IN_THE_MIDDLE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 2, 4, 4] x) => (float[N, 2, 1, 1] y)
+  <float[2, 2, 1, 1] w1 = {1.0, 0.5, -0.5, 1.0}, float[2, 2, 1, 1] w2 = {0.5, 1.0, 1.0, -1.0}> {
+    c1 = Conv(x, w1)
+    hs = HardSwish(c1)
+    sig = Sigmoid(hs)
+    c2 = Conv(sig, w2)
+    y = GlobalAveragePool(c2)
+}
+"""
+
+
+def test_quantizable_tensors_leave_out_what_stays_float_and_quantize_the_same():
+    model = model_from_text(FLOAT_IN_THE_MIDDLE)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 2, 4, 4)).astype(np.float32)} for _ in range(6)]
+    every, some = Context(data=open_data(feeds, model)), Context(data=open_data(feeds, model))
+    calibrate(model, every)
+    result = calibrate(model, some, tensors="quantizable")
+    assert set(some.calibration.tensors) == {"x", "c1", "sig", "c2"}
+    assert set(every.calibration.tensors) == {"x", "c1", "hs", "sig", "c2", "y"}
+    assert result.details["tensors"] == 4
+    quantized = []
+    for context in (every, some):
+        copy = model.clone()
+        quantize = QuantizePass(reduce_range=False)
+        quantize.bind(context)
+        quantize(copy)
+        quantized.append(context.quantization.report)
+    assert quantized[0] == quantized[1]
