@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     optimize.add_argument("--report", default=None, help="write the full report as JSON here")
     optimize.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="draw the per-layer SQNR of a quantized result, the layers kept float and the budget "
+        "(needs matplotlib: pip install 'onnxopt[plot]')",
+    )
+    optimize.add_argument(
         "--force", action="store_true", help="write the model even if validation fails"
     )
     optimize.add_argument(
@@ -148,8 +155,13 @@ def _optimize(arguments: argparse.Namespace, console: Console) -> int:
     from onnxopt.summary import render_before_after
 
     progress = Progress(enabled=not arguments.quiet)
-    if arguments.report:
-        _check_report_path(arguments.report)
+    for path in (arguments.report, arguments.plot):
+        if path:
+            _check_report_path(path)
+    if arguments.plot:
+        from onnxopt.plot import require_matplotlib
+
+        require_matplotlib()
     settings = {"calibrate.cache": arguments.calib_cache} if arguments.calib_cache else {}
     result = optimize(
         arguments.model,
@@ -172,6 +184,8 @@ def _optimize(arguments: argparse.Namespace, console: Console) -> int:
         render_speed(result.speed, console)
     if arguments.report:
         _write_json(arguments.report, result.report())
+    if arguments.plot:
+        _plot(arguments.plot, result)
     if result.failure is not None:
         Console(stderr=True).print(
             f"onnxopt: error: {result.failure.render()}",
@@ -256,11 +270,26 @@ def _recipes(arguments: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _plot(path: str, result) -> None:
+    from onnxopt.plot import plot_layers
+
+    state = result.context.quantization
+    if state is None or not state.layers:
+        logging.getLogger(__name__).warning(
+            "no plot written to '%s': the recipe measured no quantized layers (it needs "
+            "'quantize' and 'fallback')",
+            path,
+        )
+        return
+    plot_layers(state, path)
+
+
 def _check_report_path(path: str) -> None:
     folder = Path(path).parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise InputError(
-            f"cannot write the report to '{path}': its folder is missing or not writable"
+            f"cannot write '{path}': its folder is missing or not writable",
+            fix="give a path in an existing folder you can write to",
         )
 
 

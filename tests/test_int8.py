@@ -288,3 +288,20 @@ def test_a_corrupt_calibration_cache_is_a_clear_error(
     assert run_cli(*arguments) == 2
     assert str(cache) in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_plot_draws_the_layers_of_a_quantized_result(tmp_path, classifier_path, classifier_data):
+    plot = tmp_path / "layers.png"
+    arguments = ("optimize", classifier_path, "-o", tmp_path / "q.onnx", "--calib")
+    assert run_cli(*arguments, classifier_data, "--plot", plot, "-q", "--no-timing") == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+
+
+def test_plot_into_a_missing_folder_is_refused_before_any_work(
+    tmp_path, classifier_path, classifier_data, capsys
+):
+    output = tmp_path / "q.onnx"
+    arguments = ("optimize", classifier_path, "-o", output, "--calib", classifier_data)
+    assert run_cli(*arguments, "--plot", tmp_path / "missing" / "layers.png") == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert not output.exists()

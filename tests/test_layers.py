@@ -57,6 +57,7 @@ LAYERS = {
     "api": TOP,
     "report": TOP,
     "cli": TOP,
+    "plot": TOP,
     "__init__": TOP,
     "__main__": TOP,
 }

@@ -69,6 +69,7 @@ class FallbackOutcome:
         quantized_layers: how many layers the chosen model still quantizes.
         trials: how many quantizations the search measured.
         stopped: why the search ended, in words.
+        budget: the budget it searched for.
     """
 
     kept_float: list[str]
@@ -77,6 +78,7 @@ class FallbackOutcome:
     quantized_layers: int
     trials: int
     stopped: str
+    budget: Thresholds
 
 
 @dataclasses.dataclass
@@ -149,6 +151,7 @@ def keep_sensitive_layers_float(
         len(still_quantized),
         search.trials,
         stopped,
+        budget,
     )
     logger.info("fallback: %s", stopped)
     return FallbackResult(

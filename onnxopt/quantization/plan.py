@@ -19,8 +19,8 @@ from onnx_ir.passes.common import TopologicalSortPass
 
 from onnxopt.graph import clip_bound, constant_array
 from onnxopt.quantization import numerics
-from onnxopt.shapes import infer_shapes
 from onnxopt.quantization.rules import QUANTIZED_OPS, Kind, OpRule, Output, rule_for, weight_axis
+from onnxopt.shapes import infer_shapes
 
 TENSOR_OVERRIDE_KEYS = frozenset({"low", "high", "type"})
 TENSOR_OVERRIDE_TYPES = ("uint8", "float")
