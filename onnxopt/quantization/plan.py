@@ -42,6 +42,10 @@ class QuantizationOptions:
             actual range (DynamicQuantizeLinear + MatMulInteger), instead of with a calibrated
             range that outlier channels stretch; MatMuls of two activations then stay float
             unless both arrive quantized.
+        gather_tables: a Gather from a constant table of at least ``min_table_elements`` (an
+            embedding) gathers int8 rows and scales them back (weight-only int8, one scale per
+            row): a quarter of the size, and faster in onnxruntime than gathering float rows.
+        min_table_elements: smaller tables stay float.
     """
 
     per_channel: bool = True
@@ -51,6 +55,8 @@ class QuantizationOptions:
     exclude_op_types: Sequence[str] = ()
     tensor_overrides: Mapping[str, Mapping[str, object]] = dataclasses.field(default_factory=dict)
     dynamic_matmul: bool = True
+    gather_tables: bool = True
+    min_table_elements: int = 65536
 
 
 def tensor_overrides_problem(overrides: Mapping[str, object]) -> str | None:
@@ -92,6 +98,7 @@ class PlannedNode:
         bias: its constant bias, quantized to int32, if any.
         quantize_output: its output is quantized too (the kernel emits int8).
         dynamic: its input is quantized at run time (DynamicQuantizeLinear + MatMulInteger).
+        table: a Gather whose constant table is stored as int8 rows with a scale per row.
     """
 
     node: ir.Node
@@ -101,6 +108,7 @@ class PlannedNode:
     bias: ir.Value | None = None
     quantize_output: bool = True
     dynamic: bool = False
+    table: bool = False
 
 
 @dataclasses.dataclass
@@ -156,9 +164,12 @@ class QuantizationPlan:
             name = node.name or ""
             planned = self.planned.get(node)
             if planned is not None:
-                kind = "dynamic int8" if planned.dynamic else "int8"
-                output = "int8" if planned.quantize_output else "float"
-                decision = f"{kind}, output {output}"
+                if planned.table:
+                    decision = "int8 table (weight only), output float"
+                else:
+                    kind = "dynamic int8" if planned.dynamic else "int8"
+                    output = "int8" if planned.quantize_output else "float"
+                    decision = f"{kind}, output {output}"
             elif node in absorbed:
                 producer = absorbed[node].source.producer()
                 decision = f"absorbed into {producer.name if producer else 'its producer'}"
@@ -304,6 +315,8 @@ class _Planner:
             return rule.reason
         if rule.kind is Kind.ABSORBED:
             return self._absorb(node)
+        if node.op_type == "Gather" and constant_array(node.inputs[0]) is not None:
+            return self._plan_table(node, rule)
         if rule.kind is Kind.WEIGHTED:
             if node.op_type == "MatMul" and constant_array(node.inputs[1]) is None:
                 return self._plan_activation_node(
@@ -382,6 +395,23 @@ class _Planner:
         )
         if not output_problem:
             self.integer_values.add(output)
+        return None
+
+    def _plan_table(self, node: ir.Node, rule: OpRule) -> str | None:
+        """A Gather from a constant table: weight-only int8 rows, or float and why."""
+        table = node.inputs[0]
+        if not self.options.gather_tables:
+            return "gather_tables is off"
+        if table.dtype != ir.DataType.FLOAT:
+            return f"its table is {table.dtype}, not float32"
+        shape = table.const_value.shape
+        if len(shape) < 2 or node.attributes.get_int("axis", 0) != 0:
+            return "it does not gather whole rows of a table"
+        if table.const_value.size < self.options.min_table_elements:
+            return (
+                f"its table is smaller than min_table_elements ({self.options.min_table_elements})"
+            )
+        self.planned[node] = PlannedNode(node, rule, [], table, quantize_output=False, table=True)
         return None
 
     def _plan_activation_node(

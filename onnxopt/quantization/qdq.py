@@ -41,6 +41,7 @@ class QuantizationReport:
         tensors: scale and zero point of every quantized activation.
         widened_weight_scales: nodes whose weight scales widened so the int32 bias fits.
         dynamic: MatMuls whose input is quantized at run time.
+        tables: Gathers whose table is stored as int8 rows (weight only).
     """
 
     quantized: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -49,6 +50,7 @@ class QuantizationReport:
     tensors: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)
     widened_weight_scales: list[str] = dataclasses.field(default_factory=list)
     dynamic: list[str] = dataclasses.field(default_factory=list)
+    tables: list[str] = dataclasses.field(default_factory=list)
 
     def quantized_by_op(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -97,7 +99,10 @@ class _Emitter:
         for planned in self.plan.planned.values():
             name = planned.node.name or planned.node.op_type
             self.report.quantized[name] = planned.node.op_type
-            if planned.dynamic:
+            if planned.table:
+                self._quantize_table(planned)
+                self.report.tables.append(name)
+            elif planned.dynamic:
                 self._quantize_dynamic(planned)
                 self.report.dynamic.append(name)
             elif planned.weight is not None:
@@ -183,6 +188,63 @@ class _Emitter:
             )
             node.replace_input_with(2, dequantized_bias)
 
+    def _quantize_table(self, planned: PlannedNode) -> None:
+        """Gather(table, ids) -> Gather(int8 rows, ids) -> Cast -> Mul by Gather(row scales, ids).
+
+        One symmetric scale per row keeps rare tokens with small embeddings precise. onnxruntime
+        runs the two small gathers and the scaling faster than gathering float rows, where a
+        DequantizeLinear of the whole table would run on every call.
+        """
+        node, table = planned.node, planned.weight
+        unique = self.builder.unique
+        array = table.const_value.numpy().astype(np.float32)
+        rows = array.reshape(array.shape[0], -1)
+        scales = np.abs(rows).max(axis=1) / numerics.INT8_SYMMETRIC_RANGE[1]
+        scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+        shape = (array.shape[0], *([1] * (array.ndim - 1)))
+        quantized = numerics.quantize_values(
+            array, scales.reshape(shape), np.zeros(shape, np.int8), np.int8
+        )
+        base = table.name or f"{node.name}_table"
+        prefix = node.name or base
+        ids = node.inputs[1]
+        gather = ir.node(
+            "Gather",
+            [self.builder.constant(f"{base}_quantized", quantized), ids],
+            name=unique(f"{prefix}_int8"),
+        )
+        gather_scales = ir.node(
+            "Gather",
+            [self.builder.constant(f"{base}_scale", scales.reshape(shape)), ids],
+            name=unique(f"{prefix}_scales"),
+        )
+        cast = ir.node(
+            "Cast",
+            gather.outputs,
+            attributes={"to": ir.DataType.FLOAT},
+            name=unique(f"{prefix}_Cast"),
+        )
+        rescale = ir.node(
+            "Mul", [cast.outputs[0], gather_scales.outputs[0]], name=unique(f"{prefix}_rescale")
+        )
+        for value, suffix, dtype in (
+            (gather.outputs[0], "int8", ir.DataType.INT8),
+            (gather_scales.outputs[0], "row_scale", ir.DataType.FLOAT),
+            (cast.outputs[0], "float", ir.DataType.FLOAT),
+        ):
+            value.name = unique(f"{prefix}_{suffix}")
+            value.dtype = dtype
+        self._replace(node, [gather, gather_scales, cast, rescale])
+
+    def _replace(self, node: ir.Node, chain: list[ir.Node]) -> None:
+        """Put ``chain`` in place of ``node``: its last node's output takes over node's output."""
+        output, result = node.outputs[0], chain[-1].outputs[0]
+        result.dtype, result.shape = output.dtype, output.shape
+        self.graph.extend(chain)
+        output.replace_all_uses_with(result, replace_graph_outputs=True)
+        self.graph.remove(node, safe=True)
+        result.name = output.name
+
     def _quantize_dynamic(self, planned: PlannedNode) -> None:
         """x -> DynamicQuantizeLinear -> MatMulInteger with int8 weights -> Cast -> Mul by the scales.
 
@@ -234,10 +296,4 @@ class _Emitter:
         ):
             value.name = unique(f"{prefix}_{suffix}")
             value.dtype = dtype
-        output = node.outputs[0]
-        result = rescale.outputs[0]
-        result.dtype, result.shape = output.dtype, output.shape
-        self.graph.extend([quantize, multiply, cast, combined, rescale])
-        output.replace_all_uses_with(result, replace_graph_outputs=True)
-        self.graph.remove(node, safe=True)
-        result.name = output.name
+        self._replace(node, [quantize, multiply, cast, combined, rescale])

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
+from onnxopt import runtime
 from onnxopt.quantization.fusion import fusion_report
 from onnxopt.quantization.plan import AlreadyQuantizedError, QuantizationOptions
 from onnxopt.quantization.qdq import quantize_model
@@ -238,3 +240,44 @@ def test_matmul_with_a_float_bias_add_still_fuses():
     assert report.quantized == {"dense": "MatMul"}
     assert fusion_report(model).rate == 1.0
     assert cosine(reference, quantized) > 0.999
+
+
+def embedding(rows: int = 1000, width: int = 128):
+    table = random_weights(table=(rows, width))["table"]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], name="embedding")],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, width])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.from_proto(model), table
+
+
+def test_embedding_tables_become_int8_rows_with_a_scale_each():
+    model, table = embedding()
+    feed = {"ids": np.random.default_rng(0).integers(0, 1000, (1, 16))}
+    report = quantize_model(model, {}, {}, QuantizationOptions())
+    assert report.tables == ["embedding"] and report.quantized["embedding"] == "Gather"
+    stored = {value.const_value.dtype for value in model.graph.initializers.values()}
+    assert stored == {ir.DataType.INT8, ir.DataType.FLOAT}
+    assert sum(value.const_value.nbytes for value in model.graph.initializers.values()) < (
+        table.nbytes / 3
+    )
+    [embedded] = runtime.create_session(model).run(None, feed)
+    expected = table[feed["ids"]]
+    # Each row's error is at most half a step of that row's own scale.
+    steps = np.abs(table).max(axis=1)[feed["ids"]][..., None] / 127
+    assert np.all(np.abs(embedded - expected) <= steps / 2 + 1e-6)
+    assert [value.name for value in model.graph.outputs] == ["y"]
+
+
+def test_small_tables_and_excluded_gathers_stay_float():
+    model, _ = embedding(rows=100, width=16)
+    report = quantize_model(model, {}, {}, QuantizationOptions())
+    kept = {entry["node"]: entry["reason"] for entry in report.kept_float}
+    assert "smaller than min_table_elements" in kept["embedding"] and not report.tables
+    model, _ = embedding()
+    report = quantize_model(model, {}, {}, QuantizationOptions(exclude_nodes=["embedding"]))
+    assert not report.tables and ops(model) == {"Gather": 1}
