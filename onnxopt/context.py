@@ -15,6 +15,10 @@ from onnxopt.progress import QUIET, Progress
 from onnxopt.quantization.state import QuantizationState
 from onnxopt.validation import ValidationResult
 
+# The original model's run time the comparison samples may take, past the first eight: a slow
+# model is compared on fewer samples, since every candidate a repair tries runs on all of them.
+COMPARISON_SECONDS = 3.0
+
 
 @dataclasses.dataclass
 class ReportRow:
@@ -60,9 +64,11 @@ class Context:
     ) -> ReferenceComparison:
         """The comparison every fidelity figure of this run is measured with; made on first use.
 
-        On the held-back validation samples (at most ``samples``, default
-        ``comparison_samples``), or on random samples the reference runs on when there is no
-        data. Later calls get the same comparison, whatever they ask.
+        On up to ``samples`` (default ``comparison_samples``) samples: the held-back validation
+        samples first, then calibration samples when fewer were held back (flips of a classifier
+        or small errors are judged on many samples more reliably than on a few), taking no more
+        than COMPARISON_SECONDS of the original model's time beyond the first eight. Without
+        data, random samples the reference runs on. Later calls get the same comparison.
         """
         if self.comparison is None:
             if self.reference is None:
@@ -71,10 +77,21 @@ class Context:
                     fix="give the original model as Context(reference=...)",
                 )
             count = samples or self.comparison_samples
-            source = self.validation_data
-            feeds = source.take(count) if source is not None else []
-            description = f"{len(feeds)} held-back samples of {source.description}" if feeds else ""
-            self.comparison = reference_comparison(self.reference, feeds, description, count, seed)
+            held = self.validation_data.take(count) if self.validation_data is not None else []
+            extra = self.data.take(count - len(held)) if self.data is not None else []
+            parts = []
+            if held:
+                parts.append(f"held back from {self.validation_data.description}")
+            if extra:
+                parts.append(f"then calibration samples of {self.data.description}")
+            self.comparison = reference_comparison(
+                self.reference,
+                [*held, *extra],
+                "samples: " + ", ".join(parts) if parts else "",
+                count,
+                seed,
+                COMPARISON_SECONDS,
+            )
         return self.comparison
 
     def calibration_for(self, pass_name: str) -> CalibrationResult:

@@ -9,8 +9,10 @@ so a repair never reports a fidelity the written model does not have.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -50,26 +52,39 @@ class ReferenceComparison:
 
 def reference_comparison(
     reference: ir.Model | str | os.PathLike,
-    feeds: Sequence[Feed] | None,
+    feeds: Iterable[Feed] | None,
     description: str,
-    random_samples: int = 8,
+    count: int = 8,
     seed: int = 0,
+    max_seconds: float | None = None,
+    min_samples: int = 8,
 ) -> ReferenceComparison:
-    """The reference's outputs on ``feeds``, or, without feeds, on random samples it runs on.
+    """The reference's outputs on up to ``count`` of ``feeds``, or on random samples it runs on.
 
-    Never raises for a reference that fails: the comparison then carries the reason in
+    With ``max_seconds``, stops taking samples once the reference has run that long (and at
+    least ``min_samples``), so a slow model is compared on fewer samples rather than for
+    minutes. Never raises for a reference that fails: the comparison then carries the reason in
     ``problem``, since a model cannot be blamed for failing where the original fails too.
     """
     model = reference if isinstance(reference, ir.Model) else ir.load(os.fspath(reference))
     classes = frozenset(class_score_outputs(model))
-    if not feeds:
-        feeds, problem = runtime.runnable_random_feeds(model, random_samples, seed)
+    taken = list(itertools.islice(feeds, count)) if feeds is not None else []
+    if not taken:
+        taken, problem = runtime.runnable_random_feeds(model, count, seed)
         if problem is not None:
             return ReferenceComparison([], "no samples", [], classes, problem)
-        description = f"{len(feeds)} random samples (no data given)"
-    try:
-        outputs = runtime.run(runtime.create_session(reference), feeds)
-    except Exception as error:  # onnxruntime raises several unrelated types
-        problem = f"the original model fails on {description}: {type(error).__name__}: {error}"
-        return ReferenceComparison([], description, [], classes, problem)
-    return ReferenceComparison(list(feeds), description, outputs, classes)
+        description = "random samples (no data given)"
+    session = runtime.create_session(reference)
+    start = time.perf_counter()
+    used, outputs = [], []
+    for feed in taken:
+        try:
+            outputs.append(session.run(None, feed))
+        except Exception as error:  # onnxruntime raises several unrelated types
+            problem = f"the original model fails on {description}: {type(error).__name__}: {error}"
+            return ReferenceComparison([], description, [], classes, problem)
+        used.append(feed)
+        elapsed = time.perf_counter() - start
+        if max_seconds is not None and len(used) >= min_samples and elapsed > max_seconds:
+            break
+    return ReferenceComparison(used, f"{len(used)} {description}", outputs, classes)

@@ -21,6 +21,11 @@ class OutputFidelity:
             passes numpy-style ``allclose(rtol, atol)`` exactly when this is <= atol.
         cosine: cosine similarity of the flattened outputs (1.0 for two all-zero outputs).
         sqnr_db: signal-to-quantization-noise ratio in dB (inf when identical).
+        expected_top1_agreement: the agreement the measured noise leads to expect, for the same
+            outputs: each sample counts the chance that noise of its size (its error's spread
+            over the classes) moves another class past the top one, given the top class's
+            margins; a handful of samples then estimates the agreement on many more without
+            hinging on whether one near-tie happened to flip.
         top1_agreement: share of samples whose argmax over the last axis agrees, for outputs
             that look like class scores; None otherwise.
         mismatched: share of elements that differ, for integer and boolean outputs; None otherwise.
@@ -32,6 +37,7 @@ class OutputFidelity:
     cosine: float
     sqnr_db: float
     top1_agreement: float | None = None
+    expected_top1_agreement: float | None = None
     mismatched: float | None = None
 
 
@@ -130,11 +136,15 @@ def _compare_one(
     max_abs_error = float(np.nan_to_num(finite_error, nan=math.inf).max()) if error.size else 0.0
     beyond = finite_error - rtol * np.abs(np.nan_to_num(reference))
     max_beyond = float(np.nan_to_num(beyond, nan=math.inf).max()) if error.size else 0.0
-    top1 = None
+    top1 = expected_top1 = None
     if class_scores and expected and all(_holds_classes(array) for array in expected):
         want_classes = np.concatenate([np.atleast_2d(array).argmax(-1) for array in expected])
         got_classes = np.concatenate([np.atleast_2d(array).argmax(-1) for array in actual])
         top1 = float(np.mean(want_classes == got_classes))
+        expected_top1 = expected_agreement(
+            np.concatenate([np.atleast_2d(array) for array in expected]),
+            np.concatenate([np.atleast_2d(array) for array in actual]),
+        )
     return OutputFidelity(
         name=name,
         max_abs_error=max_abs_error,
@@ -142,8 +152,35 @@ def _compare_one(
         cosine=_cosine(reference, observed),
         sqnr_db=_sqnr_db(reference, observed),
         top1_agreement=top1,
+        expected_top1_agreement=expected_top1,
         mismatched=mismatched,
     )
+
+
+def expected_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """The top-1 agreement to expect from the candidate's noise, rows being samples.
+
+    For a sample with reference scores z and error e = candidate - z, noise of spread
+    sigma = std(e) moves class j past the top class t with probability
+    P(N(0, 2 sigma^2) > z_t - z_j); the sample keeps its top class with the product of the
+    complements, and the expected agreement is the mean over samples.
+    """
+    reference = reference.astype(np.float64)
+    error = candidate.astype(np.float64) - reference
+    spread = error.std(axis=1, keepdims=True) * math.sqrt(2.0)
+    top = reference.argmax(axis=1)
+    margins = reference[np.arange(len(reference)), top][:, None] - reference
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.where(spread > 0, margins / spread, np.inf)
+    passed = 0.5 * _erfc(scaled / math.sqrt(2.0))
+    passed[np.arange(len(reference)), top] = 0.0
+    kept = np.exp(np.sum(np.log1p(-np.minimum(passed, 1.0 - 1e-12)), axis=1))
+    return float(np.mean(kept))
+
+
+def _erfc(values: np.ndarray) -> np.ndarray:
+    """The complementary error function, elementwise (math.erfc; numpy has none)."""
+    return np.vectorize(math.erfc, otypes=[np.float64])(values)
 
 
 def _holds_classes(array: np.ndarray) -> bool:

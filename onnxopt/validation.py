@@ -17,6 +17,10 @@ from onnxopt.metrics import OutputFidelity
 class Thresholds:
     """Fidelity limits; None turns a check off.
 
+    ``min_top1_agreement`` holds for outputs of class scores, on their expected top-1 agreement
+    (``metrics.expected_agreement``): on the few samples a run compares on, counting flips would
+    hinge on whether a near-tie happened to flip.
+
     ``atol`` and ``rtol`` together ask, like ``numpy.allclose``, that every element satisfies
     ``|candidate - reference| <= atol + rtol * |reference|``.
     """
@@ -131,7 +135,11 @@ def fidelity_checks(outputs: Sequence[OutputFidelity], thresholds: Thresholds) -
     limits = (
         ("cosine", thresholds.min_cosine, lambda output: output.cosine),
         ("sqnr_db", thresholds.min_sqnr_db, lambda output: output.sqnr_db),
-        ("top1_agreement", thresholds.min_top1_agreement, lambda output: output.top1_agreement),
+        (
+            "expected top1_agreement",
+            thresholds.min_top1_agreement,
+            lambda output: output.expected_top1_agreement,
+        ),
     )
     for label, minimum, figure in limits:
         if minimum is None:

@@ -49,7 +49,7 @@ def test_optimize_validates_on_held_back_user_data(tmp_path, classifier_path, cl
     assert run_cli(*arguments, "--report", report, "-q") == 0
     validation = json.loads(report.read_text())["validation"]
     assert validation["samples"] == 8
-    assert "held-back" in validation["data"]
+    assert "held back" in validation["data"]
 
 
 class ShiftBias(OnnxoptPass):

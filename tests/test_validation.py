@@ -28,7 +28,7 @@ def feeds(count: int = 4):
 
 
 def against_the_classifier():
-    return reference_comparison(ir.from_proto(classifier_proto()), feeds(), "4 samples")
+    return reference_comparison(ir.from_proto(classifier_proto()), feeds(), "samples", count=4)
 
 
 def test_identical_model_passes_every_check():

@@ -15,9 +15,9 @@ from onnxopt.validation import Thresholds
 
 
 class FallbackPass(OnnxoptPass):
-    """Keep the quantized layers that hurt the outputs most float, until the outputs meet the budget.
+    """Keep as few quantized layers float as it takes for the outputs to meet the budget, fast.
 
-    Ranks the layers by the noise each adds, then bisects how many of the worst to keep float
+    Bisects how many of the first layers, or of the most sensitive ones, to keep float
     (``quantization.fallback``), measuring each candidate exactly as the validate pass measures:
     against the original model, on the held-back samples (``validate.samples``), with the same
     metrics. The search always ends with a model that meets the budget; when only the float
@@ -29,6 +29,9 @@ class FallbackPass(OnnxoptPass):
         min_cosine: every output's cosine similarity with the original, at least.
         min_sqnr_db: every output's SQNR against the original, at least.
         min_top1_agreement: outputs that hold class scores agree on the top class this often.
+        min_speedup: the result must run at least this much faster than the float model (one
+            thread, timed briefly); else it keeps every layer float and says why. none skips
+            timing and keeps the candidate with the fewest layers float.
         max_seconds: stop the search after this long, with the best model known to meet the
             budget (at worst the float model).
     """
@@ -42,12 +45,14 @@ class FallbackPass(OnnxoptPass):
         min_cosine: Annotated[float | None, Range(-1.0, 1.0)] = 0.99,
         min_sqnr_db: float | None = None,
         min_top1_agreement: Annotated[float | None, Range(0.0, 1.0)] = None,
+        min_speedup: Annotated[float | None, Range(low=0.0)] = None,
         max_seconds: Annotated[float | None, Range(low=0.0, low_open=True)] = None,
     ):
         super().__init__()
         self.budget = Thresholds(
             min_cosine=min_cosine, min_sqnr_db=min_sqnr_db, min_top1_agreement=min_top1_agreement
         )
+        self.min_speedup = min_speedup
         self.max_seconds = max_seconds
 
     def call(self, model: ir.Model) -> PassResult:
@@ -64,8 +69,9 @@ class FallbackPass(OnnxoptPass):
             source,
             comparison,
             self.budget,
-            self.max_seconds,
-            self.context.progress,
+            min_speedup=self.min_speedup,
+            max_seconds=self.max_seconds,
+            progress=self.context.progress,
         )
         if result.report is not None:
             model.graph = result.model.graph
@@ -82,6 +88,8 @@ class FallbackPass(OnnxoptPass):
             "budget met": outcome.budget_met,
             "stopped": outcome.stopped,
         }
+        if outcome.speedup is not None:
+            details["speedup"] = round(outcome.speedup, 2)
         return PassResult(
             model,
             modified=bool(outcome.kept_float),

@@ -1,12 +1,19 @@
-"""Fallback: the fewest quantized layers kept float for the outputs to meet a fidelity budget.
+"""Fallback: the fastest quantization, with as few layers float as it takes, that meets a budget.
 
-The layers are ranked once by the noise each adds to what reaches it (the per-tensor SQNR of the
-quantized model against the float model, as noise-to-signal ratios, from one run of each), then
-a bisection finds how many of the worst to keep float: a few quantizations, each measured on the
-final outputs with the run's ``ReferenceComparison``, the very measurement validation makes.
-Keeping every layer float gives the float model, which meets any budget the original meets, so
-the search always ends with a model that meets the budget: int8 where it can, float where it
-must, and float altogether (with the reason) when nothing less will do.
+Two families of candidates, each searched by bisection on the final outputs with the run's
+``ReferenceComparison`` (the very measurement validation makes):
+
+- the first layers float: where a network reads raw input its first layers are often the most
+  sensitive, and a float prefix costs one conversion, so it keeps int8's speed;
+- the layers whose quantization alone hurts the outputs most float (each measured in
+  isolation: the float model with that layer alone quantized, on a few samples), for models
+  whose sensitive layers sit anywhere.
+
+Of the candidates that meet the budget, the fastest is kept, timed against the float model;
+when even that is slower than float, the float model is. Keeping every layer float gives the
+float model, which meets any budget the original meets, so the search always ends with a model
+that meets the budget: int8 where it can, float where it must, float altogether (with the
+reason) when nothing less will do.
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
+from onnxopt import runtime
+from onnxopt.compare import time_models
 from onnxopt.fidelity import ReferenceComparison
 from onnxopt.metrics import OutputFidelity
 from onnxopt.progress import QUIET, Progress
@@ -35,6 +45,12 @@ from onnxopt.quantization.sensitivity import (
 from onnxopt.validation import Thresholds, meets
 
 logger = logging.getLogger(__name__)
+
+# A float prefix longer than this share of the layers sends the search on to sensitive layers.
+PREFIX_SHARE = 0.2
+
+# Samples each layer's isolated effect on the outputs is measured on, for the ranking.
+RANKING_SAMPLES = 8
 
 
 @dataclasses.dataclass
@@ -63,13 +79,14 @@ class FallbackOutcome:
     """How the search ended.
 
     Attributes:
-        kept_float: the layers kept float, worst first.
+        kept_float: the layers kept float.
         outputs: the fidelity of every output of the chosen model.
         budget_met: whether the chosen model meets the budget.
         quantized_layers: how many layers the chosen model still quantizes.
         trials: how many quantizations the search measured.
         stopped: why the search ended, in words.
         budget: the budget it searched for.
+        speedup: the chosen model's speed over the float model's (one thread), when timed.
     """
 
     kept_float: list[str]
@@ -79,6 +96,7 @@ class FallbackOutcome:
     trials: int
     stopped: str
     budget: Thresholds
+    speedup: float | None = None
 
 
 @dataclasses.dataclass
@@ -104,12 +122,13 @@ class FallbackResult:
 class _Trial:
     """A quantization with some layers float, and how its outputs compare."""
 
-    float_layers: int
+    float_layers: tuple[str, ...]
     model: ir.Model
     outputs: list[OutputFidelity]
     met: bool
     report: QuantizationReport | None = None
     bias_report: BiasCorrectionReport | None = None
+    speedup: float | None = None
 
 
 def keep_sensitive_layers_float(
@@ -118,10 +137,12 @@ def keep_sensitive_layers_float(
     source: QuantizedFrom,
     comparison: ReferenceComparison,
     budget: Thresholds,
+    *,
+    min_speedup: float | None = None,
     max_seconds: float | None = None,
     progress: Progress = QUIET,
 ) -> FallbackResult:
-    """The quantization that meets ``budget`` with the fewest layers float, by bisection.
+    """The fastest quantization that meets ``budget``, with as few layers float as it takes.
 
     Args:
         quantized: the quantized model; not changed.
@@ -129,34 +150,84 @@ def keep_sensitive_layers_float(
         source: how it was made, to quantize again with layers float.
         comparison: what the outputs are measured against (the run's validation samples).
         budget: what the outputs must reach.
-        max_seconds: stop bisecting after this long, keeping the best model known to meet the
+        min_speedup: the chosen model must run at least this much faster than the float model
+            (one thread, timed on the first sample); else the float model is chosen. None skips
+            timing and keeps the candidate with the fewest layers float.
+        max_seconds: stop searching after this long, with the best model known to meet the
             budget (at worst the float model); None for no limit.
         progress: shows the quantizations tried.
     """
-    start = time.perf_counter()
-    first = _Trial(0, quantized, *_judge(comparison, quantized, budget))
-    ranking: list[str] = []
-    if not first.met:
-        ranking = _ranking(source.float_model, quantized, quantized_nodes, comparison)
-    search = _Bisection(source, comparison, budget, ranking, first)
-    steps = math.ceil(math.log2(len(ranking) + 1)) + 1 if ranking else 0
-    with progress.task("keeping sensitive layers float", steps) as advance:
-        chosen, stopped = search.run(advance, start, max_seconds)
+    search = _Search(source, comparison, budget, quantized_nodes, progress, max_seconds)
+    first = _Trial((), quantized, *_judge(comparison, quantized, budget))
+    search.trials += 1
+    if first.met:
+        candidates = [first]
+        stopped = "budget met with every layer quantized"
+    else:
+        candidates = search.candidates(quantized)
+        stopped = ""
+    chosen, stopped = _choose(search, candidates, min_speedup, stopped)
     noise = compare_tensors(source.float_model, chosen.model, comparison.feeds)
     still_quantized = chosen.report.quantized if chosen.report else quantized_nodes
     outcome = FallbackOutcome(
-        ranking[: chosen.float_layers],
+        list(chosen.float_layers),
         chosen.outputs,
         chosen.met,
         len(still_quantized),
         search.trials,
         stopped,
         budget,
+        chosen.speedup,
     )
     logger.info("fallback: %s", stopped)
     return FallbackResult(
-        chosen.model, outcome, chosen.report, chosen.bias_report, layers_from(chosen.model, noise)
+        chosen.model,
+        outcome,
+        chosen.report if chosen is not first else None,
+        chosen.bias_report,
+        layers_from(chosen.model, noise),
     )
+
+
+def _choose(
+    search: _Search, candidates: list[_Trial], min_speedup: float | None, stopped: str
+) -> tuple[_Trial, str]:
+    """The candidate to keep: the fastest that is fast enough, else the float model."""
+    meeting = [trial for trial in candidates if trial.met]
+    total = len(search.nodes)
+    if min_speedup is None:
+        best = min(meeting, key=lambda trial: len(trial.float_layers), default=None)
+        if best is not None and len(best.float_layers) < total:
+            return best, stopped or _kept(best, total)
+        return _all_float(search.float_model())
+    timed = [trial for trial in meeting if len(trial.float_layers) < total]
+    for trial in timed:
+        trial.speedup = search.speedup(trial.model)
+    fast = [trial for trial in timed if trial.speedup >= min_speedup]
+    if fast:
+        best = max(fast, key=lambda trial: trial.speedup)
+        return best, stopped or _kept(best, total)
+    float_model = search.float_model()
+    if timed:
+        best = max(timed, key=lambda trial: trial.speedup)
+        return float_model, (
+            f"int8 would be slower than float: the fastest quantization that meets the budget "
+            f"({_kept(best, total)}) runs at {best.speedup:.2f}x, below min_speedup "
+            f"{min_speedup:g}; every layer kept float"
+        )
+    return _all_float(float_model)
+
+
+def _all_float(float_model: _Trial) -> tuple[_Trial, str]:
+    if float_model.met:
+        return float_model, "int8 cannot meet the budget: every quantized layer kept float"
+    return float_model, "even the float model misses the budget: every quantized layer kept float"
+
+
+def _kept(trial: _Trial, total: int) -> str:
+    if not trial.float_layers:
+        return "budget met with every layer quantized"
+    return f"budget met with {len(trial.float_layers)} of {total} layers kept float"
 
 
 def _judge(
@@ -166,74 +237,72 @@ def _judge(
     return outputs, meets(outputs, budget)
 
 
-def _ranking(
-    float_model: ir.Model,
-    quantized: ir.Model,
-    quantized_nodes: Sequence[str],
-    comparison: ReferenceComparison,
-) -> list[str]:
-    """Every quantized node, the ones that add the most noise first."""
-    noise = compare_tensors(float_model, quantized, comparison.feeds)
-    shares = node_added_noise(float_model, quantized, noise, quantized_nodes)
-    unmeasured = [name for name in quantized_nodes if name not in shares]
-    return [*shares, *unmeasured]
-
-
-class _Bisection:
-    """The smallest number of the worst-ranked layers to keep float for the budget to hold."""
+class _Search:
+    """Quantizations with chosen layers float, judged against the budget, each made once."""
 
     def __init__(
         self,
         source: QuantizedFrom,
         comparison: ReferenceComparison,
         budget: Thresholds,
-        ranking: list[str],
-        first: _Trial,
+        nodes: Sequence[str],
+        progress: Progress,
+        max_seconds: float | None,
     ):
         self.source = source
         self.comparison = comparison
         self.budget = budget
-        self.ranking = ranking
-        self.first = first
-        self.trials = 1
+        self.nodes = list(nodes)
+        self.progress = progress
+        self.deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+        self.trials = 0
+        self._made: dict[frozenset[str], _Trial] = {}
 
-    def run(
-        self, advance: Callable[[int], None], start: float, max_seconds: float | None
-    ) -> tuple[_Trial, str]:
-        """The chosen trial and why the search stopped."""
-        if self.first.met:
-            return self.first, "budget met with every layer quantized"
+    def candidates(self, quantized: ir.Model) -> list[_Trial]:
+        """The smallest float prefix that meets the budget, and, when that prefix is long, the
+        fewest most sensitive layers that do."""
+        float_order = [node.name for node in self.source.float_model.graph]
+        prefix = [name for name in float_order if name in set(self.nodes)]
+        found = [self.bisect(prefix, "keeping the first layers float")]
+        if len(found[0].float_layers) > len(self.nodes) * PREFIX_SHARE and not self.out_of_time():
+            ranking = _ranking(self.source, quantized, self.nodes, self.comparison, self.deadline)
+            found.append(self.bisect(ranking, "keeping the most sensitive layers float"))
+        return found
+
+    def bisect(self, order: list[str], description: str) -> _Trial:
+        """The trial with the shortest prefix of ``order`` float that meets the budget.
+
+        The whole of ``order`` float is the float model, taken to meet the budget until tried.
+        """
+        steps = math.ceil(math.log2(len(order) + 1))
+        low, high = 0, len(order)
         passing = None
-        low, high = 0, len(self.ranking)
-        while high - low > 1:
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
-                break
-            middle = (low + high) // 2
-            trial = self.trial(middle)
-            advance(1)
-            if trial.met:
-                high, passing = middle, trial
-            else:
-                low = middle
-        if passing is None or passing.float_layers != high:
-            passing = self.trial(high)
-            advance(1)
-        if high < len(self.ranking):
-            return passing, f"budget met with {high} of {len(self.ranking)} layers kept float"
-        if passing.met:
-            return passing, "int8 cannot meet the budget: every quantized layer kept float"
-        return passing, "even the float model misses the budget: every quantized layer kept float"
+        with self.progress.task(description, steps) as advance:
+            while high - low > 1 and not self.out_of_time():
+                middle = (low + high) // 2
+                trial = self.trial(order[:middle])
+                advance(1)
+                if trial.met:
+                    high, passing = middle, trial
+                else:
+                    low = middle
+        return passing if passing is not None else self.trial(order[:high])
 
-    def trial(self, float_layers: int) -> _Trial:
-        """The float model quantized with the ``float_layers`` worst layers float, and judged."""
+    def float_model(self) -> _Trial:
+        return self.trial(self.nodes)
+
+    def trial(self, float_layers: Sequence[str]) -> _Trial:
+        """The float model quantized with ``float_layers`` float, and judged."""
+        key = frozenset(float_layers)
+        if key in self._made:
+            return self._made[key]
         self.trials += 1
-        excluded = self.ranking[:float_layers]
         model = self.source.float_model.clone()
         options = dataclasses.replace(
             self.source.options,
             exclude_nodes=[
                 *self.source.options.exclude_nodes,
-                *(re.escape(name) for name in excluded),
+                *(re.escape(name) for name in float_layers),
             ],
         )
         report = quantize_model(model, self.source.ranges, self.source.problems, options)
@@ -243,5 +312,83 @@ class _Bisection:
                 model, self.source.float_model, self.source.means, self.source.create_bias
             )
         outputs, met = _judge(self.comparison, model, self.budget)
-        logger.debug("%d layers float: budget %s", float_layers, "met" if met else "missed")
-        return _Trial(float_layers, model, outputs, met, report, bias_report)
+        logger.debug(
+            "%d layers float: budget %s; %s",
+            len(float_layers),
+            "met" if met else "missed",
+            _describe(outputs),
+        )
+        trial = _Trial(tuple(float_layers), model, outputs, met, report, bias_report)
+        self._made[key] = trial
+        return trial
+
+    def speedup(self, model: ir.Model) -> float:
+        """How much faster ``model`` runs than the float model, one thread, on the first sample."""
+        timing = time_models(
+            self.source.float_model, model, self.comparison.feeds[0], threads=1, seconds=1.0
+        )
+        return timing.speedup
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+
+def _describe(outputs: Sequence[OutputFidelity]) -> str:
+    parts = []
+    for output in outputs:
+        text = f"{output.name}: cosine {output.cosine:.5f}"
+        if output.expected_top1_agreement is not None:
+            text += f", expected top-1 {output.expected_top1_agreement:.3f}"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _ranking(
+    source: QuantizedFrom,
+    quantized: ir.Model,
+    quantized_nodes: Sequence[str],
+    comparison: ReferenceComparison,
+    deadline: float | None,
+) -> list[str]:
+    """Every quantized node, the ones whose quantization alone hurts the outputs most first.
+
+    Each node is measured in isolation: the float model with that node alone quantized, on up to
+    RANKING_SAMPLES samples, as the noise-to-signal ratio of the outputs. That accounts for how
+    much of a layer's noise reaches the outputs, which the noise a layer adds where it sits does
+    not (a noisy layer before a normalizing one may not matter). Nodes left unmeasured at the
+    deadline follow, ranked by the noise each adds in the fully quantized model.
+    """
+    feeds = comparison.feeds[:RANKING_SAMPLES]
+    noise = compare_tensors(source.float_model, quantized, feeds)
+    added = node_added_noise(source.float_model, quantized, noise, quantized_nodes)
+    by_added = [*added, *(name for name in quantized_nodes if name not in added)]
+    reference = [outputs for outputs in comparison.reference_outputs[: len(feeds)]]
+    isolated: dict[str, float] = {}
+    for name in by_added:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        model = source.float_model.clone()
+        others = [re.escape(other) for other in quantized_nodes if other != name]
+        options = dataclasses.replace(
+            source.options, exclude_nodes=[*source.options.exclude_nodes, *others]
+        )
+        quantize_model(model, source.ranges, source.problems, options)
+        session = runtime.create_session(model)
+        isolated[name] = _output_noise_ratio(reference, runtime.run(session, feeds))
+    ranked = sorted(isolated, key=lambda name: -isolated[name])
+    return [*ranked, *(name for name in by_added if name not in isolated)]
+
+
+def _output_noise_ratio(
+    reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]]
+) -> float:
+    """Noise power over signal power, summed over the float outputs."""
+    total = 0.0
+    for expected_sample, actual_sample in zip(reference, outputs, strict=True):
+        for expected, actual in zip(expected_sample, actual_sample, strict=True):
+            if np.asarray(expected).dtype.kind != "f":
+                continue
+            expected = np.asarray(expected, dtype=np.float64)
+            signal = float(np.sum(expected**2)) or 1.0
+            total += float(np.sum((np.asarray(actual, dtype=np.float64) - expected) ** 2)) / signal
+    return total

@@ -9,6 +9,7 @@ from onnxopt.passes.correct_bias import CorrectBiasPass
 from onnxopt.passes.fallback import FallbackPass
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.passes.validate import ValidatePass
+from onnxopt.quantization import fallback as search_module
 from onnxopt.quantization.fusion import fusion_report
 from onnxopt.quantization.plan import QuantizationOptions
 from onnxopt.quantization.qdq import quantize_model
@@ -178,3 +179,25 @@ def test_without_a_budget_fallback_only_reports():
     result = fallback(model, context, min_cosine=None)
     assert result.changes == 0 and result.details["kept float"] == 0
     assert context.quantization.layers[-1].tensor == "x"
+
+
+def test_a_quantization_slower_than_float_gives_way_to_the_float_model(monkeypatch):
+    """Timing itself is not tested here (no timed unit tests); the choice it drives is."""
+    samples = outlier_samples(4)
+    model = three_convs()
+    context = quantized(model, samples)
+    monkeypatch.setattr(search_module._Search, "speedup", lambda self, candidate: 0.8)
+    result = fallback(model, context, min_cosine=None, min_speedup=1.0)
+    assert result.details["stopped"].startswith("int8 would be slower than float")
+    assert "0.80x, below min_speedup 1" in result.details["stopped"]
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops(model))
+
+
+def test_a_quantization_fast_enough_is_kept_with_its_speedup(monkeypatch):
+    samples = outlier_samples(4)
+    model = three_convs()
+    context = quantized(model, samples)
+    monkeypatch.setattr(search_module._Search, "speedup", lambda self, candidate: 1.7)
+    result = fallback(model, context, min_cosine=0.9, min_speedup=1.0)
+    assert result.details["speedup"] == 1.7 and result.details["still quantized"] > 0
+    assert "QLinearConv" in fusion_report(model).op_counts
