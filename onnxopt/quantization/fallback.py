@@ -167,7 +167,7 @@ def keep_sensitive_layers_float(
         candidates = search.candidates(quantized)
         stopped = ""
     chosen, stopped = _choose(search, candidates, min_speedup, stopped)
-    noise = compare_tensors(source.float_model, chosen.model, comparison.feeds)
+    noise = compare_tensors(source.float_model, chosen.model, comparison.feeds[:RANKING_SAMPLES])
     still_quantized = chosen.report.quantized if chosen.report else quantized_nodes
     outcome = FallbackOutcome(
         list(chosen.float_layers),

@@ -8,7 +8,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from onnxopt.calibration import collectors
 from onnxopt.calibration.collectors import TensorStatistics
+from onnxopt.calibration.ranges import percentile_range
 
 UNIT_FLOATS = st.floats(-1.0, 1.0, width=32)
 SCALES = st.sampled_from([1e-30, 1e-6, 1e-2, 1.0, 3.0, 1e3, 1e8, 1e30])
@@ -153,3 +155,18 @@ def test_size_does_not_grow_with_samples():
 def test_merging_different_bin_counts_is_refused():
     with pytest.raises(ValueError, match="bins"):
         TensorStatistics(bins=4096).merge(TensorStatistics(bins=1024))
+
+
+def test_large_samples_add_a_fixed_sample_of_their_values_to_the_histogram():
+    rng = np.random.default_rng(0)
+    batch = rng.standard_normal((3, collectors.HISTOGRAM_VALUES_PER_SAMPLE * 4)).astype(np.float32)
+    statistics = TensorStatistics()
+    statistics.update(batch, per_sample=True, channel_sums=False)
+    assert statistics.count == 3 * collectors.HISTOGRAM_VALUES_PER_SAMPLE
+    assert (statistics.minimum, statistics.maximum) == (float(batch.min()), float(batch.max()))
+    one_by_one = TensorStatistics()
+    for row in batch:
+        one_by_one.update(row[None], per_sample=True, channel_sums=False)
+    assert one_by_one.to_dict() == statistics.to_dict()
+    high = percentile_range(statistics, 99.9)[1]
+    assert high == pytest.approx(np.percentile(batch, 99.9), rel=0.02)

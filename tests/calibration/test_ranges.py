@@ -25,9 +25,16 @@ RELU = np.maximum(GAUSSIAN, 0)
 
 
 def statistics_of(*arrays: np.ndarray, per_sample: bool = False) -> TensorStatistics:
+    """Statistics of the arrays; an array of over 2**16 values comes as samples of 2**16 each,
+    as calibration sees large tensors (one sample at a time), so every value reaches the
+    histogram."""
     statistics = TensorStatistics()
     for array in arrays:
-        statistics.update(array, per_sample=per_sample)
+        if per_sample or array.size <= 2**16:
+            statistics.update(array, per_sample=per_sample)
+            continue
+        for start in range(0, array.size, 2**16):
+            statistics.update(array.reshape(-1)[start : start + 2**16])
     return statistics
 
 
