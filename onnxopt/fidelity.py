@@ -32,6 +32,10 @@ class ReferenceComparison:
         reference_outputs: the reference's outputs, sample by sample.
         class_outputs: outputs that hold class scores, where top-1 agreement is measured.
         problem: why no comparison can run (the reference fails on every sample tried), or None.
+        padding_mask: the input whose zeros mark padded positions (a transformer's attention
+            mask), or None. Outputs of shape [batch, sequence, ...] are compared at the other
+            positions only: what a model computes at a padded position is never used, and
+            differs freely between two equally good models.
     """
 
     feeds: list[Feed]
@@ -39,6 +43,7 @@ class ReferenceComparison:
     reference_outputs: list[list[np.ndarray]]
     class_outputs: frozenset[str]
     problem: str | None = None
+    padding_mask: str | None = None
 
     def measure(self, model: ir.Model, rtol: float = 0.0) -> list[OutputFidelity]:
         """Fidelity of every output of ``model`` against the reference, on the same samples."""
@@ -46,8 +51,30 @@ class ReferenceComparison:
         outputs = runtime.run(session, self.feeds)
         names = [output.name for output in session.get_outputs()]
         return compare_outputs(
-            names, self.reference_outputs, outputs, rtol=rtol, class_outputs=self.class_outputs
+            names,
+            [
+                self._unpadded(feed, sample)
+                for feed, sample in zip(self.feeds, self.reference_outputs, strict=True)
+            ],
+            [
+                self._unpadded(feed, sample)
+                for feed, sample in zip(self.feeds, outputs, strict=True)
+            ],
+            rtol=rtol,
+            class_outputs=self.class_outputs,
         )
+
+    def _unpadded(self, feed: Feed, outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The outputs with the padded positions of [batch, sequence, ...] outputs left out."""
+        if self.padding_mask is None:
+            return outputs
+        keep = np.asarray(feed[self.padding_mask]) != 0
+        return [
+            output[keep]
+            if output.ndim > keep.ndim and output.shape[: keep.ndim] == keep.shape
+            else output
+            for output in outputs
+        ]
 
 
 def reference_comparison(
@@ -68,6 +95,7 @@ def reference_comparison(
     """
     model = reference if isinstance(reference, ir.Model) else ir.load(os.fspath(reference))
     classes = frozenset(class_score_outputs(model))
+    mask = padding_mask_input(model)
     taken = list(itertools.islice(feeds, count)) if feeds is not None else []
     if not taken:
         taken, problem = runtime.runnable_random_feeds(model, count, seed)
@@ -87,4 +115,21 @@ def reference_comparison(
         elapsed = time.perf_counter() - start
         if max_seconds is not None and len(used) >= min_samples and elapsed > max_seconds:
             break
-    return ReferenceComparison(used, f"{len(used)} {description}", outputs, classes)
+    if mask is not None:
+        description += f"; positions where '{mask}' is 0 (padding) left out"
+    return ReferenceComparison(used, f"{len(used)} {description}", outputs, classes, None, mask)
+
+
+def padding_mask_input(model: ir.Model) -> str | None:
+    """The integer or boolean [batch, sequence] input named as an attention mask, if any.
+
+    Transformer exporters name it ``attention_mask`` (or ``*_mask``); its zeros mark padding.
+    """
+    for spec in runtime.input_specs(model):
+        if (
+            "attention_mask" in spec.name.lower()
+            and spec.dtype.kind in "biu"
+            and (spec.shape is None or len(spec.shape) == 2)
+        ):
+            return spec.name
+    return None
