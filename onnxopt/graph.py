@@ -31,10 +31,11 @@ def is_default_domain(node: ir.Node) -> bool:
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant contents, or None when it is not a constant."""
-    if value is None or value.const_value is None:
+    """The value's constant contents (an initializer's, or a Constant node's), or None."""
+    if value is None:
         return None
-    return value.const_value.numpy()
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
 
 
 def clip_bound(node: ir.Node, index: int, attribute: str) -> float | None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from onnxopt.passes.base import OnnxoptPass
 from onnxopt.passes.calibrate import CalibratePass
 from onnxopt.passes.correct_bias import CorrectBiasPass
+from onnxopt.passes.div_to_mul import DivToMulPass
 from onnxopt.passes.eliminate_identity import EliminateIdentityPass
 from onnxopt.passes.equalize import EqualizePass
 from onnxopt.passes.fallback import FallbackPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormPass
 from onnxopt.passes.fold_constants import FoldConstantsPass
+from onnxopt.passes.fold_conv_affine import FoldConvAffinePass
 from onnxopt.passes.fuse_pad import FusePadIntoConvPass
 from onnxopt.passes.infer_shapes import InferShapesPass
 from onnxopt.passes.lift_constants import LiftConstantsPass
@@ -22,11 +24,13 @@ from onnxopt.passes.validate import ValidatePass
 PASSES: dict[str, type[OnnxoptPass]] = {
     "calibrate": CalibratePass,
     "correct-bias": CorrectBiasPass,
+    "div-to-mul": DivToMulPass,
     "eliminate-identity": EliminateIdentityPass,
     "equalize": EqualizePass,
     "fallback": FallbackPass,
     "fold-batchnorm": FoldBatchNormPass,
     "fold-constants": FoldConstantsPass,
+    "fold-conv-affine": FoldConvAffinePass,
     "fuse-pad": FusePadIntoConvPass,
     "infer-shapes": InferShapesPass,
     "lift-constants": LiftConstantsPass,

@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
@@ -23,6 +24,10 @@ from onnxopt.quantization.rules import QUANTIZED_OPS, Kind, OpRule, Output, rule
 from onnxopt.shapes import infer_shapes
 
 TENSOR_OVERRIDE_KEYS = frozenset({"low", "high", "type"})
+
+# Ops whose small constant operands are quantized along with their activations, and how small.
+CONSTANT_OPERAND_OPS = frozenset({"Add", "Mul"})
+MAX_CONSTANT_OPERAND_ELEMENTS = 4096
 TENSOR_OVERRIDE_TYPES = ("uint8", "float")
 
 
@@ -425,8 +430,11 @@ class _Planner:
         inputs = [self._input(node, index) for index in indices if index < len(node.inputs)]
         if not inputs or any(value is None for value in inputs):
             return "an input is missing"
+        operands = [value for value in inputs if not self._constant_operand(node, value)]
+        if not operands:
+            return "its inputs are all constant"
         for value in inputs:
-            if require_integer_inputs and value not in self.integer_values:
+            if value in operands and require_integer_inputs and value not in self.integer_values:
                 return "its inputs are not quantized, so int8 would add conversions"
             problem = self._value_problem(value)
             if problem:
@@ -447,6 +455,22 @@ class _Planner:
         if not outputs_problem:
             self.integer_values.update(outputs)
         return None
+
+    def _constant_operand(self, node: ir.Node, value: ir.Value) -> bool:
+        """A small float constant of an Add or Mul (a HardSwish's 3 or 1/6, a bias), which
+        quantizes with the range of its own values: the op then runs as an integer kernel."""
+        array = constant_array(value)
+        if (
+            node.op_type not in CONSTANT_OPERAND_OPS
+            or array is None
+            or value.dtype != ir.DataType.FLOAT
+            or array.size > MAX_CONSTANT_OPERAND_ELEMENTS
+            or not np.all(np.isfinite(array))
+        ):
+            return False
+        if value.name not in self.ranges:
+            self.ranges[value.name] = (float(array.min()), float(array.max()))
+        return True
 
     def _absorb(self, node: ir.Node) -> str | None:
         """Plan to drop a Relu or Clip whose producer's quantized output saturates the same way."""

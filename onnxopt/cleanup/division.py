@@ -1,0 +1,49 @@
+"""Divisions by constants become multiplications by their reciprocals."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.graph import UniqueNames, add_initializer, constant_array, is_default_domain
+
+logger = logging.getLogger(__name__)
+
+
+def divisions_to_multiplications(model: ir.Model) -> int:
+    """Rewrite ``Div(x, c)`` with a constant float ``c`` as ``Mul(x, 1 / c)``, in every graph.
+
+    onnxruntime has integer kernels for Mul and none for Div, so a division by a constant (the
+    ``/ 6`` of an exported HardSwish) would stay a float island between integer kernels. The
+    result differs from the division by at most one rounding of the reciprocal. Divisors with a
+    zero stay divisions. Returns how many were rewritten.
+    """
+    rewritten = 0
+    names = UniqueNames(model)
+    for graph in model.graphs():
+        for node in list(graph):
+            if node.op_type != "Div" or not is_default_domain(node) or len(node.inputs) != 2:
+                continue
+            divisor = node.inputs[1]
+            array = constant_array(divisor)
+            if array is None or array.dtype != np.float32:
+                continue
+            if np.any(array == 0) or not np.all(np.isfinite(array)):
+                continue
+            reciprocal = add_initializer(
+                graph,
+                names(f"{divisor.name or node.name}_reciprocal"),
+                (1.0 / array).astype(array.dtype),
+            )
+            multiply = ir.node("Mul", [node.inputs[0], reciprocal], name=node.name)
+            graph.insert_before(node, multiply)
+            result, output = multiply.outputs[0], node.outputs[0]
+            result.dtype, result.shape = output.dtype, output.shape
+            output.replace_all_uses_with(result, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            result.name = output.name
+            rewritten += 1
+    logger.info("rewrote %d divisions by constants as multiplications", rewritten)
+    return rewritten
