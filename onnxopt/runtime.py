@@ -42,7 +42,11 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         shape = None
         if value.shape is not None:
-            shape = tuple(dim if isinstance(dim, int) else dim.value for dim in value.shape)
+            # Some exporters (Paddle) write -1 for a free dimension: it is one.
+            shape = tuple(
+                (dim if dim >= 0 else None) if isinstance(dim, int) else dim.value
+                for dim in value.shape
+            )
         specs.append(InputSpec(value.name, np.dtype(dtype), shape))
     return specs
 

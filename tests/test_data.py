@@ -468,3 +468,12 @@ def test_a_scalar_of_the_wrong_type_is_still_refused(tmp_path):
     feed = {"x": np.ones((1, 4), np.float32), "rate": np.float32(16000)}
     with pytest.raises(InputError, match="input 'rate'"):
         list(open_data([feed], model))
+
+
+def test_a_dimension_exported_as_minus_one_is_free(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    model = ir.from_proto(helper.make_model(graph))
+    np.savez(tmp_path / "calib.npz", x=np.zeros((2, 1, 3), np.float32))
+    assert [feed["x"].shape for feed in open_data(tmp_path / "calib.npz", model)] == [(1, 3)] * 2

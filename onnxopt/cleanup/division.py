@@ -24,26 +24,38 @@ def divisions_to_multiplications(model: ir.Model) -> int:
     names = UniqueNames(model)
     for graph in model.graphs():
         for node in list(graph):
-            if node.op_type != "Div" or not is_default_domain(node) or len(node.inputs) != 2:
-                continue
-            divisor = node.inputs[1]
-            array = constant_array(divisor)
-            if array is None or array.dtype != np.float32:
-                continue
-            if np.any(array == 0) or not np.all(np.isfinite(array)):
-                continue
-            reciprocal = add_initializer(
-                graph,
-                names(f"{divisor.name or node.name}_reciprocal"),
-                (1.0 / array).astype(array.dtype),
-            )
-            multiply = ir.node("Mul", [node.inputs[0], reciprocal], name=node.name)
-            graph.insert_before(node, multiply)
-            result, output = multiply.outputs[0], node.outputs[0]
-            result.dtype, result.shape = output.dtype, output.shape
-            output.replace_all_uses_with(result, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            result.name = output.name
-            rewritten += 1
+            if is_division_by_constant(node):
+                division_to_multiplication(node, names)
+                rewritten += 1
     logger.info("rewrote %d divisions by constants as multiplications", rewritten)
     return rewritten
+
+
+def is_division_by_constant(node: ir.Node) -> bool:
+    """A Div by a finite, nonzero float32 constant."""
+    if node.op_type != "Div" or not is_default_domain(node) or len(node.inputs) != 2:
+        return False
+    array = constant_array(node.inputs[1])
+    return (
+        array is not None
+        and array.dtype == np.float32
+        and not np.any(array == 0)
+        and bool(np.all(np.isfinite(array)))
+    )
+
+
+def division_to_multiplication(node: ir.Node, names: UniqueNames) -> ir.Node:
+    """Replace one Div by a constant with a Mul by its reciprocal; the Mul keeps the output name."""
+    graph, divisor = node.graph, node.inputs[1]
+    array = constant_array(divisor)
+    reciprocal = add_initializer(
+        graph, names(f"{divisor.name or node.name}_reciprocal"), (1.0 / array).astype(array.dtype)
+    )
+    multiply = ir.node("Mul", [node.inputs[0], reciprocal], name=node.name)
+    graph.insert_before(node, multiply)
+    result, output = multiply.outputs[0], node.outputs[0]
+    result.dtype, result.shape = output.dtype, output.shape
+    output.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    result.name = output.name
+    return multiply

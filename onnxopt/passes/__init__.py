@@ -5,7 +5,6 @@ from __future__ import annotations
 from onnxopt.passes.base import OnnxoptPass
 from onnxopt.passes.calibrate import CalibratePass
 from onnxopt.passes.correct_bias import CorrectBiasPass
-from onnxopt.passes.div_to_mul import DivToMulPass
 from onnxopt.passes.eliminate_identity import EliminateIdentityPass
 from onnxopt.passes.equalize import EqualizePass
 from onnxopt.passes.fallback import FallbackPass
@@ -24,7 +23,6 @@ from onnxopt.passes.validate import ValidatePass
 PASSES: dict[str, type[OnnxoptPass]] = {
     "calibrate": CalibratePass,
     "correct-bias": CorrectBiasPass,
-    "div-to-mul": DivToMulPass,
     "eliminate-identity": EliminateIdentityPass,
     "equalize": EqualizePass,
     "fallback": FallbackPass,

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from onnxopt.calibration import CalibrationSettings, RangeMethod, calibrate_model
 from onnxopt.options import Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
-from onnxopt.quantization.plan import tensors_to_calibrate
+from onnxopt.quantization.prepare import tensors_to_calibrate
 
 
 class CalibratePass(OnnxoptPass):

@@ -46,6 +46,9 @@ from onnxopt.validation import Thresholds, meets
 
 logger = logging.getLogger(__name__)
 
+# Ops whose integer kernels carry int8's speed; the others only move or combine values.
+HEAVY_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
 # A float prefix longer than this share of the layers sends the search on to sensitive layers.
 PREFIX_SHARE = 0.2
 
@@ -204,6 +207,14 @@ def _choose(
     for trial in timed:
         trial.speedup = search.speedup(trial.model)
     fast = [trial for trial in timed if trial.speedup >= min_speedup]
+    if timed and not fast:
+        # Slower than float: try leaving float what int8 speeds up least.
+        base = min(timed, key=lambda trial: len(trial.float_layers))
+        for trial in search.lighter(base):
+            if trial.met and len(trial.float_layers) < total:
+                trial.speedup = search.speedup(trial.model)
+                timed.append(trial)
+        fast = [trial for trial in timed if trial.speedup >= min_speedup]
     if fast:
         best = max(fast, key=lambda trial: trial.speedup)
         return best, stopped or _kept(best, total)
@@ -291,6 +302,25 @@ class _Search:
     def float_model(self) -> _Trial:
         return self.trial(self.nodes)
 
+    def lighter(self, base: _Trial) -> list[_Trial]:
+        """``base`` with, in turn, its elementwise and data-movement ops, its depthwise
+        convolutions, and both, kept float: where batch-1 int8 loses to float, these are
+        usually why (integer kernels for them gain little, and each costs a requantization)."""
+        nodes = {
+            node.name: node
+            for node in self.source.float_model.graph
+            if node.name in set(self.nodes)
+        }
+        cheap = {name for name, node in nodes.items() if node.op_type not in HEAVY_OPS}
+        depthwise = {name for name, node in nodes.items() if _is_depthwise(node)}
+        trials = []
+        for extra in (cheap, depthwise, cheap | depthwise):
+            if extra and not extra <= set(base.float_layers):
+                trials.append(
+                    self.trial([*base.float_layers, *sorted(extra - set(base.float_layers))])
+                )
+        return trials
+
     def trial(self, float_layers: Sequence[str]) -> _Trial:
         """The float model quantized with ``float_layers`` float, and judged."""
         key = frozenset(float_layers)
@@ -331,6 +361,19 @@ class _Search:
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
+
+
+def _is_depthwise(node: ir.Node) -> bool:
+    """A grouped Conv with one input channel per group."""
+    if node.op_type != "Conv" or node.attributes.get_int("group", 1) == 1:
+        return False
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    return (
+        weight is not None
+        and weight.shape is not None
+        and len(weight.shape) > 1
+        and weight.shape[1] == 1
+    )
 
 
 def _describe(outputs: Sequence[OutputFidelity]) -> str:

@@ -21,7 +21,6 @@ from onnx_ir.passes.common import TopologicalSortPass
 from onnxopt.graph import clip_bound, constant_array
 from onnxopt.quantization import numerics
 from onnxopt.quantization.rules import QUANTIZED_OPS, Kind, OpRule, Output, rule_for, weight_axis
-from onnxopt.shapes import infer_shapes
 
 TENSOR_OVERRIDE_KEYS = frozenset({"low", "high", "type"})
 
@@ -238,36 +237,6 @@ def plan_quantization(
         planner.ranges,
         planner.reduce_range,
     )
-
-
-def tensors_to_calibrate(model: ir.Model, options: QuantizationOptions | None = None) -> list[str]:
-    """The activations whose ranges quantizing ``model`` can use: what calibration must collect.
-
-    Plans a copy of the model as if every float tensor had a range, with MatMuls quantized
-    statically (so their inputs count whether or not they end up quantized at run time): the
-    tensors that plan reads are a superset of what any calibration outcome lets the quantizer
-    read. Tensors around ops that stay float (HardSwish, Pad, ...) are left out. Values without
-    a type get one from shape inference on the copy, as calibration's own copy does.
-    """
-    copy = model.clone()
-    values = ir.convenience.create_value_mapping(copy.graph).values()
-    if any(value.dtype is None for value in values):
-        infer_shapes(copy, data_prop=False)
-    ranges = {
-        value.name: (0.0, 1.0)
-        for value in values
-        if value.dtype == ir.DataType.FLOAT and value.const_value is None
-    }
-    options = dataclasses.replace(options or QuantizationOptions(), dynamic_matmul=False)
-    plan = plan_quantization(copy, ranges, {}, options)
-    names: dict[str, None] = {}
-    for planned in plan.planned.values():
-        names.update((value.name, None) for value in planned.activation_inputs)
-        if planned.quantize_output or planned.rule.output is not Output.REQUIRED:
-            names.update((value.name, None) for value in planned.node.outputs)
-    for absorption in plan.absorbed:
-        names.update((value.name, None) for value in absorption.node.outputs)
-    return list(names)
 
 
 class _Planner:

@@ -23,6 +23,7 @@ from onnxopt.quantization.plan import (
     QuantizationPlan,
     plan_quantization,
 )
+from onnxopt.quantization.prepare import prepare_for_int8
 from onnxopt.quantization.rules import Kind, weight_axis
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,14 @@ def quantize_model(
     problems: Mapping[str, str],
     options: QuantizationOptions,
 ) -> QuantizationReport:
-    """Quantize the model in place: ``plan.plan_quantization`` (whose arguments these are), then
-    ``emit_plan``.
+    """Quantize the model in place: ``prepare.prepare_for_int8`` spells out the float islands
+    int8 can run through, ``plan.plan_quantization`` (whose arguments these are) decides, and
+    ``emit_plan`` rewrites.
 
     Raises:
         AlreadyQuantizedError: the model holds quantization ops already.
     """
+    ranges = prepare_for_int8(model, ranges, problems, options)
     return emit_plan(plan_quantization(model, ranges, problems, options))
 
 

@@ -159,9 +159,10 @@ def test_registered_and_run_by_the_pipeline_which_requires_data():
 FLOAT_IN_THE_MIDDLE = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[N, 2, 4, 4] x) => (float[N, 2, 1, 1] y)
-  <float[2, 2, 1, 1] w1 = {1.0, 0.5, -0.5, 1.0}, float[2, 2, 1, 1] w2 = {0.5, 1.0, 1.0, -1.0}> {
+  <float[2, 2, 1, 1] w1 = {1.0, 0.5, -0.5, 1.0}, float[2, 2, 1, 1] w2 = {0.5, 1.0, 1.0, -1.0},
+   int64[8] pads = {0, 0, 1, 1, 0, 0, 1, 1}> {
     c1 = Conv(x, w1)
-    hs = HardSwish(c1)
+    hs = Pad<mode = "reflect">(c1, pads)
     sig = Sigmoid(hs)
     c2 = Conv(sig, w2)
     y = GlobalAveragePool(c2)

@@ -1,0 +1,90 @@
+"""HardSigmoid and HardSwish spelled out in ops onnxruntime runs as integer kernels."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.graph import UniqueNames, add_initializer, is_default_domain
+
+logger = logging.getLogger(__name__)
+
+# HardSwish(x) = x * HardSigmoid(x) with these, by the ONNX definition.
+HARDSWISH_ALPHA = 1.0 / 6.0
+HARDSWISH_BETA = 0.5
+
+
+def is_hard_activation(node: ir.Node) -> bool:
+    """A HardSigmoid or HardSwish of a float input, which ``decompose`` can spell out."""
+    return (
+        node.op_type in ("HardSigmoid", "HardSwish")
+        and is_default_domain(node)
+        and node.inputs[0] is not None
+        and node.inputs[0].dtype == ir.DataType.FLOAT
+    )
+
+
+def decompose_hard_activations(model: ir.Model) -> int:
+    """Rewrite HardSigmoid as ``Clip(x * alpha + beta, 0, 1)`` and HardSwish as ``x * that``.
+
+    onnxruntime has no integer kernel for either, so every one of them (28 in a PP-LCNet, one
+    per squeeze-excitation block in a MobileNetV3) is a float island between integer kernels,
+    where the big tensor it multiplies is dequantized and quantized again. Spelled out, Mul and
+    Add run as integer kernels and the Clip disappears into the Add's range. Results change by
+    float rounding only. Returns how many nodes were rewritten.
+    """
+    rewritten = 0
+    names = UniqueNames(model)
+    for graph in model.graphs():
+        for node in list(graph):
+            if is_hard_activation(node):
+                decompose(node, names)
+                rewritten += 1
+    logger.info("spelled out %d HardSigmoid and HardSwish nodes", rewritten)
+    return rewritten
+
+
+def hard_sigmoid_parameters(node: ir.Node) -> tuple[float, float]:
+    """(alpha, beta) of a HardSigmoid, or of the HardSigmoid inside a HardSwish."""
+    if node.op_type == "HardSwish":
+        return HARDSWISH_ALPHA, HARDSWISH_BETA
+    return node.attributes.get_float("alpha", 0.2), node.attributes.get_float("beta", 0.5)
+
+
+def decompose(node: ir.Node, names: UniqueNames) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Replace one HardSigmoid or HardSwish; the new (scaled, shifted, clipped) values.
+
+    The node's output keeps its name, on the Clip (HardSigmoid) or the final Mul (HardSwish).
+    """
+    graph = node.graph
+    x = node.inputs[0]
+    base = node.name or node.outputs[0].name
+    alpha, beta = hard_sigmoid_parameters(node)
+
+    def constant(suffix: str, value: float) -> ir.Value:
+        return add_initializer(graph, names(f"{base}_{suffix}"), np.array(value, np.float32))
+
+    scaled = ir.node("Mul", [x, constant("alpha", alpha)], name=names(f"{base}_scale"))
+    shifted = ir.node(
+        "Add", [scaled.outputs[0], constant("beta", beta)], name=names(f"{base}_shift")
+    )
+    clipped = ir.node(
+        "Clip",
+        [shifted.outputs[0], constant("zero", 0.0), constant("one", 1.0)],
+        name=names(f"{base}_clip"),
+    )
+    chain = [scaled, shifted, clipped]
+    if node.op_type == "HardSwish":
+        chain.append(ir.node("Mul", [x, clipped.outputs[0]], name=names(f"{base}_gate")))
+    for step in chain[:-1]:
+        step.outputs[0].name = names(f"{step.name}_output")
+        step.outputs[0].dtype, step.outputs[0].shape = x.dtype, x.shape
+    graph.insert_before(node, chain)
+    output, result = node.outputs[0], chain[-1].outputs[0]
+    result.dtype, result.shape = output.dtype, output.shape
+    output.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    result.name = output.name
+    return scaled.outputs[0], shifted.outputs[0], clipped.outputs[0]
