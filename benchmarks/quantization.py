@@ -258,7 +258,7 @@ def run_worker(job: dict[str, Any]) -> None:
     details: dict[str, Any] = {}
     quantizer = {ORT_DEFAULT: _ort_default, ORT_BEST: _ort_best, ONNXOPT: _onnxopt}[method]
     # Imported before the clock starts; the quantizers' own imports then cost nothing.
-    importlib.import_module("onnxopt" if method == ONNXOPT else "onnxruntime.quantization")
+    importlib.import_module("onnxopt.api" if method == ONNXOPT else "onnxruntime.quantization")
     outcome: dict[str, Any] = {"notes": notes, "details": details}
     start = time.perf_counter()
     try:
