@@ -22,6 +22,7 @@ from onnxopt.quantization.plan import (
     Output,
     QuantizationOptions,
     QuantizationPlan,
+    find_quantized_ops,
     plan_quantization,
 )
 from onnxopt.shapes import infer_shapes
@@ -85,7 +86,9 @@ def _int8_values(plan: QuantizationPlan) -> set[ir.Value]:
     return values
 
 
-def tensors_to_calibrate(model: ir.Model, options: QuantizationOptions | None = None) -> list[str]:
+def tensors_to_calibrate(
+    model: ir.Model, options: QuantizationOptions | None = None
+) -> list[str] | None:
     """The activations whose ranges quantizing ``model`` can use: what calibration must collect.
 
     Plans a copy of the model as if every float tensor had a range, with MatMuls quantized
@@ -94,7 +97,10 @@ def tensors_to_calibrate(model: ir.Model, options: QuantizationOptions | None = 
     read. Tensors around ops that stay float (Pad, ConvTranspose, ...) are left out; tensors
     that ``prepare_for_int8`` adds get ranges from their inputs', so only the model's own count.
     Values without a type get one from shape inference on the copy, as calibration's own does.
+    None, for every tensor, when the model is quantized already (the quantizer refuses it).
     """
+    if find_quantized_ops(model):
+        return None
     copy = model.clone()
     values = ir.convenience.create_value_mapping(copy.graph).values()
     if any(value.dtype is None for value in values):
