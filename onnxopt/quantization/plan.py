@@ -24,6 +24,10 @@ from onnxopt.quantization.rules import QUANTIZED_OPS, Kind, OpRule, Output, rule
 
 TENSOR_OVERRIDE_KEYS = frozenset({"low", "high", "type"})
 
+# Ops inside a subgraph (If, Loop, Scan branches) that the report says stay float, and why.
+HEAVY_SUBGRAPH_OPS = frozenset({"Conv", "Gemm", "MatMul", "LSTM", "GRU", "ConvTranspose"})
+SUBGRAPH_REASON = "the ops in its subgraphs stay float: onnxopt quantizes the main graph only"
+
 # Ops whose small constant operands are quantized along with their activations, and how small.
 CONSTANT_OPERAND_OPS = frozenset({"Add", "Mul"})
 MAX_CONSTANT_OPERAND_ELEMENTS = 4096
@@ -221,6 +225,10 @@ def plan_quantization(
     for node in list(model.graph):
         rule = rule_for(node)
         if rule is None:
+            if _heavy_ops_inside(node):
+                planner.kept_float.append(
+                    {"node": node.name or "", "op_type": node.op_type, "reason": SUBGRAPH_REASON}
+                )
             continue
         reason = planner.excluded(node) or planner.consider(node, rule)
         if reason:
@@ -497,6 +505,20 @@ class _Planner:
 
     def _output_problem(self, value: ir.Value) -> str | None:
         return _graph_output_problem(value) or self._value_problem(value)
+
+
+def _heavy_ops_inside(node: ir.Node) -> bool:
+    """Whether the subgraphs of an If, Loop or Scan hold ops that int8 would speed up."""
+    for attribute in node.attributes.values():
+        graphs = []
+        if attribute.type == ir.AttributeType.GRAPH:
+            graphs = [attribute.as_graph()]
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            graphs = list(attribute.as_graphs())
+        for graph in graphs:
+            if any(inner.op_type in HEAVY_SUBGRAPH_OPS for inner in graph.all_nodes()):
+                return True
+    return False
 
 
 def _graph_output_problem(value: ir.Value) -> str | None:

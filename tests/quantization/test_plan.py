@@ -61,3 +61,25 @@ def test_emitting_the_plan_is_quantizing():
     assert ops(planned) == ops(direct)
     assert "Relu" not in ops(planned)
     np.testing.assert_array_equal(run(planned, samples), run(direct, samples))
+
+
+def test_heavy_ops_inside_branches_are_reported_as_kept_float():
+    import onnx
+    import onnx_ir as ir
+
+    model = ir.from_proto(
+        onnx.parser.parse_model(
+            """
+            <ir_version: 8, opset_import: ["" : 17]>
+            g (float[2, 4] x, bool flag) => (float[2, 4] y) <float[4, 4] w = {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}> {
+                y = If(flag) <
+                    then_branch = then_graph () => (float[2, 4] a) { a = MatMul(x, w) },
+                    else_branch = else_graph () => (float[2, 4] b) { b = Relu(x) }
+                >
+            }
+            """
+        )
+    )
+    plan = plan_quantization(model, {}, {}, QuantizationOptions())
+    [entry] = plan.kept_float
+    assert entry["op_type"] == "If" and "main graph only" in entry["reason"]
