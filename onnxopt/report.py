@@ -211,6 +211,11 @@ def render_quantization(state: QuantizationState | None, console: Console, rows:
                 layer.node or "", layer.op_type, layer.tensor, _number(layer.sqnr_db, "{:.1f}")
             )
         console.print(table)
+    if state.fusion.boundaries:
+        conversions = ", ".join(
+            f"{where} ({count})" for where, count in state.fusion.boundaries.items()
+        )
+        console.print(f"Conversions left between int8 and float after fusion: {conversions}")
     kept = state.report.kept_float
     if kept:
         table = Table(title=f"Kept float ({len(kept)} nodes)", title_justify="left")

@@ -34,11 +34,19 @@ HEAVY_FLOAT_OPS = frozenset(
 
 @dataclasses.dataclass
 class FusionReport:
-    """Integer kernels onnxruntime runs, and heavy ops it still runs in float on dequantized input."""
+    """Integer kernels onnxruntime runs, heavy ops it still runs in float on dequantized input,
+    and the conversions left between int8 and float.
+
+    Attributes:
+        boundaries: the QuantizeLinear and DequantizeLinear nodes left after fusion, by the
+            float op (or graph input and output) on their float side, e.g.
+            ``{"DequantizeLinear -> ConvTranspose": 1, "input -> QuantizeLinear": 1}``.
+    """
 
     integer_kernels: int
     unfused: int
     op_counts: dict[str, int]
+    boundaries: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -80,4 +88,24 @@ def fusion_report(model: ir.Model | str | os.PathLike) -> FusionReport:
         )
     )
     integer_kernels = sum(counts[op] for op in INTEGER_KERNELS)
-    return FusionReport(integer_kernels, unfused, dict(sorted(counts.items())))
+    return FusionReport(
+        integer_kernels, unfused, dict(sorted(counts.items())), _boundaries(graph, producers)
+    )
+
+
+def _boundaries(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto]) -> dict[str, int]:
+    consumers: dict[str, list[str]] = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node.op_type)
+    for output in graph.output:
+        consumers[output.name].append("output")
+    found: collections.Counter[str] = collections.Counter()
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            producer = producers.get(node.input[0])
+            found[f"{producer.op_type if producer else 'input'} -> QuantizeLinear"] += 1
+        elif node.op_type == "DequantizeLinear" and node.input[0] in producers:
+            for consumer in sorted(set(consumers[node.output[0]])):
+                found[f"DequantizeLinear -> {consumer}"] += 1
+    return dict(found.most_common())

@@ -172,6 +172,7 @@ def test_each_op_between_two_convs(op_type):
     producers = {output: node.op_type for node in optimized.node for output in node.output}
     if op_type in FLOAT:
         assert "no integer kernel" in kept[name]
+        assert fusion_report(model).boundaries.get(f"DequantizeLinear -> {op_type}", 0) >= 1
     elif op_type in SPELLED_OUT:
         fused = {node.op_type for node in optimized.node}
         assert op_type not in fused and "QLinearMul" in fused and name not in kept
