@@ -567,12 +567,16 @@ def _onnxopt(
     result = onnxopt.quantize(model_path, output_path, reader, timing=False)
     report = result.report()
     validation = report["validation"] or {}
-    held_back = validation.get("samples", 0)
-    if held_back:
+    calibrated = (report["calibration"] or {}).get("samples")
+    if calibrated is not None and calibrated < reader.count:
         notes.append(
-            f"validation held back {held_back} of the {reader.count} samples, "
-            f"so calibration used {reader.count - held_back}"
+            f"calibration used {calibrated} of the {reader.count} samples, the rest held back; "
+            f"validation and fallback compared on {validation.get('samples', 0)} "
+            f"({validation.get('data', '')})"
         )
+    fallback = (report["quantization"] or {}).get("fallback")
+    if fallback:
+        notes.append(f"fallback: {fallback['stopped']}")
     quantization = report["quantization"] or {}
     details["passes"] = {row["name"]: round(row["seconds"], 3) for row in report["passes"]}
     details["validation"] = validation

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnxopt.cleanup.activations import decompose, hard_sigmoid_parameters, is_hard_activation
 from onnxopt.cleanup.division import division_to_multiplication, is_division_by_constant
-from onnxopt.graph import UniqueNames
+from onnxopt.graph import UniqueNames, constant_array
 from onnxopt.quantization.plan import (
     Output,
     QuantizationOptions,
@@ -120,5 +120,9 @@ def tensors_to_calibrate(
             names.update((value.name, None) for value in planned.node.outputs)
     for absorption in plan.absorbed:
         names.update((value.name, None) for value in absorption.node.outputs)
-    existing = set(ir.convenience.create_value_mapping(model.graph))
-    return [name for name in names if name in existing]
+    activations = {
+        name
+        for name, value in ir.convenience.create_value_mapping(model.graph).items()
+        if constant_array(value) is None
+    }
+    return [name for name in names if name in activations]
