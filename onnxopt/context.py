@@ -15,9 +15,13 @@ from onnxopt.progress import QUIET, Progress
 from onnxopt.quantization.state import QuantizationState
 from onnxopt.validation import ValidationResult
 
-# The original model's run time the comparison samples may take, past the first eight: a slow
-# model is compared on fewer samples, since every candidate a repair tries runs on all of them.
+# Past the first eight samples, comparisons take more only while the original model has run
+# less than COMPARISON_SECONDS on them and their outputs hold fewer than COMPARISON_VALUES
+# values: every candidate a repair tries runs on all of them, so a slow model is compared on
+# fewer, and outputs as large as a detector's maps give a stable figure from a few (a
+# classifier's scores or a sentence's embeddings use every sample asked for).
 COMPARISON_SECONDS = 3.0
+COMPARISON_VALUES = 2**22
 
 
 @dataclasses.dataclass
@@ -67,7 +71,8 @@ class Context:
         On up to ``samples`` (default ``comparison_samples``) samples: the held-back validation
         samples first, then calibration samples when fewer were held back (flips of a classifier
         or small errors are judged on many samples more reliably than on a few), taking no more
-        than COMPARISON_SECONDS of the original model's time beyond the first eight. Without
+        than COMPARISON_SECONDS of the original model's time and COMPARISON_VALUES output values
+        beyond the first eight. Without
         data, random samples the reference runs on. Later calls get the same comparison.
         """
         if self.comparison is None:
@@ -91,6 +96,7 @@ class Context:
                 count,
                 seed,
                 COMPARISON_SECONDS,
+                max_values=COMPARISON_VALUES,
             )
         return self.comparison
 

@@ -85,12 +85,13 @@ def reference_comparison(
     seed: int = 0,
     max_seconds: float | None = None,
     min_samples: int = 8,
+    max_values: int | None = None,
 ) -> ReferenceComparison:
     """The reference's outputs on up to ``count`` of ``feeds``, or on random samples it runs on.
 
-    With ``max_seconds``, stops taking samples once the reference has run that long (and at
-    least ``min_samples``), so a slow model is compared on fewer samples rather than for
-    minutes. Never raises for a reference that fails: the comparison then carries the reason in
+    Past ``min_samples``, stops taking samples once the reference has run ``max_seconds`` or its
+    outputs hold ``max_values`` values: a slow model is compared on fewer samples rather than
+    for minutes, and outputs as large as a detector's maps give stable figures from a few. Never raises for a reference that fails: the comparison then carries the reason in
     ``problem``, since a model cannot be blamed for failing where the original fails too.
     """
     model = reference if isinstance(reference, ir.Model) else ir.load(os.fspath(reference))
@@ -105,6 +106,7 @@ def reference_comparison(
     session = runtime.create_session(reference)
     start = time.perf_counter()
     used, outputs = [], []
+    values = 0
     for feed in taken:
         try:
             outputs.append(session.run(None, feed))
@@ -112,8 +114,11 @@ def reference_comparison(
             problem = f"the original model fails on {description}: {type(error).__name__}: {error}"
             return ReferenceComparison([], description, [], classes, problem)
         used.append(feed)
-        elapsed = time.perf_counter() - start
-        if max_seconds is not None and len(used) >= min_samples and elapsed > max_seconds:
+        values += sum(np.asarray(output).size for output in outputs[-1])
+        if len(used) >= min_samples and (
+            (max_seconds is not None and time.perf_counter() - start > max_seconds)
+            or (max_values is not None and values >= max_values)
+        ):
             break
     if mask is not None:
         description += f"; positions where '{mask}' is 0 (padding) left out"

@@ -117,25 +117,13 @@ def _compare_one(
     rtol: float,
     class_scores: bool,
 ) -> OutputFidelity:
+    sums = _Sums()
     for sample, (want, got) in enumerate(zip(expected, actual, strict=True)):
         if want.shape != got.shape:
             raise ValueError(
                 f"output '{name}' of sample {sample} has shape {got.shape}, expected {want.shape}"
             )
-    want_flat = (
-        np.concatenate([array.reshape(-1) for array in expected]) if expected else np.zeros(0)
-    )
-    got_flat = np.concatenate([array.reshape(-1) for array in actual]) if actual else np.zeros(0)
-    mismatched = None
-    if want_flat.dtype.kind in "biu" or want_flat.dtype.kind == "O":
-        mismatched = float(np.mean(want_flat != got_flat)) if want_flat.size else 0.0
-    reference = want_flat.astype(np.float64)
-    observed = got_flat.astype(np.float64)
-    error = np.abs(observed - reference)
-    finite_error = np.where(np.isnan(error) & np.isnan(reference) & np.isnan(observed), 0.0, error)
-    max_abs_error = float(np.nan_to_num(finite_error, nan=math.inf).max()) if error.size else 0.0
-    beyond = finite_error - rtol * np.abs(np.nan_to_num(reference))
-    max_beyond = float(np.nan_to_num(beyond, nan=math.inf).max()) if error.size else 0.0
+        sums.add(want, got, rtol)
     top1 = expected_top1 = None
     if class_scores and expected and all(_holds_classes(array) for array in expected):
         want_classes = np.concatenate([np.atleast_2d(array).argmax(-1) for array in expected])
@@ -147,14 +135,77 @@ def _compare_one(
         )
     return OutputFidelity(
         name=name,
-        max_abs_error=max_abs_error,
-        max_error_beyond_rtol=max_beyond,
-        cosine=_cosine(reference, observed),
-        sqnr_db=_sqnr_db(reference, observed),
+        max_abs_error=sums.max_abs_error,
+        max_error_beyond_rtol=sums.max_beyond,
+        cosine=sums.cosine(),
+        sqnr_db=sums.sqnr_db(),
         top1_agreement=top1,
         expected_top1_agreement=expected_top1,
-        mismatched=mismatched,
+        mismatched=sums.mismatched(),
     )
+
+
+@dataclasses.dataclass
+class _Sums:
+    """Running sums over samples, so large outputs are compared one sample at a time.
+
+    A NaN where the reference has one too counts as equal; a NaN on one side only is an
+    infinite error. Cosine and SQNR read NaNs as zeros.
+    """
+
+    max_abs_error: float = 0.0
+    max_beyond: float = 0.0
+    dot: float = 0.0
+    reference_power: float = 0.0
+    observed_power: float = 0.0
+    noise_power: float = 0.0
+    integer_elements: int = 0
+    integer_mismatches: int = 0
+    values_seen: bool = False
+
+    def add(self, want: np.ndarray, got: np.ndarray, rtol: float) -> None:
+        if want.dtype.kind in "biuO":
+            self.integer_elements += want.size
+            self.integer_mismatches += int(np.count_nonzero(want != got))
+        if want.size == 0:
+            return
+        reference = want.reshape(-1).astype(np.float64)
+        observed = got.reshape(-1).astype(np.float64)
+        error = np.abs(observed - reference)
+        if np.isnan(error).any():
+            both_nan = np.isnan(reference) & np.isnan(observed)
+            error = np.where(both_nan, 0.0, np.nan_to_num(error, nan=math.inf))
+            reference = np.nan_to_num(reference)
+            observed = np.nan_to_num(observed)
+        if not self.values_seen:
+            self.max_abs_error = self.max_beyond = -math.inf
+            self.values_seen = True
+        self.max_abs_error = max(self.max_abs_error, float(error.max()))
+        beyond = error - rtol * np.abs(reference) if rtol else error
+        self.max_beyond = max(self.max_beyond, float(beyond.max()))
+        self.dot += float(np.dot(reference, observed))
+        self.reference_power += float(np.dot(reference, reference))
+        self.observed_power += float(np.dot(observed, observed))
+        difference = observed - reference
+        self.noise_power += float(np.dot(difference, difference))
+
+    def cosine(self) -> float:
+        norms = math.sqrt(self.reference_power) * math.sqrt(self.observed_power)
+        if norms == 0.0:
+            return 1.0 if self.noise_power == 0.0 else 0.0
+        return self.dot / norms
+
+    def sqnr_db(self) -> float:
+        if self.noise_power == 0.0:
+            return math.inf
+        if self.reference_power == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.reference_power / self.noise_power)
+
+    def mismatched(self) -> float | None:
+        if not self.integer_elements:
+            return None
+        return self.integer_mismatches / self.integer_elements
 
 
 def expected_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -185,22 +236,3 @@ def _erfc(values: np.ndarray) -> np.ndarray:
 
 def _holds_classes(array: np.ndarray) -> bool:
     return array.dtype.kind == "f" and array.ndim in (1, 2) and array.shape[-1] >= 2
-
-
-def _cosine(reference: np.ndarray, observed: np.ndarray) -> float:
-    reference = np.nan_to_num(reference)
-    observed = np.nan_to_num(observed)
-    norms = float(np.linalg.norm(reference) * np.linalg.norm(observed))
-    if norms == 0.0:
-        return 1.0 if np.array_equal(reference, observed) else 0.0
-    return float(np.dot(reference, observed) / norms)
-
-
-def _sqnr_db(reference: np.ndarray, observed: np.ndarray) -> float:
-    noise = float(np.sum((np.nan_to_num(observed) - np.nan_to_num(reference)) ** 2))
-    signal = float(np.sum(np.nan_to_num(reference) ** 2))
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)

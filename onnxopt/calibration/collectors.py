@@ -14,6 +14,7 @@ one, each value lands where it would have landed had R been known from the start
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from fractions import Fraction
@@ -304,8 +305,17 @@ def _histogram_sample(rows: np.ndarray) -> np.ndarray:
     length = rows.shape[1]
     if length <= HISTOGRAM_VALUES_PER_SAMPLE:
         return rows
+    return rows[:, _sample_positions(length)]
+
+
+@functools.lru_cache(maxsize=128)
+def _sample_positions(length: int) -> np.ndarray:
+    """HISTOGRAM_VALUES_PER_SAMPLE sorted positions below ``length``; made once per length, since
+    drawing and sorting them costs more than the histogram itself."""
     positions = np.random.default_rng(length).integers(0, length, HISTOGRAM_VALUES_PER_SAMPLE)
-    return rows[:, np.sort(positions)]
+    positions = np.sort(positions).astype(np.int32 if length < 2**31 else np.int64)
+    positions.flags.writeable = False
+    return positions
 
 
 def _exponent_above(magnitude: float) -> int:

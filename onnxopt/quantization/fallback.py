@@ -1,13 +1,15 @@
 """Fallback: the fastest quantization, with as few layers float as it takes, that meets a budget.
 
-Two families of candidates, each searched by bisection on the final outputs with the run's
+Three families of candidates, each searched by bisection on the final outputs with the run's
 ``ReferenceComparison`` (the very measurement validation makes):
 
 - the first layers float: where a network reads raw input its first layers are often the most
   sensitive, and a float prefix costs one conversion, so it keeps int8's speed;
+- the last layers float: a detector's or segmenter's head, which draws fine maps or boxes
+  from the features, is often the most sensitive part, and a float suffix costs one conversion;
 - the layers whose quantization alone hurts the outputs most float (each measured in
   isolation: the float model with that layer alone quantized, on a few samples), for models
-  whose sensitive layers sit anywhere.
+  whose sensitive layers sit anywhere; tried only when neither end is short.
 
 Of the candidates that meet the budget, the fastest is kept, timed against the float model;
 when even that is slower than float, the float model is. Keeping every layer float gives the
@@ -42,6 +44,7 @@ from onnxopt.quantization.sensitivity import (
     layers_from,
     node_added_noise,
 )
+from onnxopt.runtime import Feed
 from onnxopt.validation import Thresholds, meets
 
 logger = logging.getLogger(__name__)
@@ -49,11 +52,19 @@ logger = logging.getLogger(__name__)
 # Ops whose integer kernels carry int8's speed; the others only move or combine values.
 HEAVY_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
-# A float prefix longer than this share of the layers sends the search on to sensitive layers.
-PREFIX_SHARE = 0.2
+# A float prefix or suffix longer than this share of the layers sends the search on to the
+# sensitive layers.
+END_SHARE = 0.2
 
-# Samples each layer's isolated effect on the outputs is measured on, for the ranking.
+# The ranking measures each layer on the first samples until their outputs hold this many
+# values, at most RANKING_SAMPLES: a detector's map of 640x640 gives a stable figure from one
+# sample, a classifier's scores need several.
+RANKING_VALUES = 2**18
 RANKING_SAMPLES = 8
+
+# Measuring every layer in isolation may take at most the time of this many trials; layers not
+# reached by then are ranked by the noise they add in the quantized model.
+RANKING_TRIALS = 8
 
 
 @dataclasses.dataclass
@@ -170,7 +181,7 @@ def keep_sensitive_layers_float(
         candidates = search.candidates(quantized)
         stopped = ""
     chosen, stopped = _choose(search, candidates, min_speedup, stopped)
-    noise = compare_tensors(source.float_model, chosen.model, comparison.feeds[:RANKING_SAMPLES])
+    noise = compare_tensors(source.float_model, chosen.model, _ranking_feeds(comparison))
     still_quantized = chosen.report.quantized if chosen.report else quantized_nodes
     outcome = FallbackOutcome(
         list(chosen.float_layers),
@@ -268,17 +279,31 @@ class _Search:
         self.deadline = None if max_seconds is None else time.perf_counter() + max_seconds
         self.trials = 0
         self._made: dict[frozenset[str], _Trial] = {}
+        self._trial_seconds = 0.0
 
     def candidates(self, quantized: ir.Model) -> list[_Trial]:
-        """The smallest float prefix that meets the budget, and, when that prefix is long, the
-        fewest most sensitive layers that do."""
+        """The shortest float prefix and float suffix that meet the budget, and, when both are
+        long, the fewest most sensitive layers that do."""
         float_order = [node.name for node in self.source.float_model.graph]
-        prefix = [name for name in float_order if name in set(self.nodes)]
-        found = [self.bisect(prefix, "keeping the first layers float")]
-        if len(found[0].float_layers) > len(self.nodes) * PREFIX_SHARE and not self.out_of_time():
-            ranking = _ranking(self.source, quantized, self.nodes, self.comparison, self.deadline)
+        quantized_nodes = set(self.nodes)
+        order = [name for name in float_order if name in quantized_nodes]
+        longest_end = len(self.nodes) * END_SHARE
+        found = [self.bisect(order, "keeping the first layers float")]
+        if len(found[-1].float_layers) > longest_end and not self.out_of_time():
+            found.append(self.bisect(order[::-1], "keeping the last layers float"))
+        if all(len(trial.float_layers) > longest_end for trial in found) and not self.out_of_time():
+            ranking_deadline = time.perf_counter() + RANKING_TRIALS * self.trial_seconds()
+            if self.deadline is not None:
+                ranking_deadline = min(ranking_deadline, self.deadline)
+            ranking = _ranking(
+                self.source, quantized, self.nodes, self.comparison, ranking_deadline
+            )
             found.append(self.bisect(ranking, "keeping the most sensitive layers float"))
         return found
+
+    def trial_seconds(self) -> float:
+        """The mean time a trial has taken so far."""
+        return self._trial_seconds / max(len(self._made), 1)
 
     def bisect(self, order: list[str], description: str) -> _Trial:
         """The trial with the shortest prefix of ``order`` float that meets the budget.
@@ -327,6 +352,7 @@ class _Search:
         if key in self._made:
             return self._made[key]
         self.trials += 1
+        start = time.perf_counter()
         model = self.source.float_model.clone()
         options = dataclasses.replace(
             self.source.options,
@@ -350,6 +376,7 @@ class _Search:
         )
         trial = _Trial(tuple(float_layers), model, outputs, met, report, bias_report)
         self._made[key] = trial
+        self._trial_seconds += time.perf_counter() - start
         return trial
 
     def speedup(self, model: ir.Model) -> float:
@@ -395,13 +422,13 @@ def _ranking(
 ) -> list[str]:
     """Every quantized node, the ones whose quantization alone hurts the outputs most first.
 
-    Each node is measured in isolation: the float model with that node alone quantized, on up to
-    RANKING_SAMPLES samples, as the noise-to-signal ratio of the outputs. That accounts for how
+    Each node is measured in isolation: the float model with that node alone quantized, on the
+    ranking samples, as the noise-to-signal ratio of the outputs. That accounts for how
     much of a layer's noise reaches the outputs, which the noise a layer adds where it sits does
     not (a noisy layer before a normalizing one may not matter). Nodes left unmeasured at the
     deadline follow, ranked by the noise each adds in the fully quantized model.
     """
-    feeds = comparison.feeds[:RANKING_SAMPLES]
+    feeds = _ranking_feeds(comparison)
     noise = compare_tensors(source.float_model, quantized, feeds)
     added = node_added_noise(source.float_model, quantized, noise, quantized_nodes)
     by_added = [*added, *(name for name in quantized_nodes if name not in added)]
@@ -435,3 +462,13 @@ def _output_noise_ratio(
             signal = float(np.sum(expected**2)) or 1.0
             total += float(np.sum((np.asarray(actual, dtype=np.float64) - expected) ** 2)) / signal
     return total
+
+
+def _ranking_feeds(comparison: ReferenceComparison) -> list[Feed]:
+    """The first samples whose outputs hold RANKING_VALUES values, at most RANKING_SAMPLES."""
+    values = 0
+    for count, outputs in enumerate(comparison.reference_outputs[:RANKING_SAMPLES], start=1):
+        values += sum(np.asarray(output).size for output in outputs)
+        if values >= RANKING_VALUES:
+            return list(comparison.feeds[:count])
+    return list(comparison.feeds[:RANKING_SAMPLES])

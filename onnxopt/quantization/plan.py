@@ -298,6 +298,10 @@ class _Planner:
         if rule.kind is Kind.ABSORBED:
             return self._absorb(node)
         if node.op_type == "Gather" and constant_array(node.inputs[0]) is not None:
+            if node.inputs[0].const_value is None:
+                return (
+                    "its table is a Constant node's output (lift-constants makes it an initializer)"
+                )
             return self._plan_table(node, rule)
         if rule.kind is Kind.WEIGHTED:
             if node.op_type == "MatMul" and constant_array(node.inputs[1]) is None:
@@ -333,6 +337,8 @@ class _Planner:
         weight = node.inputs[1]
         if constant_array(weight) is None:
             return "its weight is not a constant"
+        if weight.const_value is None:
+            return "its weight is a Constant node's output (lift-constants makes it an initializer)"
         if weight.dtype != ir.DataType.FLOAT:
             return f"its weight is {weight.dtype}, not float32"
         bias = node.inputs[2] if len(node.inputs) > 2 else None

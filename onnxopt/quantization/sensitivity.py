@@ -22,6 +22,9 @@ from onnxopt.runtime import Feed, ProbeSession
 
 logger = logging.getLogger(__name__)
 
+# Tensors fetched at once per model when comparing them.
+PROBE_BYTES = 2**27
+
 
 @dataclasses.dataclass
 class TensorNoise:
@@ -86,25 +89,53 @@ def layers_from(quantized_model: ir.Model, noise: dict[str, TensorNoise]) -> lis
 def compare_tensors(
     float_model: ir.Model, quantized_model: ir.Model, feeds: Sequence[Feed]
 ) -> dict[str, TensorNoise]:
-    """Signal and noise of every quantized-model tensor that has a float counterpart, by name."""
+    """Signal and noise of every quantized-model tensor that has a float counterpart, by name.
+
+    The tensors are compared in groups of at most PROBE_BYTES per model (sized on the first
+    sample), each group with sessions of its own: with every tensor of both models fetched at
+    once, a detector at 640x640 would hold gigabytes.
+    """
     pairs = float_counterparts(float_model, quantized_model)
-    quantized_probe = ProbeSession(quantized_model, list(pairs))
-    float_probe = ProbeSession(float_model, list(dict.fromkeys(pairs.values())))
     noise = {name: TensorNoise() for name in pairs}
-    for feed in feeds:
-        quantized_values = quantized_probe.run(feed)
-        float_values = float_probe.run(feed)
-        for name, float_name in pairs.items():
-            if name not in noise:
-                continue
-            observed, reference = quantized_values.get(name), float_values.get(float_name)
-            if observed is None or reference is None or observed.shape != reference.shape:
-                del noise[name]
-                continue
-            reference = reference.astype(np.float64)
-            noise[name].signal += float(np.sum(reference**2))
-            noise[name].noise += float(np.sum((observed.astype(np.float64) - reference) ** 2))
+    if not feeds:
+        return noise
+    for group in _groups_by_size(float_model, pairs, feeds[0]):
+        quantized_probe = ProbeSession(quantized_model, group)
+        float_probe = ProbeSession(float_model, list(dict.fromkeys(pairs[name] for name in group)))
+        for feed in feeds:
+            quantized_values = quantized_probe.run(feed)
+            float_values = float_probe.run(feed)
+            for name in group:
+                if name not in noise:
+                    continue
+                observed = quantized_values.get(name)
+                reference = float_values.get(pairs[name])
+                if observed is None or reference is None or observed.shape != reference.shape:
+                    del noise[name]
+                    continue
+                reference = reference.astype(np.float64)
+                noise[name].signal += float(np.sum(reference**2))
+                noise[name].noise += float(np.sum((observed.astype(np.float64) - reference) ** 2))
     return noise
+
+
+def _groups_by_size(float_model: ir.Model, pairs: dict[str, str], feed: Feed) -> list[list[str]]:
+    """The quantized-model names of ``pairs`` in groups whose float counterparts hold at most
+    PROBE_BYTES on ``feed``."""
+    sizes = {
+        name: array.nbytes
+        for name, array in ProbeSession(float_model, list(set(pairs.values()))).run(feed).items()
+    }
+    groups: list[list[str]] = [[]]
+    group_bytes = 0
+    for name, float_name in pairs.items():
+        size = sizes.get(float_name, 0)
+        if groups[-1] and group_bytes + size > PROBE_BYTES:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append(name)
+        group_bytes += size
+    return groups
 
 
 def node_added_noise(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxopt.quantization.plan import QuantizationOptions, plan_quantization
+from onnxopt.quantization.prepare import tensors_to_calibrate
 from onnxopt.quantization.qdq import emit_plan, quantize_model
 from tests.quantization.helpers import build, feeds, measured_ranges, ops, random_weights, run
 from tests.quantization.test_qdq import cnn
@@ -83,3 +84,24 @@ def test_heavy_ops_inside_branches_are_reported_as_kept_float():
     plan = plan_quantization(model, {}, {}, QuantizationOptions())
     [entry] = plan.kept_float
     assert entry["op_type"] == "If" and "main graph only" in entry["reason"]
+
+
+def test_a_weight_from_a_constant_node_stays_float_with_the_fix():
+    """Recipes without lift-constants reach the quantizer with Constant-node weights."""
+    weights = random_weights(w2=(4, 4, 3, 3))
+    w1 = random_weights(seed=3, w1=(4, 3, 3, 3))["w1"]
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(w1)),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1] * 4, name="conv2"),
+        helper.make_node("Relu", ["c2"], ["y"], name="relu2"),
+    ]
+    model = build(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]}, weights)
+    assert tensors_to_calibrate(model) is not None
+    plan = plan_quantization(
+        model, measured_ranges(model, feeds(model)), {}, QuantizationOptions(reduce_range=False)
+    )
+    decisions = {row.node: row.decision for row in plan.decisions()}
+    assert "lift-constants" in decisions["conv1"]
+    assert decisions["conv2"].startswith("int8")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import helper
 
 from onnxopt.context import Context
@@ -10,10 +11,11 @@ from onnxopt.passes.fallback import FallbackPass
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.passes.validate import ValidatePass
 from onnxopt.quantization import fallback as search_module
+from onnxopt.quantization import sensitivity
 from onnxopt.quantization.fusion import fusion_report
 from onnxopt.quantization.plan import QuantizationOptions
 from onnxopt.quantization.qdq import quantize_model
-from onnxopt.quantization.sensitivity import layer_sqnr
+from onnxopt.quantization.sensitivity import compare_tensors, float_counterparts, layer_sqnr
 from tests.quantization.helpers import build, calibrated, cosine, ops, random_weights, run
 
 
@@ -89,6 +91,30 @@ def test_layer_sqnr_shows_where_the_error_starts():
     assert by_tensor["x"].sqnr_db > 30 and by_tensor["a"].sqnr_db < 10
     assert [layer.sqnr_db for layer in layers] == sorted(layer.sqnr_db for layer in layers)
     assert layers[-1].tensor == "x"
+
+
+def test_tensors_compared_in_small_groups_measure_the_same(monkeypatch):
+    """Large activations are compared a group at a time; the figures must not depend on it."""
+    samples = outlier_samples(4)
+    float_model = three_convs()
+    model = three_convs()
+    quantized(model, samples)
+    whole = compare_tensors(float_model, model, samples)
+    monkeypatch.setattr(sensitivity, "PROBE_BYTES", 1)
+    assert (
+        len(
+            sensitivity._groups_by_size(
+                float_model, float_counterparts(float_model, model), samples[0]
+            )
+        )
+        > 1
+    )
+    grouped = compare_tensors(float_model, model, samples)
+    assert set(grouped) == set(whole) and len(whole) >= 4
+    # Which tensors a session exposes changes which kernels onnxruntime fuses, a little.
+    for name, noise in whole.items():
+        assert grouped[name].signal == pytest.approx(noise.signal, rel=1e-6)
+        assert grouped[name].noise == pytest.approx(noise.noise, rel=1e-2)
 
 
 def test_fallback_keeps_exactly_the_sensitive_layer_float():
