@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import UniqueNames, add_initializer, is_default_domain
+from onnxopt.graph import UniqueNames, add_initializer, is_default_domain, rewrite_matching_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +35,7 @@ def decompose_hard_activations(model: ir.Model) -> int:
     Add run as integer kernels and the Clip disappears into the Add's range. Results change by
     float rounding only. Returns how many nodes were rewritten.
     """
-    rewritten = 0
-    names = UniqueNames(model)
-    for graph in model.graphs():
-        for node in list(graph):
-            if is_hard_activation(node):
-                decompose(node, names)
-                rewritten += 1
+    rewritten = rewrite_matching_nodes(model, is_hard_activation, decompose)
     logger.info("spelled out %d HardSigmoid and HardSwish nodes", rewritten)
     return rewritten
 

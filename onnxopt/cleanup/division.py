@@ -7,7 +7,13 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import UniqueNames, add_initializer, constant_array, is_default_domain
+from onnxopt.graph import (
+    UniqueNames,
+    add_initializer,
+    constant_array,
+    is_default_domain,
+    rewrite_matching_nodes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -20,13 +26,7 @@ def divisions_to_multiplications(model: ir.Model) -> int:
     result differs from the division by at most one rounding of the reciprocal. Divisors with a
     zero stay divisions. Returns how many were rewritten.
     """
-    rewritten = 0
-    names = UniqueNames(model)
-    for graph in model.graphs():
-        for node in list(graph):
-            if is_division_by_constant(node):
-                division_to_multiplication(node, names)
-                rewritten += 1
+    rewritten = rewrite_matching_nodes(model, is_division_by_constant, division_to_multiplication)
     logger.info("rewrote %d divisions by constants as multiplications", rewritten)
     return rewritten
 
