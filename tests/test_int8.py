@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -328,3 +329,16 @@ def test_plot_into_a_missing_folder_is_refused_before_any_work(
     assert run_cli(*arguments, "--plot", tmp_path / "missing" / "layers.png") == 2
     assert "cannot write" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_plot_without_matplotlib_is_refused_before_any_work(
+    tmp_path, classifier_path, classifier_data, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    output = tmp_path / "q.onnx"
+    arguments = ("optimize", classifier_path, "-o", output, "--calib", classifier_data)
+    assert run_cli(*arguments, "--plot", tmp_path / "layers.png") == 2
+    error = capsys.readouterr().err
+    assert "--plot needs matplotlib" in error and "onnxopt[plot]" in error
+    assert "Traceback" not in error
+    assert not output.exists() and not (tmp_path / "layers.png").exists()
