@@ -22,7 +22,7 @@ from onnxopt.shapes import infer_shapes
 logger = logging.getLogger(__name__)
 
 # Batches hold at most this many bytes of activations (if a sample alone does not hold more).
-MAX_BATCH_BYTES = 2**28
+MAX_BATCH_BYTES = 2**26
 
 # Activation types onnxruntime can hand back as numpy arrays (it has no numpy type for bfloat16).
 COLLECTED_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})

@@ -23,7 +23,7 @@ from onnxopt.runtime import Feed, ProbeSession
 logger = logging.getLogger(__name__)
 
 # Tensors fetched at once per model when comparing them.
-PROBE_BYTES = 2**27
+PROBE_BYTES = 2**26
 
 
 @dataclasses.dataclass
