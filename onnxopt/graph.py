@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -85,22 +85,3 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     )
     graph.register_initializer(value)
     return value
-
-
-def rewrite_matching_nodes(
-    model: ir.Model,
-    matches: Callable[[ir.Node], bool],
-    rewrite: Callable[[ir.Node, UniqueNames], object],
-) -> int:
-    """Apply ``rewrite`` to every node of every graph (subgraphs too) that ``matches``; how many.
-
-    The nodes are listed before any rewrite, so the nodes a rewrite adds are not visited.
-    """
-    rewritten = 0
-    names = UniqueNames(model)
-    for graph in model.graphs():
-        for node in list(graph):
-            if matches(node):
-                rewrite(node, names)
-                rewritten += 1
-    return rewritten

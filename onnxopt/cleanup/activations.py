@@ -1,15 +1,18 @@
-"""HardSigmoid and HardSwish spelled out in ops onnxruntime runs as integer kernels."""
+"""HardSigmoid as ``Clip(x * alpha + beta, 0, 1)``, HardSwish as ``x * that``.
+
+onnxruntime has no integer kernel for either, so each (28 in a PP-LCNet, one per
+squeeze-excitation block in a MobileNetV3) is a float island between integer kernels, where
+the big tensor it multiplies is dequantized and quantized again. Spelled out, Mul and Add run
+as integer kernels and the Clip disappears into the Add's range; results change by float
+rounding only. The quantizer spells them out where their input arrives in int8.
+"""
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import UniqueNames, add_initializer, is_default_domain, rewrite_matching_nodes
-
-logger = logging.getLogger(__name__)
+from onnxopt.graph import UniqueNames, add_initializer, is_default_domain
 
 # HardSwish(x) = x * HardSigmoid(x) with these, by the ONNX definition.
 HARDSWISH_ALPHA = 1.0 / 6.0
@@ -26,20 +29,6 @@ def is_hard_activation(node: ir.Node) -> bool:
     )
 
 
-def decompose_hard_activations(model: ir.Model) -> int:
-    """Rewrite HardSigmoid as ``Clip(x * alpha + beta, 0, 1)`` and HardSwish as ``x * that``.
-
-    onnxruntime has no integer kernel for either, so every one of them (28 in a PP-LCNet, one
-    per squeeze-excitation block in a MobileNetV3) is a float island between integer kernels,
-    where the big tensor it multiplies is dequantized and quantized again. Spelled out, Mul and
-    Add run as integer kernels and the Clip disappears into the Add's range. Results change by
-    float rounding only. Returns how many nodes were rewritten.
-    """
-    rewritten = rewrite_matching_nodes(model, is_hard_activation, decompose)
-    logger.info("spelled out %d HardSigmoid and HardSwish nodes", rewritten)
-    return rewritten
-
-
 def hard_sigmoid_parameters(node: ir.Node) -> tuple[float, float]:
     """(alpha, beta) of a HardSigmoid, or of the HardSigmoid inside a HardSwish."""
     if node.op_type == "HardSwish":
@@ -47,10 +36,11 @@ def hard_sigmoid_parameters(node: ir.Node) -> tuple[float, float]:
     return node.attributes.get_float("alpha", 0.2), node.attributes.get_float("beta", 0.5)
 
 
-def decompose(node: ir.Node, names: UniqueNames) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """Replace one HardSigmoid or HardSwish; the new (scaled, shifted, clipped) values.
+def decompose(node: ir.Node, names: UniqueNames) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+    """Replace one HardSigmoid or HardSwish; the new (scaled, shifted, clipped, result) values.
 
-    The node's output keeps its name, on the Clip (HardSigmoid) or the final Mul (HardSwish).
+    The result, which takes over the node's output and its name, is the Clip's output
+    (HardSigmoid) or the final Mul's (HardSwish).
     """
     graph = node.graph
     x = node.inputs[0]
@@ -81,4 +71,4 @@ def decompose(node: ir.Node, names: UniqueNames) -> tuple[ir.Value, ir.Value, ir
     output.replace_all_uses_with(result, replace_graph_outputs=True)
     graph.remove(node, safe=True)
     result.name = output.name
-    return scaled.outputs[0], shifted.outputs[0], clipped.outputs[0]
+    return scaled.outputs[0], shifted.outputs[0], clipped.outputs[0], result

@@ -1,8 +1,12 @@
-"""Divisions by constants become multiplications by their reciprocals."""
+"""A division by a constant as a multiplication by its reciprocal.
+
+onnxruntime has integer kernels for Mul and none for Div, so a division by a constant (the
+``/ 6`` of an exported HardSwish) would stay a float island between integer kernels. The
+result differs from the division by at most one rounding of the reciprocal; divisors with a
+zero stay divisions. The quantizer rewrites them where their input arrives in int8.
+"""
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import onnx_ir as ir
@@ -12,23 +16,7 @@ from onnxopt.graph import (
     add_initializer,
     constant_array,
     is_default_domain,
-    rewrite_matching_nodes,
 )
-
-logger = logging.getLogger(__name__)
-
-
-def divisions_to_multiplications(model: ir.Model) -> int:
-    """Rewrite ``Div(x, c)`` with a constant float ``c`` as ``Mul(x, 1 / c)``, in every graph.
-
-    onnxruntime has integer kernels for Mul and none for Div, so a division by a constant (the
-    ``/ 6`` of an exported HardSwish) would stay a float island between integer kernels. The
-    result differs from the division by at most one rounding of the reciprocal. Divisors with a
-    zero stay divisions. Returns how many were rewritten.
-    """
-    rewritten = rewrite_matching_nodes(model, is_division_by_constant, division_to_multiplication)
-    logger.info("rewrote %d divisions by constants as multiplications", rewritten)
-    return rewritten
 
 
 def is_division_by_constant(node: ir.Node) -> bool:

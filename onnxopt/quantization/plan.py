@@ -247,6 +247,18 @@ def plan_quantization(
     )
 
 
+def exclusion(node: ir.Node, options: QuantizationOptions) -> str | None:
+    """Why the options keep ``node`` float by its op type or name, or None."""
+    if node.op_type in options.exclude_op_types:
+        return "excluded by op type"
+    name = node.name or ""
+    if name in options.exclude_nodes or any(
+        re.fullmatch(pattern, name) for pattern in options.exclude_nodes
+    ):
+        return "excluded by name"
+    return None
+
+
 class _Planner:
     """The decisions so far, and the rules that make the next one."""
 
@@ -271,7 +283,6 @@ class _Planner:
             if options.reduce_range is not None
             else not numerics.cpu_has_vnni()
         )
-        self._exclusions = [re.compile(pattern) for pattern in options.exclude_nodes]
         for name, override in options.tensor_overrides.items():
             if "low" in override or "high" in override:
                 low, high = ranges.get(name, (0.0, 0.0))
@@ -282,15 +293,7 @@ class _Planner:
                 self.problems.pop(name, None)
 
     def excluded(self, node: ir.Node) -> str | None:
-        if node.op_type in self.options.exclude_op_types:
-            return "excluded by op type"
-        name = node.name or ""
-        if (
-            any(pattern.fullmatch(name) for pattern in self._exclusions)
-            or name in self.options.exclude_nodes
-        ):
-            return "excluded by name"
-        return None
+        return exclusion(node, self.options)
 
     def consider(self, node: ir.Node, rule: OpRule) -> str | None:
         if rule.kind is Kind.FLOAT:

@@ -22,6 +22,7 @@ from onnxopt.quantization.plan import (
     Output,
     QuantizationOptions,
     QuantizationPlan,
+    exclusion,
     find_quantized_ops,
     plan_quantization,
 )
@@ -41,32 +42,28 @@ def prepare_for_int8(
     ranges = dict(ranges)
     plan = plan_quantization(model, ranges, problems, options)
     integer = _int8_values(plan)
-    excluded = {
-        entry["node"] for entry in plan.kept_float if entry["reason"].startswith("excluded")
-    }
     names = UniqueNames(model)
     rewritten = 0
     for node in list(model.graph):
         source = node.inputs[0] if node.inputs else None
-        if source not in integer or (node.name or "") in excluded:
+        if source not in integer or exclusion(node, options):
             continue
         if is_division_by_constant(node):
-            division_to_multiplication(node, names)
+            integer.add(division_to_multiplication(node, names).outputs[0])
             rewritten += 1
         elif is_hard_activation(node) and source.name in ranges:
             low, high = ranges[source.name]
             alpha, beta = hard_sigmoid_parameters(node)
-            output = node.outputs[0]
-            scaled, shifted, clipped = decompose(node, names)
+            scaled, shifted, clipped, result = decompose(node, names)
             scaled_range = sorted((low * alpha, high * alpha))
             ranges[scaled.name] = (scaled_range[0], scaled_range[1])
             ranges[shifted.name] = (scaled_range[0] + beta, scaled_range[1] + beta)
-            if clipped is not output:
+            if clipped is not result:
                 ranges[clipped.name] = (
                     max(0.0, scaled_range[0] + beta),
                     min(1.0, scaled_range[1] + beta),
                 )
-            integer.add(output)
+            integer.add(result)
             rewritten += 1
     logger.info("spelled out %d float islands for int8", rewritten)
     return ranges

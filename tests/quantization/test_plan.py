@@ -105,3 +105,41 @@ def test_a_weight_from_a_constant_node_stays_float_with_the_fix():
     decisions = {row.node: row.decision for row in plan.decisions()}
     assert "lift-constants" in decisions["conv1"]
     assert decisions["conv2"].startswith("int8")
+
+
+def hardswish_then_division():
+    """conv -> HardSwish -> Div(6) -> conv: the Div reads what the spelled-out HardSwish gives."""
+    weights = random_weights(w1=(4, 3, 3, 3), w2=(4, 4, 3, 3))
+    weights["six"] = np.array(6.0, np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+        helper.make_node("HardSwish", ["c1"], ["h"], name="hardswish"),
+        helper.make_node("Div", ["h", "six"], ["d"], name="divide"),
+        helper.make_node("Conv", ["d", "w2"], ["c2"], pads=[1] * 4, name="conv2"),
+        helper.make_node("Relu", ["c2"], ["y"], name="relu"),
+    ]
+    return build(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]}, weights)
+
+
+def test_a_division_after_a_spelled_out_hardswish_runs_in_int8_too():
+    model = hardswish_then_division()
+    quantize_model(
+        model, measured_ranges(model, feeds(model)), {}, QuantizationOptions(reduce_range=False)
+    )
+    assert "HardSwish" not in ops(model) and "Div" not in ops(model)
+
+
+def test_an_excluded_op_type_is_not_rewritten_for_int8():
+    weights = random_weights(w1=(4, 3, 3, 3), w2=(4, 4, 3, 3))
+    weights["six"] = np.array(6.0, np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+        helper.make_node("Div", ["c1", "six"], ["d"], name="divide"),
+        helper.make_node("Conv", ["d", "w2"], ["c2"], pads=[1] * 4, name="conv2"),
+        helper.make_node("Relu", ["c2"], ["y"], name="relu"),
+    ]
+    for excluded in ([], ["Div"]):
+        model = build(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]}, weights)
+        options = QuantizationOptions(reduce_range=False, exclude_op_types=excluded)
+        quantize_model(model, measured_ranges(model, feeds(model)), {}, options)
+        assert ("Div" in ops(model)) == bool(excluded)
