@@ -1,4 +1,4 @@
-"""Fallback: keep the fewest quantized layers float for the outputs to meet a fidelity budget."""
+"""Fallback: the fastest quantization whose outputs meet a fidelity budget."""
 
 from __future__ import annotations
 
@@ -17,18 +17,21 @@ from onnxopt.validation import Thresholds
 class FallbackPass(OnnxoptPass):
     """Keep as few quantized layers float as it takes for the outputs to meet the budget, fast.
 
-    Bisects how many of the first layers, or of the most sensitive ones, to keep float
-    (``quantization.fallback``), measuring each candidate exactly as the validate pass measures:
-    against the original model, on the held-back samples (``validate.samples``), with the same
-    metrics. The search always ends with a model that meets the budget; when only the float
-    model does, that is the model, and the report says so. Put it after 'quantize' (and
-    'correct-bias', which it applies again to every model it makes) and before 'validate'. The
-    SQNR of every quantized tensor of the chosen model, worst first, goes to the report.
+    Bisects how many of the first layers, the last layers, or the most sensitive ones to keep
+    float (``quantization.fallback``), measuring each candidate exactly as the validate pass
+    measures: through the run's one comparison with the original model (held-back samples
+    first, then calibration samples, up to ``validate.samples``), with the same metrics. Of the
+    candidates that meet the budget it keeps the fastest. The search always ends with a model
+    that meets the budget; when only the float model does, or int8 would be slower than
+    ``min_speedup`` allows, that is the model, and the report says why. Put it after 'quantize'
+    (and 'correct-bias', which it applies again to every model it makes) and before 'validate'.
+    The SQNR of every quantized tensor of the chosen model, worst first, goes to the report.
 
     Args:
         min_cosine: every output's cosine similarity with the original, at least.
         min_sqnr_db: every output's SQNR against the original, at least.
-        min_top1_agreement: outputs that hold class scores agree on the top class this often.
+        min_top1_agreement: outputs that hold class scores are expected to agree on the top
+            class this often (from the margins and the measured noise; see ``metrics``).
         min_speedup: the result must run at least this much faster than the float model (one
             thread, timed briefly); else it keeps every layer float and says why. none skips
             timing and keeps the candidate with the fewest layers float.

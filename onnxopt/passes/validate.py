@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 class ValidatePass(OnnxoptPass):
     """Check the model and compare it with the original before anyone writes it.
 
-    Compares on samples held back from the user's data, or on random inputs the original model
-    runs on when there is no data (when it runs on none, the comparison is skipped and the
+    Compares on samples held back from the user's data (then calibration samples, up to
+    ``samples``), or on random inputs the original model runs on when there is no data (when it runs on none, the comparison is skipped and the
     report says why). Every pass that measures fidelity in the run measures on these samples.
     Fails the run (nothing is written) when a check fails.
     """

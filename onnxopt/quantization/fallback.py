@@ -56,8 +56,8 @@ HEAVY_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 # sensitive layers.
 END_SHARE = 0.2
 
-# The ranking measures each layer on the first samples until their outputs hold this many
-# values, at most RANKING_SAMPLES: a detector's map of 640x640 gives a stable figure from one
+# The ranking (and the per-layer table of the chosen model) measures on the first samples
+# until their outputs hold this many values, at most RANKING_SAMPLES: a detector's map of 640x640 gives a stable figure from one
 # sample, a classifier's scores need several.
 RANKING_VALUES = 2**18
 RANKING_SAMPLES = 8
@@ -282,8 +282,8 @@ class _Search:
         self._trial_seconds = 0.0
 
     def candidates(self, quantized: ir.Model) -> list[_Trial]:
-        """The shortest float prefix and float suffix that meet the budget, and, when both are
-        long, the fewest most sensitive layers that do."""
+        """The shortest float prefix that meets the budget; when that is long, the shortest
+        float suffix; when both are long, the fewest most sensitive layers that do."""
         float_order = [node.name for node in self.source.float_model.graph]
         quantized_nodes = set(self.nodes)
         order = [name for name in float_order if name in quantized_nodes]
