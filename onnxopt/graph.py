@@ -85,3 +85,44 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     )
     graph.register_initializer(value)
     return value
+
+
+def remove_if_unused(value: ir.Value) -> None:
+    """Delete the initializer when nothing reads it any more."""
+    graph = value.graph
+    if graph is None or graph.initializers.get(value.name) is not value:
+        return
+    if not (value.uses() or value.is_graph_input() or value.is_graph_output()):
+        del graph.initializers[value.name]
+
+
+def move_initializer_to(value: ir.Value, graph: ir.Graph) -> None:
+    """Make the initializer one of ``graph``, the subgraph of its only consumer, if it is not yet."""
+    if value.graph is graph:
+        return
+    del value.graph.initializers[value.name]
+    graph.register_initializer(value)
+
+
+def float64_array(value: ir.Value) -> np.ndarray:
+    """An initializer's contents in float64, for folding arithmetic."""
+    return value.const_value.numpy().astype(np.float64)
+
+
+def set_constant(value: ir.Value, array: np.ndarray) -> None:
+    """Give the initializer new contents, and their shape."""
+    value.const_value = ir.tensor(array, name=value.name)
+    value.shape = ir.Shape(array.shape)
+
+
+def take_over_output(node: ir.Node, value: ir.Value) -> None:
+    """Make ``value`` stand for ``node``'s output (its uses, graph outputs, name, and type and
+    shape where ``value`` has none) and remove ``node``: how a rewrite replaces a node."""
+    output = node.outputs[0]
+    if value.shape is None:
+        value.shape = output.shape
+    if value.type is None:
+        value.type = output.type
+    output.replace_all_uses_with(value, replace_graph_outputs=True)
+    node.graph.remove(node, safe=True)
+    value.name = output.name

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import UniqueNames, add_initializer, is_default_domain
+from onnxopt.graph import UniqueNames, add_initializer, is_default_domain, take_over_output
 
 # HardSwish(x) = x * HardSigmoid(x) with these, by the ONNX definition.
 HARDSWISH_ALPHA = 1.0 / 6.0
@@ -66,9 +66,6 @@ def decompose(node: ir.Node, names: UniqueNames) -> tuple[ir.Value, ir.Value, ir
         step.outputs[0].name = names(f"{step.name}_output")
         step.outputs[0].dtype, step.outputs[0].shape = x.dtype, x.shape
     graph.insert_before(node, chain)
-    output, result = node.outputs[0], chain[-1].outputs[0]
-    result.dtype, result.shape = output.dtype, output.shape
-    output.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    result.name = output.name
+    result = chain[-1].outputs[0]
+    take_over_output(node, result)
     return scaled.outputs[0], shifted.outputs[0], clipped.outputs[0], result

@@ -15,8 +15,17 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.cleanup.batchnorm import _float64, _move_to, _remove_if_unused, _set_constant
-from onnxopt.graph import UniqueNames, add_initializer, constant_array, is_default_domain
+from onnxopt.graph import (
+    UniqueNames,
+    add_initializer,
+    constant_array,
+    float64_array,
+    is_default_domain,
+    move_initializer_to,
+    remove_if_unused,
+    set_constant,
+    take_over_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,27 +134,22 @@ def _fold(conv: ir.Node, node: ir.Node, names: UniqueNames) -> None:
     values = _per_channel(constant, channels, rank)
     dtype = weight.const_value.numpy().dtype
     bias = conv.inputs[2] if len(conv.inputs) > 2 else None
-    weights = _float64(weight)
-    shift = _float64(bias) if bias is not None else np.zeros(channels)
+    weights = float64_array(weight)
+    shift = float64_array(bias) if bias is not None else np.zeros(channels)
     if node.op_type in ("Mul", "Div"):
         factor = values if node.op_type == "Mul" else 1.0 / values
         weights = weights * factor.reshape(-1, *([1] * (rank - 1)))
         shift = shift * factor
     else:
         shift = shift + (values if node.op_type == "Add" else -values)
-    _set_constant(weight, weights.astype(dtype))
-    _move_to(weight, conv.graph)
+    set_constant(weight, weights.astype(dtype))
+    move_initializer_to(weight, conv.graph)
     if bias is None:
         bias = add_initializer(conv.graph, names(f"{weight.name}_bias"), shift.astype(dtype))
         conv.resize_inputs(3)
         conv.replace_input_with(2, bias)
     else:
-        _set_constant(bias, shift.astype(dtype))
-        _move_to(bias, conv.graph)
-    output, folded = conv.outputs[0], node.outputs[0]
-    if output.shape is None:
-        output.shape = folded.shape
-    folded.replace_all_uses_with(output, replace_graph_outputs=True)
-    node.graph.remove(node, safe=True)
-    output.name = folded.name
-    _remove_if_unused(constant)
+        set_constant(bias, shift.astype(dtype))
+        move_initializer_to(bias, conv.graph)
+    take_over_output(node, conv.outputs[0])
+    remove_if_unused(constant)

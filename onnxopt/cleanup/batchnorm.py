@@ -14,7 +14,17 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import UniqueNames, add_initializer, default_opset, is_default_domain
+from onnxopt.graph import (
+    UniqueNames,
+    add_initializer,
+    default_opset,
+    float64_array,
+    is_default_domain,
+    move_initializer_to,
+    remove_if_unused,
+    set_constant,
+    take_over_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +153,13 @@ def _output_channels(producer: ir.Node) -> int | None:
 
 
 def _fold(producer: ir.Node, batchnorm: ir.Node, names: UniqueNames) -> None:
-    gamma, beta, mean, var = (_float64(value) for value in batchnorm.inputs[1:])
+    gamma, beta, mean, var = (float64_array(value) for value in batchnorm.inputs[1:])
     epsilon = batchnorm.attributes.get_float("epsilon", DEFAULT_EPSILON)
     scale = gamma / np.sqrt(var + epsilon)
     weight = producer.inputs[1]
     dtype = weight.const_value.numpy().dtype
-    _set_constant(weight, _scaled_weights(producer, _float64(weight), scale).astype(dtype))
-    _move_to(weight, producer.graph)
+    set_constant(weight, _scaled_weights(producer, float64_array(weight), scale).astype(dtype))
+    move_initializer_to(weight, producer.graph)
 
     # Gemm computes alpha * A @ B + beta * C: beta goes into the new bias and away from the node.
     bias_scale = 1.0
@@ -157,15 +167,15 @@ def _fold(producer: ir.Node, batchnorm: ir.Node, names: UniqueNames) -> None:
         bias_scale = producer.attributes.get_float("beta", 1.0)
         producer.attributes.pop("beta")
     bias = producer.inputs[2] if len(producer.inputs) > 2 else None
-    old_bias = _float64(bias) if bias is not None else 0.0
+    old_bias = float64_array(bias) if bias is not None else 0.0
     new_bias = ((bias_scale * old_bias - mean) * scale + beta).astype(dtype)
     if bias is None:
         bias = add_initializer(producer.graph, names(f"{weight.name}_bias"), new_bias)
         producer.resize_inputs(3)
         producer.replace_input_with(2, bias)
     else:
-        _set_constant(bias, new_bias)
-        _move_to(bias, producer.graph)
+        set_constant(bias, new_bias)
+        move_initializer_to(bias, producer.graph)
 
     _take_over_output(producer.outputs[0], batchnorm)
 
@@ -188,39 +198,7 @@ def _scaled_weights(producer: ir.Node, weights: np.ndarray, scale: np.ndarray) -
 
 def _take_over_output(output: ir.Value, batchnorm: ir.Node) -> None:
     """Make ``output`` stand for the BatchNorm's output, name included, and remove the BatchNorm."""
-    normalized = batchnorm.outputs[0]
     parameters = [value for value in batchnorm.inputs[1:] if value is not None]
-    if output.shape is None:
-        output.shape = normalized.shape
-    if output.type is None:
-        output.type = normalized.type
-    normalized.replace_all_uses_with(output, replace_graph_outputs=True)
-    batchnorm.graph.remove(batchnorm, safe=True)
-    output.name = normalized.name
+    take_over_output(batchnorm, output)
     for parameter in parameters:
-        _remove_if_unused(parameter)
-
-
-def _remove_if_unused(value: ir.Value) -> None:
-    graph = value.graph
-    if graph is None or graph.initializers.get(value.name) is not value:
-        return
-    if not (value.uses() or value.is_graph_input() or value.is_graph_output()):
-        del graph.initializers[value.name]
-
-
-def _move_to(value: ir.Value, graph: ir.Graph) -> None:
-    """Make the initializer one of ``graph``, the subgraph of its only consumer, if it is not yet."""
-    if value.graph is graph:
-        return
-    del value.graph.initializers[value.name]
-    graph.register_initializer(value)
-
-
-def _float64(value: ir.Value) -> np.ndarray:
-    return value.const_value.numpy().astype(np.float64)
-
-
-def _set_constant(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(array, name=value.name)
-    value.shape = ir.Shape(array.shape)
+        remove_if_unused(parameter)

@@ -16,6 +16,7 @@ from onnxopt.graph import (
     add_initializer,
     constant_array,
     is_default_domain,
+    take_over_output,
 )
 
 
@@ -41,9 +42,5 @@ def division_to_multiplication(node: ir.Node, names: UniqueNames) -> ir.Node:
     )
     multiply = ir.node("Mul", [node.inputs[0], reciprocal], name=node.name)
     graph.insert_before(node, multiply)
-    result, output = multiply.outputs[0], node.outputs[0]
-    result.dtype, result.shape = output.dtype, output.shape
-    output.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    result.name = output.name
+    take_over_output(node, multiply.outputs[0])
     return multiply

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from onnxopt.graph import constant_array
+from onnxopt.graph import constant_array, take_over_output
 from onnxopt.quantization import numerics
 from onnxopt.quantization.nodes import QdqBuilder
 from onnxopt.quantization.plan import (
@@ -241,12 +241,8 @@ class _Emitter:
 
     def _replace(self, node: ir.Node, chain: list[ir.Node]) -> None:
         """Put ``chain`` in place of ``node``: its last node's output takes over node's output."""
-        output, result = node.outputs[0], chain[-1].outputs[0]
-        result.dtype, result.shape = output.dtype, output.shape
         self.graph.extend(chain)
-        output.replace_all_uses_with(result, replace_graph_outputs=True)
-        self.graph.remove(node, safe=True)
-        result.name = output.name
+        take_over_output(node, chain[-1].outputs[0])
 
     def _quantize_dynamic(self, planned: PlannedNode) -> None:
         """x -> DynamicQuantizeLinear -> MatMulInteger with int8 weights -> Cast -> Mul by the scales.
