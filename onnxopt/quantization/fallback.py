@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -86,6 +86,20 @@ class QuantizedFrom:
     options: QuantizationOptions
     create_bias: bool | None = None
     means: ChannelMeans | None = None
+
+    def quantized_with_float(
+        self, float_layers: Iterable[str]
+    ) -> tuple[ir.Model, QuantizationReport]:
+        """The float model quantized again, with ``float_layers`` kept float too."""
+        model = self.float_model.clone()
+        options = dataclasses.replace(
+            self.options,
+            exclude_nodes=[
+                *self.options.exclude_nodes,
+                *(re.escape(name) for name in float_layers),
+            ],
+        )
+        return model, quantize_model(model, self.ranges, self.problems, options)
 
 
 @dataclasses.dataclass
@@ -353,15 +367,7 @@ class _Search:
             return self._made[key]
         self.trials += 1
         start = time.perf_counter()
-        model = self.source.float_model.clone()
-        options = dataclasses.replace(
-            self.source.options,
-            exclude_nodes=[
-                *self.source.options.exclude_nodes,
-                *(re.escape(name) for name in float_layers),
-            ],
-        )
-        report = quantize_model(model, self.source.ranges, self.source.problems, options)
+        model, report = self.source.quantized_with_float(float_layers)
         bias_report = None
         if self.source.create_bias is not None and self.source.means is not None:
             bias_report = correct_biases(
@@ -437,12 +443,7 @@ def _ranking(
     for name in by_added:
         if deadline is not None and time.perf_counter() > deadline:
             break
-        model = source.float_model.clone()
-        others = [re.escape(other) for other in quantized_nodes if other != name]
-        options = dataclasses.replace(
-            source.options, exclude_nodes=[*source.options.exclude_nodes, *others]
-        )
-        quantize_model(model, source.ranges, source.problems, options)
+        model, _ = source.quantized_with_float(other for other in quantized_nodes if other != name)
         session = runtime.create_session(model)
         isolated[name] = _output_noise_ratio(reference, runtime.run(session, feeds))
     ranked = sorted(isolated, key=lambda name: -isolated[name])
