@@ -146,13 +146,17 @@ def create_session(
     *,
     threads: int | None = None,
     optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    memory_arena: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a model in memory or on disk.
 
     Models too large for one protobuf message travel through a temporary file with external data.
+    ``memory_arena=False`` returns each run's memory as it is freed, instead of keeping the
+    largest run's in an arena for the session's life: for sessions whose runs hold many tensors.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = optimization_level
+    options.enable_cpu_mem_arena = memory_arena
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -199,7 +203,7 @@ class ProbeSession:
         self.fetched = [name for name in wanted if values[name].producer() is not None]
         outputs = set(graph.outputs)
         graph.outputs.extend(values[name] for name in self.fetched if values[name] not in outputs)
-        self.session = create_session(model)
+        self.session = create_session(model, memory_arena=False)
 
     def run(self, feed: Feed, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The named outputs (default: all of them) and the fed values, by name."""

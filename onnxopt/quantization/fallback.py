@@ -297,36 +297,55 @@ class _Search:
 
     def candidates(self, quantized: ir.Model) -> list[_Trial]:
         """The shortest float prefix that meets the budget; when that is long, the shortest
-        float suffix; when both are long, the fewest most sensitive layers that do."""
+        float suffix; when both are long, the fewest most sensitive layers that do. A later
+        family looks only for candidates with fewer layers float than one already found."""
         float_order = [node.name for node in self.source.float_model.graph]
         quantized_nodes = set(self.nodes)
         order = [name for name in float_order if name in quantized_nodes]
         longest_end = len(self.nodes) * END_SHARE
         found = [self.bisect(order, "keeping the first layers float")]
         if len(found[-1].float_layers) > longest_end and not self.out_of_time():
-            found.append(self.bisect(order[::-1], "keeping the last layers float"))
-        if all(len(trial.float_layers) > longest_end for trial in found) and not self.out_of_time():
+            found.append(
+                self.bisect(order[::-1], "keeping the last layers float", _fewest_float(found))
+            )
+        if (
+            all(trial is None or len(trial.float_layers) > longest_end for trial in found)
+            and not self.out_of_time()
+        ):
             ranking_deadline = time.perf_counter() + RANKING_TRIALS * self.trial_seconds()
             if self.deadline is not None:
                 ranking_deadline = min(ranking_deadline, self.deadline)
             ranking = _ranking(
                 self.source, quantized, self.nodes, self.comparison, ranking_deadline
             )
-            found.append(self.bisect(ranking, "keeping the most sensitive layers float"))
-        return found
+            found.append(
+                self.bisect(
+                    ranking, "keeping the most sensitive layers float", _fewest_float(found)
+                )
+            )
+        return [trial for trial in found if trial is not None]
 
     def trial_seconds(self) -> float:
         """The mean time a trial has taken so far."""
         return self._trial_seconds / max(len(self._made), 1)
 
-    def bisect(self, order: list[str], description: str) -> _Trial:
+    def bisect(
+        self, order: list[str], description: str, fewer_than: int | None = None
+    ) -> _Trial | None:
         """The trial with the shortest prefix of ``order`` float that meets the budget.
 
         The whole of ``order`` float is the float model, taken to meet the budget until tried.
+        With ``fewer_than``, only prefixes shorter than that are tried, and None is the answer
+        when the longest of them misses the budget.
         """
-        steps = math.ceil(math.log2(len(order) + 1))
         low, high = 0, len(order)
         passing = None
+        if fewer_than is not None and fewer_than - 1 < high:
+            high = max(fewer_than - 1, 0)
+            passing = self.trial(order[:high])
+            if not passing.met:
+                return None
+        steps = math.ceil(math.log2(high + 1))
         with self.progress.task(description, steps) as advance:
             while high - low > 1 and not self.out_of_time():
                 middle = (low + high) // 2
@@ -394,6 +413,14 @@ class _Search:
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
+
+
+def _fewest_float(trials: Sequence[_Trial | None]) -> int | None:
+    """The fewest layers float of the trials that meet the budget; None when none does."""
+    return min(
+        (len(trial.float_layers) for trial in trials if trial is not None and trial.met),
+        default=None,
+    )
 
 
 def _is_depthwise(node: ir.Node) -> bool:

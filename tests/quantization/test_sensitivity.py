@@ -227,3 +227,26 @@ def test_a_quantization_fast_enough_is_kept_with_its_speedup(monkeypatch):
     result = fallback(model, context, min_cosine=0.9, min_speedup=1.0)
     assert result.details["speedup"] == 1.7 and result.details["still quantized"] > 0
     assert "QLinearConv" in fusion_report(model).op_counts
+
+
+def test_a_later_family_only_tries_fewer_layers_float_than_found(monkeypatch):
+    """Bisection capped below a candidate already found: one trial says whether it can beat it."""
+    from onnxopt.progress import QUIET
+
+    tried = []
+
+    def trial(float_layers):
+        tried.append(len(float_layers))
+        return search_module._Trial(tuple(float_layers), None, [], len(float_layers) >= needed)
+
+    search = object.__new__(search_module._Search)
+    search.progress, search.deadline, search.trial = QUIET, None, trial
+    order = [f"layer{index}" for index in range(64)]
+    needed = 40
+    assert search.bisect(order, "test", fewer_than=30) is None and tried == [29]
+    tried.clear()
+    needed = 12
+    found = search.bisect(order, "test", fewer_than=30)
+    assert len(found.float_layers) == 12 and tried[0] == 29 and max(tried) == 29
+    tried.clear()
+    assert len(search.bisect(order, "test").float_layers) == 12 and max(tried) < 64
