@@ -47,7 +47,7 @@ class ReferenceComparison:
 
     def measure(self, model: ir.Model, rtol: float = 0.0) -> list[OutputFidelity]:
         """Fidelity of every output of ``model`` against the reference, on the same samples."""
-        session = runtime.create_session(model)
+        session = runtime.sample_session(model)
         outputs = runtime.run(session, self.feeds)
         names = [output.name for output in session.get_outputs()]
         return compare_outputs(
@@ -103,18 +103,22 @@ def reference_comparison(
         if problem is not None:
             return ReferenceComparison([], "no samples", [], classes, problem)
         description = "random samples (no data given)"
-    session = runtime.create_session(reference)
+    session = runtime.sample_session(reference)
     start = time.perf_counter()
-    used, outputs = [], []
+    used: list[Feed] = []
+    outputs: list[list[np.ndarray]] = []
     values = 0
-    for feed in taken:
+    step = runtime.cores()
+    for first in range(0, len(taken), step):
+        chunk = taken[first : first + step]
         try:
-            outputs.append(session.run(None, feed))
+            chunk_outputs = runtime.run(session, chunk)
         except Exception as error:  # onnxruntime raises several unrelated types
             problem = f"the original model fails on {description}: {type(error).__name__}: {error}"
             return ReferenceComparison([], description, [], classes, problem)
-        used.append(feed)
-        values += sum(np.asarray(output).size for output in outputs[-1])
+        used.extend(chunk)
+        outputs.extend(chunk_outputs)
+        values += sum(np.asarray(output).size for sample in chunk_outputs for output in sample)
         if len(used) >= min_samples and (
             (max_seconds is not None and time.perf_counter() - start > max_seconds)
             or (max_values is not None and values >= max_values)

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -133,10 +133,11 @@ def save(
     staging = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=output.parent))
     try:
         staged_model = staging / output.name
-        if external_data:
-            ir.save(model, staged_model, external_data=data_name)
-        else:
-            ir.save(_with_inline_weights(model), staged_model)
+        with _initializer_types_left_to_tensors(model):
+            if external_data:
+                ir.save(model, staged_model, external_data=data_name)
+            else:
+                ir.save(_with_inline_weights(model), staged_model)
         written = []
         if external_data:
             os.replace(staging / data_name, output.parent / data_name)
@@ -189,6 +190,28 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def _initializer_types_left_to_tensors(model: ir.Model) -> Iterator[None]:
+    """While saving, initializers that are not graph inputs have no type or shape of their own.
+
+    onnx_ir writes a value_info entry for every typed initializer, although the tensor states
+    its type and shape: on a quantized transformer, 10 KB of the file say nothing new.
+    """
+    inputs = set(model.graph.inputs)
+    cleared = [
+        (value, value.type, value.shape)
+        for value in model.graph.initializers.values()
+        if value not in inputs and value.const_value is not None
+    ]
+    for value, _, _ in cleared:
+        value.type, value.shape = None, None
+    try:
+        yield
+    finally:
+        for value, value_type, shape in cleared:
+            value.type, value.shape = value_type, shape
 
 
 def _with_inline_weights(model: ir.Model) -> ir.Model:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -13,6 +15,9 @@ import onnxruntime as ort
 
 # One sample as onnxruntime takes it: an array per model input, by input name.
 Feed = dict[str, np.ndarray]
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 # Protobuf cannot serialize a message over 2 GiB; above this, sessions load from a file with external data.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -172,9 +177,38 @@ def create_session(
         return ort.InferenceSession(path, options, providers=providers)
 
 
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def concurrently(function: Callable[[_Item], _Result], items: Iterable[_Item]) -> list[_Result]:
+    """``function`` of every item, in order, one item per core at a time.
+
+    For onnxruntime runs, which release the GIL: samples run one per core on sessions of one
+    intra-op thread each use the cores better than one batch-1 run spread over all of them
+    (1.6x on 2 cores for EfficientNet-Lite0, PicoDet and PP-LCNet samples).
+    """
+    items = list(items)
+    if len(items) < 2 or cores() < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(min(cores(), len(items))) as pool:
+        return list(pool.map(function, items))
+
+
+def sample_session(model: ir.Model | str | os.PathLike) -> ort.InferenceSession:
+    """A session to run many samples with ``run``: one intra-op thread, as ``run`` runs the
+    samples one per core."""
+    return create_session(model, threads=1)
+
+
 def run(session: ort.InferenceSession, feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
-    """Outputs of every feed, in the session's output order."""
-    return [session.run(None, feed) for feed in feeds]
+    """Outputs of every feed, in the session's output order; feeds run one per core at a time
+    (see ``concurrently``), so a ``sample_session`` uses every core."""
+    return concurrently(lambda feed: session.run(None, feed), feeds)
 
 
 class ProbeSession:
@@ -191,7 +225,14 @@ class ProbeSession:
         fed: the named graph inputs, which ``run`` takes from the feed.
     """
 
-    def __init__(self, model: ir.Model, names: Sequence[str], *, copy: bool = True):
+    def __init__(
+        self,
+        model: ir.Model,
+        names: Sequence[str],
+        *,
+        copy: bool = True,
+        threads: int | None = None,
+    ):
         if copy:
             model = model.clone()
         graph = model.graph
@@ -203,7 +244,7 @@ class ProbeSession:
         self.fetched = [name for name in wanted if values[name].producer() is not None]
         outputs = set(graph.outputs)
         graph.outputs.extend(values[name] for name in self.fetched if values[name] not in outputs)
-        self.session = create_session(model, memory_arena=False)
+        self.session = create_session(model, threads=threads, memory_arena=False)
 
     def run(self, feed: Feed, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The named outputs (default: all of them) and the fed values, by name."""

@@ -123,3 +123,16 @@ def test_atomic_write_text_that_fails_leaves_no_partial_file(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-folder"]
     with pytest.raises(InputError, match="cannot write"):
         atomic_write_text(tmp_path / "missing" / "file.json", "text")
+
+
+def test_save_writes_no_value_info_for_initializers_and_keeps_their_types(tmp_path):
+    """An initializer's tensor states its type and shape; a value_info entry would repeat it."""
+    model = ir.from_proto(classifier_proto())
+    weight = model.graph.initializers["conv.weight"]
+    weight.type, weight.shape = ir.TensorType(ir.DataType.FLOAT), weight.const_value.shape
+    io.save(model, tmp_path / "out.onnx")
+    proto = onnx.load(tmp_path / "out.onnx")
+    initializers = {tensor.name for tensor in proto.graph.initializer}
+    assert initializers and not initializers & {info.name for info in proto.graph.value_info}
+    onnx.checker.check_model(proto, full_check=True)
+    assert weight.shape == weight.const_value.shape and weight.dtype == ir.DataType.FLOAT

@@ -41,8 +41,9 @@ from onnxopt.quantization.qdq import QuantizationReport, quantize_model
 from onnxopt.quantization.sensitivity import (
     LayerSqnr,
     compare_tensors,
-    layers_from,
+    layer_sqnr,
     node_added_noise,
+    noise_points,
 )
 from onnxopt.runtime import Feed
 from onnxopt.validation import Thresholds, meets
@@ -61,6 +62,10 @@ END_SHARE = 0.2
 # sample, a classifier's scores need several.
 RANKING_VALUES = 2**18
 RANKING_SAMPLES = 8
+
+# How long each candidate is timed against the float model (interleaved, one thread, medians):
+# enough rounds for a stable median on models up to a few hundred milliseconds a run.
+TIMING_SECONDS = 0.5
 
 # Measuring every layer in isolation may take at most the time of this many trials; layers not
 # reached by then are ranked by the noise they add in the quantized model.
@@ -192,10 +197,11 @@ def keep_sensitive_layers_float(
         candidates = [first]
         stopped = "budget met with every layer quantized"
     else:
-        candidates = search.candidates(quantized)
-        stopped = ""
+        candidates, stopped = search.fastest(first, min_speedup)
+        if not stopped:
+            candidates += search.candidates(quantized)
     chosen, stopped = _choose(search, candidates, min_speedup, stopped)
-    noise = compare_tensors(source.float_model, chosen.model, _ranking_feeds(comparison))
+    layers = layer_sqnr(source.float_model, chosen.model, _ranking_feeds(comparison))
     still_quantized = chosen.report.quantized if chosen.report else quantized_nodes
     outcome = FallbackOutcome(
         list(chosen.float_layers),
@@ -213,7 +219,7 @@ def keep_sensitive_layers_float(
         outcome,
         chosen.report if chosen is not first else None,
         chosen.bias_report,
-        layers_from(chosen.model, noise),
+        layers,
     )
 
 
@@ -229,15 +235,19 @@ def _choose(
             return best, stopped or _kept(best, total)
         return _all_float(search.float_model())
     timed = [trial for trial in meeting if len(trial.float_layers) < total]
+    if stopped and not timed:
+        return search.float_model(), stopped
     for trial in timed:
-        trial.speedup = search.speedup(trial.model)
+        if trial.speedup is None:
+            trial.speedup = search.speedup(trial.model)
     fast = [trial for trial in timed if trial.speedup >= min_speedup]
     if timed and not fast:
         # Slower than float: try leaving float what int8 speeds up least.
         base = min(timed, key=lambda trial: len(trial.float_layers))
         for trial in search.lighter(base):
             if trial.met and len(trial.float_layers) < total:
-                trial.speedup = search.speedup(trial.model)
+                if trial.speedup is None:
+                    trial.speedup = search.speedup(trial.model)
                 timed.append(trial)
         fast = [trial for trial in timed if trial.speedup >= min_speedup]
     if fast:
@@ -258,6 +268,12 @@ def _all_float(float_model: _Trial) -> tuple[_Trial, str]:
     if float_model.met:
         return float_model, "int8 cannot meet the budget: every quantized layer kept float"
     return float_model, "even the float model misses the budget: every quantized layer kept float"
+
+
+def _described(trial: _Trial, total: int) -> str:
+    if not trial.float_layers:
+        return "every layer quantized"
+    return f"{len(trial.float_layers)} of {total} layers float"
 
 
 def _kept(trial: _Trial, total: int) -> str:
@@ -324,6 +340,32 @@ class _Search:
                 )
             )
         return [trial for trial in found if trial is not None]
+
+    def fastest(self, first: _Trial, min_speedup: float | None) -> tuple[list[_Trial], str]:
+        """Before searching: whether int8 at its fastest beats float by ``min_speedup``.
+
+        Every layer quantized, and its ``lighter`` variants, are about as fast as a
+        quantization of this model gets (keeping more layers float adds float work). When none
+        reaches ``min_speedup``, no search can, and the answer is the reason to keep the model
+        float. Otherwise, the lighter variants that meet the budget, timed, and "".
+        """
+        if min_speedup is None:
+            return [], ""
+        first.speedup = self.speedup(first.model)
+        if first.speedup >= min_speedup:
+            return [], ""
+        variants = self.lighter(first)
+        for variant in variants:
+            variant.speedup = self.speedup(variant.model)
+        best = max([first, *variants], key=lambda trial: trial.speedup or 0.0)
+        if best.speedup is not None and best.speedup >= min_speedup:
+            return [variant for variant in variants if variant.met], ""
+        total = len(self.nodes)
+        return [], (
+            f"int8 would be slower than float: at its fastest ({_described(best, total)}) it "
+            f"runs at {best.speedup:.2f}x, below min_speedup {min_speedup:g}; every layer kept "
+            "float"
+        )
 
     def trial_seconds(self) -> float:
         """The mean time a trial has taken so far."""
@@ -407,7 +449,11 @@ class _Search:
     def speedup(self, model: ir.Model) -> float:
         """How much faster ``model`` runs than the float model, one thread, on the first sample."""
         timing = time_models(
-            self.source.float_model, model, self.comparison.feeds[0], threads=1, seconds=1.0
+            self.source.float_model,
+            model,
+            self.comparison.feeds[0],
+            threads=1,
+            seconds=TIMING_SECONDS,
         )
         return timing.speedup
 
@@ -462,7 +508,8 @@ def _ranking(
     deadline follow, ranked by the noise each adds in the fully quantized model.
     """
     feeds = _ranking_feeds(comparison)
-    noise = compare_tensors(source.float_model, quantized, feeds)
+    measured = noise_points(source.float_model, quantized, quantized_nodes)
+    noise = compare_tensors(source.float_model, quantized, feeds, measured)
     added = node_added_noise(source.float_model, quantized, noise, quantized_nodes)
     by_added = [*added, *(name for name in quantized_nodes if name not in added)]
     reference = [outputs for outputs in comparison.reference_outputs[: len(feeds)]]
@@ -471,7 +518,7 @@ def _ranking(
         if deadline is not None and time.perf_counter() > deadline:
             break
         model, _ = source.quantized_with_float(other for other in quantized_nodes if other != name)
-        session = runtime.create_session(model)
+        session = runtime.sample_session(model)
         isolated[name] = _output_noise_ratio(reference, runtime.run(session, feeds))
     ranked = sorted(isolated, key=lambda name: -isolated[name])
     return [*ranked, *(name for name in by_added if name not in isolated)]

@@ -24,6 +24,30 @@ class QdqBuilder:
         """A new initializer holding ``array``, named ``name`` or a free variant of it."""
         return add_initializer(self.graph, self.unique(name), array)
 
+    def compact_constant(self, name: str, array: np.ndarray) -> ir.Value:
+        """A float32 constant, stored as float16 and cast back where float16 holds it exactly.
+
+        Half the bytes on disk for the scale and bias vectors beside int8 weights; onnxruntime
+        folds a Cast of a constant when it loads the model, so runs are unchanged. Round values
+        with ``numerics.rounded_to_half`` first to make them fit.
+        """
+        array = np.asarray(array, dtype=np.float32)
+        half = array.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), array):
+            return self.constant(name, array)
+        cast = ir.node(
+            "Cast",
+            [self.constant(f"{name}_float16", half)],
+            attributes={"to": ir.DataType.FLOAT},
+            name=self.unique(f"{name}_Cast"),
+        )
+        output = cast.outputs[0]
+        output.name = self.unique(name)
+        output.dtype = ir.DataType.FLOAT
+        output.shape = ir.Shape(array.shape)
+        self.graph.append(cast)
+        return output
+
     def dequantized_constant(
         self,
         base: str,

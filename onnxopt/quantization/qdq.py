@@ -110,6 +110,7 @@ class _Emitter:
                 self.report.dynamic.append(name)
             elif planned.weight is not None:
                 self._quantize_weight(planned, parameters[planned.activation_inputs[0]][0])
+        self._compact_normalization_parameters()
         RemoveUnusedNodesPass()(self.plan.model)
         TopologicalSortPass()(self.plan.model)
         return self.report
@@ -203,7 +204,7 @@ class _Emitter:
         array = table.const_value.numpy().astype(np.float32)
         rows = array.reshape(array.shape[0], -1)
         scales = np.abs(rows).max(axis=1) / numerics.INT8_SYMMETRIC_RANGE[1]
-        scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+        scales = numerics.rounded_to_half(np.where(scales > 0, scales, 1.0).astype(np.float32))
         shape = (array.shape[0], *([1] * (array.ndim - 1)))
         quantized = numerics.quantize_values(
             array, scales.reshape(shape), np.zeros(shape, np.int8), np.int8
@@ -218,7 +219,7 @@ class _Emitter:
         )
         gather_scales = ir.node(
             "Gather",
-            [self.builder.constant(f"{base}_scale", scales.reshape(shape)), ids],
+            [self.builder.compact_constant(f"{base}_scale", scales.reshape(shape)), ids],
             name=unique(f"{prefix}_scales"),
         )
         cast = ir.node(
@@ -253,12 +254,14 @@ class _Emitter:
         unique = self.builder.unique
         array = weight.const_value.numpy().astype(np.float32)
         axis = weight_axis(node, weight) if self.plan.options.per_channel else None
-        scales = numerics.weight_scales(array, axis, self.plan.reduce_range)
+        scales = numerics.rounded_to_half(
+            numerics.weight_scales(array, axis, self.plan.reduce_range)
+        )
         base = weight.name or f"{node.name}_weight"
         quantized = self.builder.constant(
             f"{base}_quantized", numerics.quantize_weight(array, scales, axis)
         )
-        weight_scale = self.builder.constant(f"{base}_scale", scales)
+        weight_scale = self.builder.compact_constant(f"{base}_scale", scales)
         weight_zero = self.builder.constant(
             f"{base}_zero_point", np.zeros_like(scales, dtype=np.int8)
         )
@@ -296,3 +299,40 @@ class _Emitter:
             value.name = unique(f"{prefix}_{suffix}")
             value.dtype = dtype
         self._replace(node, [quantize, multiply, cast, combined, rescale])
+        self._compact_bias(rescale.outputs[0])
+
+    def _compact_bias(self, value: ir.Value) -> None:
+        """Store the bias an Add puts on ``value`` (a dynamically quantized MatMul's output)
+        compactly: on a transformer these biases weigh as much as the rest of its float data."""
+        for usage in list(value.uses()):
+            if usage.node.op_type == "Add" and len(usage.node.inputs) == 2:
+                self._compact_vector(usage.node, 1 - usage.idx)
+
+    def _compact_normalization_parameters(self) -> None:
+        """Store LayerNormalization's scale and bias vectors compactly: in a quantized
+        transformer they are most of the float data left."""
+        for node in list(self.graph):
+            if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
+                for index in (1, 2):
+                    if index < len(node.inputs):
+                        self._compact_vector(node, index)
+
+    def _compact_vector(self, node: ir.Node, index: int) -> None:
+        """Input ``index`` of ``node``, a constant float32 vector only it reads, as float16 and
+        a Cast where float16 is within its rounding of it (see ``numerics.rounded_to_half``):
+        half the bytes, and an error float16's rounding bounds, far below int8's."""
+        value = node.inputs[index]
+        array = constant_array(value)
+        if (
+            value is None
+            or value.const_value is None
+            or array is None
+            or array.dtype != np.float32
+            or array.ndim != 1
+            or len(value.uses()) != 1
+        ):
+            return
+        compact = self.builder.compact_constant(
+            value.name or f"{node.name}_input{index}", numerics.rounded_to_half(array)
+        )
+        node.replace_input_with(index, compact)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.runtime import Feed, ProbeSession
+from onnxopt.runtime import Feed, ProbeSession, concurrently
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,13 @@ def layer_sqnr(
     float_model: ir.Model, quantized_model: ir.Model, feeds: Sequence[Feed]
 ) -> list[LayerSqnr]:
     """SQNR of every quantized activation of ``quantized_model``, worst first."""
-    return layers_from(quantized_model, compare_tensors(float_model, quantized_model, feeds))
+    noise = compare_tensors(float_model, quantized_model, feeds, layer_tensors(quantized_model))
+    return layers_from(quantized_model, noise)
+
+
+def layer_tensors(quantized_model: ir.Model) -> set[str]:
+    """The tensors ``layers_from`` reads: what ``compare_tensors`` must measure for it."""
+    return {dequantize.outputs[0].name for _, dequantize in activation_pairs(quantized_model)}
 
 
 def layers_from(quantized_model: ir.Model, noise: dict[str, TensorNoise]) -> list[LayerSqnr]:
@@ -87,24 +93,33 @@ def layers_from(quantized_model: ir.Model, noise: dict[str, TensorNoise]) -> lis
 
 
 def compare_tensors(
-    float_model: ir.Model, quantized_model: ir.Model, feeds: Sequence[Feed]
+    float_model: ir.Model,
+    quantized_model: ir.Model,
+    feeds: Sequence[Feed],
+    names: Collection[str] | None = None,
 ) -> dict[str, TensorNoise]:
-    """Signal and noise of every quantized-model tensor that has a float counterpart, by name.
+    """Signal and noise of quantized-model tensors that have a float counterpart, by name.
 
-    The tensors are compared in groups of at most PROBE_BYTES per model (sized on the first
-    sample), each group with sessions of its own: with every tensor of both models fetched at
-    once, a detector at 640x640 would hold gigabytes.
+    ``names`` limits the comparison to those tensors (None: every one), which saves runs: the
+    tensors are compared in groups of at most PROBE_BYTES per model (sized on the first
+    sample), each group with sessions of its own, since with every tensor of both models
+    fetched at once a detector at 640x640 would hold gigabytes.
     """
     pairs = float_counterparts(float_model, quantized_model)
+    if names is not None:
+        pairs = {name: pairs[name] for name in pairs if name in names}
     noise = {name: TensorNoise() for name in pairs}
     if not feeds:
         return noise
     for group in _groups_by_size(float_model, pairs, feeds[0]):
-        quantized_probe = ProbeSession(quantized_model, group)
-        float_probe = ProbeSession(float_model, list(dict.fromkeys(pairs[name] for name in group)))
+        quantized_probe = ProbeSession(quantized_model, group, threads=1)
+        float_probe = ProbeSession(
+            float_model, list(dict.fromkeys(pairs[name] for name in group)), threads=1
+        )
         for feed in feeds:
-            quantized_values = quantized_probe.run(feed)
-            float_values = float_probe.run(feed)
+            quantized_values, float_values = concurrently(
+                lambda probe, feed=feed: probe.run(feed), [quantized_probe, float_probe]
+            )
             for name in group:
                 if name not in noise:
                     continue
@@ -154,12 +169,41 @@ def node_added_noise(
     emits int8 anyway. Nodes the quantizer replaced (a MatMul quantized at run time) are found
     through their float counterpart's tensor names, which quantization keeps.
     """
+    added = {}
+    for name, (inputs, output) in _noise_points(float_model, quantized_model, nodes).items():
+        before = max(
+            (noise[value.name].noise_ratio for value in inputs if value.name in noise),
+            default=0.0,
+        )
+        after = noise[output.name].noise_ratio if output and output.name in noise else before
+        share = after - before
+        added[name] = 0.0 if math.isnan(share) else share
+    return dict(sorted(added.items(), key=lambda item: -item[1]))
+
+
+def noise_points(
+    float_model: ir.Model, quantized_model: ir.Model, nodes: Iterable[str]
+) -> set[str]:
+    """The quantized-model tensors ``node_added_noise`` reads for ``nodes``: what
+    ``compare_tensors`` must measure for it, of all the tensors it could."""
+    return {
+        value.name
+        for inputs, output in _noise_points(float_model, quantized_model, nodes).values()
+        for value in [*inputs, *([output] if output is not None else [])]
+    }
+
+
+def _noise_points(
+    float_model: ir.Model, quantized_model: ir.Model, nodes: Iterable[str]
+) -> dict[str, tuple[list[ir.Value], ir.Value | None]]:
+    """For each named node, the values its input noise and its output noise are read at."""
     quantized_nodes = {node.name: node for node in quantized_model.graph if node.name}
     float_nodes = {node.name: node for node in float_model.graph if node.name}
     values = {value.name: value for value in _values(quantized_model.graph)}
-    names = set(nodes)
-    added = {}
-    for name in nodes:
+    ordered = list(nodes)
+    names = set(ordered)
+    points = {}
+    for name in ordered:
         node = quantized_nodes.get(name)
         if node is not None:
             inputs = [_charged_input(value, names) for value in node.inputs]
@@ -170,19 +214,11 @@ def node_added_noise(
             output = values.get(counterpart.outputs[0].name)
         else:
             continue
-        before = max(
-            (
-                noise[value.name].noise_ratio
-                for value in inputs
-                if value is not None and value.name in noise and not is_quantized_constant(value)
-            ),
-            default=0.0,
+        points[name] = (
+            [value for value in inputs if value is not None and not is_quantized_constant(value)],
+            _as_consumed(output) if output is not None else None,
         )
-        consumed = _as_consumed(output) if output is not None else None
-        after = noise[consumed.name].noise_ratio if consumed and consumed.name in noise else before
-        share = after - before
-        added[name] = 0.0 if math.isnan(share) else share
-    return dict(sorted(added.items(), key=lambda item: -item[1]))
+    return points
 
 
 def _charged_input(value: ir.Value | None, quantized: set[str]) -> ir.Value | None:

@@ -73,3 +73,13 @@ def test_bias_that_would_overflow_int32_widens_the_weight_scale():
 
 def test_vnni_detection_answers():
     assert isinstance(numerics.cpu_has_vnni(), bool)
+
+
+def test_rounded_to_half_rounds_only_what_float16_holds_to_11_bits():
+    values = np.array([0.0, 1e-3, 0.1, 3.0, 1000.0], dtype=np.float32)
+    rounded = numerics.rounded_to_half(values)
+    np.testing.assert_array_equal(rounded, values.astype(np.float16).astype(np.float32))
+    assert np.all(np.abs(rounded - values) <= np.abs(values) * 2**-11)
+    for outside in (1e-6, 1e5):
+        values = np.array([1.0, outside], dtype=np.float32)
+        np.testing.assert_array_equal(numerics.rounded_to_half(values), values)

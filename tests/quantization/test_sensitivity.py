@@ -117,6 +117,31 @@ def test_tensors_compared_in_small_groups_measure_the_same(monkeypatch):
         assert grouped[name].noise == pytest.approx(noise.noise, rel=1e-2)
 
 
+def test_comparing_only_the_tensors_a_reader_needs_measures_them_the_same():
+    """The ranking and the layer table compare only the tensors they read; their figures must
+    be those of the full comparison, and fewer tensors must be compared."""
+    samples = outlier_samples(4)
+    float_model = three_convs()
+    model = three_convs()
+    quantized(model, samples)
+    whole = compare_tensors(float_model, model, samples)
+    nodes = ["conv_a", "conv_b", "conv_c"]
+    points = sensitivity.noise_points(float_model, model, nodes)
+    some = compare_tensors(float_model, model, samples, points)
+    assert set(some) == points & set(whole) and len(some) < len(whole)
+    # Which tensors a session exposes changes which kernels onnxruntime fuses, a little.
+    expected = sensitivity.node_added_noise(float_model, model, whole, nodes)
+    added = sensitivity.node_added_noise(float_model, model, some, nodes)
+    assert list(added) == list(expected)
+    assert added == pytest.approx(expected, rel=1e-2)
+    layers = layer_sqnr(float_model, model, samples)
+    expected_layers = sensitivity.layers_from(model, whole)
+    assert [layer.tensor for layer in layers] == [layer.tensor for layer in expected_layers]
+    assert [layer.sqnr_db for layer in layers] == pytest.approx(
+        [layer.sqnr_db for layer in expected_layers], abs=0.05
+    )
+
+
 def test_fallback_keeps_exactly_the_sensitive_layer_float():
     samples = outlier_samples()
     reference = run(three_convs(), samples)
@@ -216,6 +241,22 @@ def test_a_quantization_slower_than_float_gives_way_to_the_float_model(monkeypat
     result = fallback(model, context, min_cosine=None, min_speedup=1.0)
     assert result.details["stopped"].startswith("int8 would be slower than float")
     assert "0.80x, below min_speedup 1" in result.details["stopped"]
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops(model))
+
+
+def test_when_int8_at_its_fastest_is_slower_than_float_no_search_runs(monkeypatch):
+    """Every layer quantized, and its lighter variants, are as fast as int8 gets here: when
+    they are slower than float, searching which layers to keep float cannot help."""
+    samples = outlier_samples(4)
+    model = three_convs()
+    context = quantized(model, samples)
+    monkeypatch.setattr(search_module._Search, "speedup", lambda self, candidate: 0.8)
+    bisected = []
+    monkeypatch.setattr(search_module._Search, "bisect", lambda *args: bisected.append(args))
+    result = fallback(model, context, min_cosine=0.99999, min_speedup=1.0)
+    assert not bisected
+    assert "at its fastest (every layer quantized) it runs at 0.80x" in result.details["stopped"]
+    assert result.details["kept float"] == 3
     assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops(model))
 
 
