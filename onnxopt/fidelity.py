@@ -50,7 +50,7 @@ class ReferenceComparison:
         session = runtime.sample_session(model)
         outputs = runtime.run(session, self.feeds)
         names = [output.name for output in session.get_outputs()]
-        return compare_outputs(
+        fidelity = compare_outputs(
             names,
             [
                 self._unpadded(feed, sample)
@@ -63,6 +63,9 @@ class ReferenceComparison:
             rtol=rtol,
             class_outputs=self.class_outputs,
         )
+        del session, outputs
+        runtime.release_freed_memory()
+        return fidelity
 
     def _unpadded(self, feed: Feed, outputs: list[np.ndarray]) -> list[np.ndarray]:
         """The outputs with the padded positions of [batch, sequence, ...] outputs left out."""

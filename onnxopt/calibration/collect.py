@@ -1,14 +1,16 @@
 """Run a model over calibration data and fold its activations into per-tensor statistics.
 
 The tensors become extra outputs of a copy of the model, and onnxruntime runs the copy over the
-data a batch at a time. Each batch is folded into the statistics and dropped, so memory holds one
-batch of activations and the fixed-size statistics, however many samples there are.
+data a batch at a time. Each batch is folded into the statistics while the next one runs, then
+dropped, so memory holds two batches of activations and the fixed-size statistics, however many
+samples there are.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
@@ -20,6 +22,9 @@ from onnxopt.runtime import Feed, ProbeSession
 from onnxopt.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
+
+# One onnxruntime run: its feed, the fetched arrays by name, and the samples in the feed.
+_Run = tuple[Feed, dict[str, np.ndarray], int]
 
 # Batches hold at most this many bytes of activations (if a sample alone does not hold more).
 MAX_BATCH_BYTES = 2**26
@@ -44,7 +49,8 @@ def collect_statistics(
     have a first dimension of 1, up to ``batch_size`` consecutive samples of equal shapes (fewer
     if their activations would pass MAX_BATCH_BYTES) run as one batch; a first batch that fails,
     or whose outputs differ from those of its first and last samples run alone, turns batching
-    off. Memory holds one run's activations and the statistics, however many samples there are.
+    off. Memory holds two runs' activations (one folded while the next runs) and the
+    statistics, however many samples there are.
 
     Args:
         model: the model whose activations to collect.
@@ -63,7 +69,10 @@ def collect_statistics(
     if any(value.dtype is None for value in _activations(copy.graph)):
         infer_shapes(copy, data_prop=False)
     values = _collected_values(copy, tensor_names)
-    probe = ProbeSession(copy, [value.name for value in values], copy=False)
+    # One core folds while onnxruntime runs the next batch on the others.
+    probe = ProbeSession(
+        copy, [value.name for value in values], copy=False, threads=max(1, runtime.cores() - 1)
+    )
     runner = _Runner(probe.session, probe.output_names, probe.fetched)
     collector = _Collector(runner, probe.fed, progress, _weighted_inputs(copy.graph))
     feeds = _limited(data, max_samples)
@@ -74,8 +83,7 @@ def collect_statistics(
         batch_size = min(batch_size, max(1, MAX_BATCH_BYTES // max(sample_bytes, 1)))
     else:
         batch_size = 1
-    for group in _groups(feeds, batch_size):
-        collector.collect(group)
+    collector.collect_all(_groups(feeds, batch_size))
     logger.info(
         "collected statistics of %d tensors over %d samples",
         len(collector.statistics),
@@ -103,8 +111,26 @@ class _Collector:
 
     def collect(self, group: list[Feed]) -> int:
         """Run and fold a group of samples; the bytes of one sample's folded activations."""
+        return self._fold_runs(self.runner.run(group))
+
+    def collect_all(self, groups: Iterable[list[Feed]]) -> None:
+        """Run and fold every group, folding each while onnxruntime runs the next: folding
+        costs about what running does, so this nearly halves the time, for the memory of one
+        more batch of activations."""
+        with ThreadPoolExecutor(1) as runner_thread:
+            ahead: Future[list[_Run]] | None = None
+            for group in groups:
+                running = runner_thread.submit(lambda group=group: list(self.runner.run(group)))
+                if ahead is not None:
+                    self._fold_runs(ahead.result())
+                ahead = running
+            if ahead is not None:
+                self._fold_runs(ahead.result())
+
+    def _fold_runs(self, runs: Iterable[_Run]) -> int:
+        """Fold runs in; the bytes of one sample's folded activations."""
         folded = 0
-        for feed, outputs, count in self.runner.run(group):
+        for feed, outputs, count in runs:
             arrays = {name: feed[name] for name in self.fed}
             arrays.update(outputs)
             _fold(self.statistics, arrays, count, self.channel_means)
@@ -112,6 +138,7 @@ class _Collector:
             self.samples += count
             if self.progress is not None:
                 self.progress(count)
+        runtime.release_freed_memory()
         return folded
 
 
@@ -125,7 +152,7 @@ class _Runner:
         self.fetch = list(dict.fromkeys([*output_names, *fetched]))
         self.batching: bool | None = None
 
-    def run(self, group: list[Feed]) -> Iterator[tuple[Feed, dict[str, np.ndarray], int]]:
+    def run(self, group: list[Feed]) -> Iterator[_Run]:
         """Yield (feed, fetched arrays, samples in the feed) for each run the group needed."""
         alone: dict[int, dict[str, np.ndarray]] = {}
         if len(group) > 1 and self.batching is not False:

@@ -153,10 +153,11 @@ class FallbackResult:
 
 @dataclasses.dataclass
 class _Trial:
-    """A quantization with some layers float, and how its outputs compare."""
+    """A quantization with some layers float, and how its outputs compare; the model is
+    dropped (None) once the search no longer needs it."""
 
     float_layers: tuple[str, ...]
-    model: ir.Model
+    model: ir.Model | None
     outputs: list[OutputFidelity]
     met: bool
     report: QuantizationReport | None = None
@@ -397,7 +398,17 @@ class _Search:
                     high, passing = middle, trial
                 else:
                     low = middle
-        return passing if passing is not None else self.trial(order[:high])
+        found = passing if passing is not None else self.trial(order[:high])
+        self._forget_missed_models()
+        return found
+
+    def _forget_missed_models(self) -> None:
+        """Drop the models of trials that missed the budget, but the float model's: none can
+        be chosen, and each is a copy of the whole model."""
+        for trial in self._made.values():
+            if not trial.met and len(trial.float_layers) < len(self.nodes):
+                trial.model = None
+        runtime.release_freed_memory()
 
     def float_model(self) -> _Trial:
         return self.trial(self.nodes)
@@ -520,6 +531,8 @@ def _ranking(
         model, _ = source.quantized_with_float(other for other in quantized_nodes if other != name)
         session = runtime.sample_session(model)
         isolated[name] = _output_noise_ratio(reference, runtime.run(session, feeds))
+        del model, session
+        runtime.release_freed_memory()
     ranked = sorted(isolated, key=lambda name: -isolated[name])
     return [*ranked, *(name for name in by_added if name not in isolated)]
 

@@ -18,7 +18,7 @@ from collections.abc import Collection, Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.runtime import Feed, ProbeSession, concurrently
+from onnxopt.runtime import Feed, ProbeSession, concurrently, release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -112,26 +112,44 @@ def compare_tensors(
     if not feeds:
         return noise
     for group in _groups_by_size(float_model, pairs, feeds[0]):
-        quantized_probe = ProbeSession(quantized_model, group, threads=1)
-        float_probe = ProbeSession(
-            float_model, list(dict.fromkeys(pairs[name] for name in group)), threads=1
-        )
-        for feed in feeds:
-            quantized_values, float_values = concurrently(
-                lambda probe, feed=feed: probe.run(feed), [quantized_probe, float_probe]
-            )
-            for name in group:
-                if name not in noise:
-                    continue
-                observed = quantized_values.get(name)
-                reference = float_values.get(pairs[name])
-                if observed is None or reference is None or observed.shape != reference.shape:
-                    del noise[name]
-                    continue
-                reference = reference.astype(np.float64)
-                noise[name].signal += float(np.sum(reference**2))
-                noise[name].noise += float(np.sum((observed.astype(np.float64) - reference) ** 2))
+        _add_noise(noise, pairs, group, float_model, quantized_model, feeds)
+        release_freed_memory()
     return noise
+
+
+def _add_noise(
+    noise: dict[str, TensorNoise],
+    pairs: dict[str, str],
+    group: list[str],
+    float_model: ir.Model,
+    quantized_model: ir.Model,
+    feeds: Sequence[Feed],
+) -> None:
+    """Add one group's signal and noise over all samples; a tensor that cannot be compared
+    (missing, or shaped unlike its counterpart) is dropped from ``noise``."""
+    quantized_probe = ProbeSession(quantized_model, group, threads=1)
+    float_probe = ProbeSession(
+        float_model, list(dict.fromkeys(pairs[name] for name in group)), threads=1
+    )
+    for feed in feeds:
+        quantized_values, float_values = concurrently(
+            lambda probe, feed=feed: probe.run(feed), [quantized_probe, float_probe]
+        )
+        for name in group:
+            if name not in noise:
+                continue
+            observed = quantized_values.get(name)
+            reference = float_values.get(pairs[name])
+            if observed is None or reference is None or observed.shape != reference.shape:
+                del noise[name]
+                continue
+            # Squares in float32, sums in float64: no float64 copies of a detector's maps.
+            reference = np.asarray(reference, dtype=np.float32)
+            difference = np.asarray(observed, dtype=np.float32) - reference
+            noise[name].signal += float(np.sum(np.square(reference), dtype=np.float64))
+            noise[name].noise += float(
+                np.sum(np.square(difference, out=difference), dtype=np.float64)
+            )
 
 
 def _groups_by_size(float_model: ir.Model, pairs: dict[str, str], feed: Feed) -> list[list[str]]:

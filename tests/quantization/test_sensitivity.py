@@ -283,6 +283,7 @@ def test_a_later_family_only_tries_fewer_layers_float_than_found(monkeypatch):
     search = object.__new__(search_module._Search)
     search.progress, search.deadline, search.trial = QUIET, None, trial
     order = [f"layer{index}" for index in range(64)]
+    search.nodes, search._made = order, {}
     needed = 40
     assert search.bisect(order, "test", fewer_than=30) is None and tried == [29]
     tried.clear()
@@ -291,3 +292,18 @@ def test_a_later_family_only_tries_fewer_layers_float_than_found(monkeypatch):
     assert len(found.float_layers) == 12 and tried[0] == 29 and max(tried) == 29
     tried.clear()
     assert len(search.bisect(order, "test").float_layers) == 12 and max(tried) < 64
+
+
+def test_the_search_drops_the_models_of_trials_that_missed_but_the_float_model():
+    """Each trial holds a copy of the whole model; only those that met the budget, and the
+    float model (the answer when nothing else does), can still be chosen."""
+    search = object.__new__(search_module._Search)
+    search.nodes = ["a", "b", "c"]
+    model = object()
+    search._made = {
+        frozenset(layers): search_module._Trial(layers, model, [], met)
+        for layers, met in ((("a",), False), (("a", "b"), True), (("a", "b", "c"), False))
+    }
+    search._forget_missed_models()
+    kept = {trial.float_layers: trial.model for trial in search._made.values()}
+    assert kept == {("a",): None, ("a", "b"): model, ("a", "b", "c"): model}
