@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from onnxopt.calibration import collect
 from onnxopt.calibration.collect import collect_statistics
 from onnxopt.calibration.ranges import METHODS, compute_range
 from tests.builders import classifier_proto
@@ -114,6 +115,27 @@ def test_batches_give_the_statistics_of_single_runs():
             np.testing.assert_allclose(
                 value.channel_means("axis1"), single[name].channel_means("axis1"), rtol=1e-6
             )
+
+
+def test_folding_while_the_next_batch_runs_gives_the_same_statistics(monkeypatch):
+    """Small batches are folded while onnxruntime runs the next; large ones one after the
+    other. Which one happens must not change a single count."""
+    model = model_from_text(ELEMENTWISE)
+    data = samples(10)
+    in_turn = []
+    original = collect._Collector.collect
+    monkeypatch.setattr(
+        collect._Collector,
+        "collect",
+        lambda self, group: in_turn.append(len(group)) or original(self, group),
+    )
+    overlapped = collect_statistics(model, None, data, batch_size=1)
+    assert in_turn == [1]  # the first sample alone, to size batches; the rest overlapped
+    monkeypatch.setattr(collect, "OVERLAP_MAX_BYTES", 0)
+    sequential = collect_statistics(model, None, data, batch_size=1)
+    assert in_turn == [1] * 11
+    assert without_channel_sums(overlapped) == without_channel_sums(sequential)
+    assert overlapped.keys() == sequential.keys() and len(overlapped) > 1
 
 
 def test_batched_classifier_ranges_match_single_runs():
