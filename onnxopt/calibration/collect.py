@@ -237,14 +237,19 @@ def _fold(
     count: int,
     channel_means: set[str],
 ) -> None:
+    folded = []
     for name, array in arrays.items():
         if array.dtype.kind != "f":
             logger.debug("skipping '%s': onnxruntime returned %s", name, array.dtype)
             continue
+        folded.append((statistics.setdefault(name, TensorStatistics()), name, array))
+
+    def update(item: tuple[TensorStatistics, str, np.ndarray]) -> None:
+        tensor, name, array = item
         per_sample = count > 1 and array.ndim > 0 and array.shape[0] == count
-        statistics.setdefault(name, TensorStatistics()).update(
-            array, per_sample=per_sample, channel_sums=name in channel_means
-        )
+        tensor.update(array, per_sample=per_sample, channel_sums=name in channel_means)
+
+    runtime.concurrently(update, folded)
 
 
 def _sample_bytes(values: Sequence[ir.Value]) -> int | None:

@@ -18,7 +18,13 @@ from collections.abc import Collection, Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.runtime import Feed, ProbeSession, concurrently, release_freed_memory
+from onnxopt.runtime import (
+    Feed,
+    ProbeSession,
+    SerializedModel,
+    concurrently,
+    release_freed_memory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +117,9 @@ def compare_tensors(
     noise = {name: TensorNoise() for name in pairs}
     if not feeds:
         return noise
-    for group in _groups_by_size(float_model, pairs, feeds[0]):
-        _add_noise(noise, pairs, group, float_model, quantized_model, feeds)
+    float_source, quantized_source = SerializedModel(float_model), SerializedModel(quantized_model)
+    for group in _groups_by_size(float_source, pairs, feeds[0]):
+        _add_noise(noise, pairs, group, float_source, quantized_source, feeds)
         release_freed_memory()
     return noise
 
@@ -121,8 +128,8 @@ def _add_noise(
     noise: dict[str, TensorNoise],
     pairs: dict[str, str],
     group: list[str],
-    float_model: ir.Model,
-    quantized_model: ir.Model,
+    float_model: SerializedModel,
+    quantized_model: SerializedModel,
     feeds: Sequence[Feed],
 ) -> None:
     """Add one group's signal and noise over all samples; a tensor that cannot be compared
@@ -152,7 +159,9 @@ def _add_noise(
             )
 
 
-def _groups_by_size(float_model: ir.Model, pairs: dict[str, str], feed: Feed) -> list[list[str]]:
+def _groups_by_size(
+    float_model: ir.Model | SerializedModel, pairs: dict[str, str], feed: Feed
+) -> list[list[str]]:
     """The quantized-model names of ``pairs`` in groups whose float counterparts hold at most
     PROBE_BYTES on ``feed``."""
     sizes = {
