@@ -115,12 +115,15 @@ def compare_tensors(
     if names is not None:
         pairs = {name: pairs[name] for name in pairs if name in names}
     noise = {name: TensorNoise() for name in pairs}
-    if not feeds:
+    if not feeds or not pairs:
         return noise
-    float_source, quantized_source = SerializedModel(float_model), SerializedModel(quantized_model)
-    for group in _groups_by_size(float_source, pairs, feeds[0]):
-        _add_noise(noise, pairs, group, float_source, quantized_source, feeds)
-        release_freed_memory()
+    with (
+        SerializedModel(float_model) as float_source,
+        SerializedModel(quantized_model) as quantized_source,
+    ):
+        for group in _groups_by_size(float_source, pairs, feeds[0]):
+            _add_noise(noise, pairs, group, float_source, quantized_source, feeds)
+            release_freed_memory()
     return noise
 
 
