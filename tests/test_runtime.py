@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.runtime import ProbeSession, create_session, random_feeds
+from onnxopt.runtime import (
+    ProbeSession,
+    SerializedModel,
+    concurrently,
+    create_session,
+    random_feeds,
+    run,
+    sample_session,
+)
 from tests.builders import classifier_proto
 
 
@@ -27,3 +37,32 @@ def test_probe_sessions_return_memory_between_runs_and_plain_ones_keep_their_are
     model = ir.from_proto(classifier_proto())
     assert not ProbeSession(model, ["conv"]).session.get_session_options().enable_cpu_mem_arena
     assert create_session(model).get_session_options().enable_cpu_mem_arena
+
+
+def test_probe_sessions_of_a_model_written_once_see_what_plain_ones_see():
+    """Probes that share one written copy of the model (weights written once) return the same
+    values as probes of their own, each exposing other tensors, and the files go on close."""
+    model = ir.from_proto(classifier_proto())
+    [feed] = random_feeds(model, 1)
+    with SerializedModel(model) as written:
+        folder = written._folder.name
+        for names in (["conv"], ["relu", "logits"], ["x", "conv", "relu"]):
+            shared = ProbeSession(written, names, threads=1).run(feed)
+            alone = ProbeSession(model, names).run(feed)
+            assert shared.keys() == alone.keys()
+            for name in shared:
+                np.testing.assert_allclose(shared[name], alone[name], rtol=1e-6)
+        assert os.path.isdir(folder)
+    assert not os.path.exists(folder)
+    assert [value.name for value in model.graph.outputs] == ["logits"]
+
+
+def test_samples_run_one_per_core_in_order():
+    model = ir.from_proto(classifier_proto())
+    feeds = random_feeds(model, 5, seed=3)
+    session = sample_session(model)
+    assert session.get_session_options().intra_op_num_threads == 1
+    together = run(session, feeds)
+    for feed, outputs in zip(feeds, together, strict=True):
+        np.testing.assert_array_equal(outputs[0], session.run(None, feed)[0])
+    assert concurrently(lambda value: value * 2, range(7)) == [0, 2, 4, 6, 8, 10, 12]
