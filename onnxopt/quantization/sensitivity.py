@@ -155,7 +155,8 @@ def _add_noise(
                 continue
             # Squares in float32, sums in float64: no float64 copies of a detector's maps.
             reference = np.asarray(reference, dtype=np.float32)
-            difference = np.asarray(observed, dtype=np.float32) - reference
+            difference = np.array(observed, dtype=np.float32)  # an array even when 0-d
+            difference -= reference
             noise[name].signal += float(np.sum(np.square(reference), dtype=np.float64))
             noise[name].noise += float(
                 np.sum(np.square(difference, out=difference), dtype=np.float64)

@@ -117,6 +117,23 @@ def test_tensors_compared_in_small_groups_measure_the_same(monkeypatch):
         assert grouped[name].noise == pytest.approx(noise.noise, rel=1e-2)
 
 
+def test_scalar_tensors_are_compared_too():
+    """A detector's post-processing computes 0-d float tensors; their noise is summed like any."""
+    weights = random_weights(conv_w=(4, 4, 3, 3))
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["c"], pads=[1] * 4, name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("ReduceMax", ["r"], ["peak"], keepdims=0, name="peak"),
+        helper.make_node("Div", ["r", "peak"], ["y"], name="normalize"),
+    ]
+    float_model = build(nodes, {"x": [1, 4, 8, 8]}, {"y": [1, 4, 8, 8]}, weights)
+    model = build(nodes, {"x": [1, 4, 8, 8]}, {"y": [1, 4, 8, 8]}, weights)
+    samples = outlier_samples(2, outlier=1.0)
+    quantized(model, samples)
+    noise = compare_tensors(float_model, model, samples)
+    assert noise["peak"].signal > 0 and np.isfinite(noise["peak"].noise)
+
+
 def test_comparing_only_the_tensors_a_reader_needs_measures_them_the_same():
     """The ranking and the layer table compare only the tensors they read; their figures must
     be those of the full comparison, and fewer tensors must be compared."""
