@@ -29,7 +29,7 @@ from onnxopt.runtime import (
 logger = logging.getLogger(__name__)
 
 # Tensors fetched at once per model when comparing them.
-PROBE_BYTES = 2**26
+PROBE_BYTES = 2**25
 
 
 @dataclasses.dataclass
@@ -167,11 +167,18 @@ def _groups_by_size(
     float_model: ir.Model | SerializedModel, pairs: dict[str, str], feed: Feed
 ) -> list[list[str]]:
     """The quantized-model names of ``pairs`` in groups whose float counterparts hold at most
-    PROBE_BYTES on ``feed``."""
-    sizes = {
-        name: array.nbytes
-        for name, array in ProbeSession(float_model, list(set(pairs.values()))).run(feed).items()
-    }
+    PROBE_BYTES on ``feed``.
+
+    Sizes come from the shapes where those are known (free dimensions of the inputs bound by
+    ``feed``); the other tensors are measured in one run on ``feed``, which for a detector with
+    fixed shapes would otherwise hold all its tensors at once (a gigabyte for PicoDet).
+    """
+    model = float_model.model if isinstance(float_model, SerializedModel) else float_model
+    sizes = _known_sizes(model, set(pairs.values()), feed)
+    unknown = sorted(set(pairs.values()) - set(sizes))
+    if unknown:
+        measured = ProbeSession(float_model, unknown).run(feed)
+        sizes.update((name, array.nbytes) for name, array in measured.items())
     groups: list[list[str]] = [[]]
     group_bytes = 0
     for name, float_name in pairs.items():
@@ -182,6 +189,33 @@ def _groups_by_size(
         groups[-1].append(name)
         group_bytes += size
     return groups
+
+
+def _known_sizes(model: ir.Model, names: set[str], feed: Feed) -> dict[str, int]:
+    """Bytes of the named float tensors whose shapes are known on ``feed``: fixed dimensions, or
+    free ones named like an input's and bound by the feed's array."""
+    bound: dict[str, int] = {}
+    for value in model.graph.inputs:
+        array = feed.get(value.name)
+        if value.shape is None or array is None or np.ndim(array) != len(value.shape):
+            continue
+        for dim, size in zip(value.shape, np.shape(array), strict=True):
+            if not isinstance(dim, int) and dim.value is not None:
+                bound[dim.value] = size
+    sizes = {}
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name not in names or value.shape is None or value.dtype is None:
+                continue
+            elements = 1
+            for dim in value.shape:
+                size = dim if isinstance(dim, int) else bound.get(dim.value)
+                if size is None:
+                    break
+                elements *= size
+            else:
+                sizes[value.name] = elements * value.dtype.itemsize
+    return sizes
 
 
 def node_added_noise(

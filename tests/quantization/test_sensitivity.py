@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -16,6 +17,7 @@ from onnxopt.quantization.fusion import fusion_report
 from onnxopt.quantization.plan import QuantizationOptions
 from onnxopt.quantization.qdq import quantize_model
 from onnxopt.quantization.sensitivity import compare_tensors, float_counterparts, layer_sqnr
+from onnxopt.runtime import ProbeSession
 from tests.quantization.helpers import build, calibrated, cosine, ops, random_weights, run
 
 
@@ -157,6 +159,21 @@ def test_comparing_only_the_tensors_a_reader_needs_measures_them_the_same():
     assert [layer.sqnr_db for layer in layers] == pytest.approx(
         [layer.sqnr_db for layer in expected_layers], abs=0.05
     )
+
+
+def test_sizes_known_from_shapes_are_those_of_the_tensors():
+    """Grouping sizes tensors from their shapes where it can, so that it need not run a model
+    with every tensor exposed; a free batch dimension is bound by the sample."""
+    float_model = three_convs()
+    float_model.graph.inputs[0].shape = ir.Shape(["N", 4, 8, 8])
+    for node in float_model.graph:
+        node.outputs[0].shape = ir.Shape(["N", *node.outputs[0].shape[1:]])
+    names = {node.outputs[0].name for node in float_model.graph}
+    batch = {"x": np.concatenate([sample["x"] for sample in outlier_samples(3)])}
+    sizes = sensitivity._known_sizes(float_model, names, batch)
+    measured = ProbeSession(float_model, sorted(names)).run(batch)
+    assert sizes == {name: measured[name].nbytes for name in names}
+    assert sizes["relu_a"] == 3 * 8 * 8 * 8 * 4
 
 
 def test_fallback_keeps_exactly_the_sensitive_layer_float():
