@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -53,13 +53,10 @@ class ReferenceComparison:
         fidelity = compare_outputs(
             names,
             [
-                self._unpadded(feed, sample)
+                self.unpadded(feed, sample)
                 for feed, sample in zip(self.feeds, self.reference_outputs, strict=True)
             ],
-            [
-                self._unpadded(feed, sample)
-                for feed, sample in zip(self.feeds, outputs, strict=True)
-            ],
+            [self.unpadded(feed, sample) for feed, sample in zip(self.feeds, outputs, strict=True)],
             rtol=rtol,
             class_outputs=self.class_outputs,
         )
@@ -67,10 +64,10 @@ class ReferenceComparison:
         runtime.release_freed_memory()
         return fidelity
 
-    def _unpadded(self, feed: Feed, outputs: list[np.ndarray]) -> list[np.ndarray]:
+    def unpadded(self, feed: Feed, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The outputs with the padded positions of [batch, sequence, ...] outputs left out."""
         if self.padding_mask is None:
-            return outputs
+            return list(outputs)
         keep = np.asarray(feed[self.padding_mask]) != 0
         return [
             output[keep]

@@ -57,3 +57,16 @@ def test_without_an_attention_mask_every_position_counts():
     assert comparison.padding_mask is None
     outputs = {output.name: output for output in comparison.measure(model("lengths", 100.0))}
     assert outputs["y"].max_abs_error > 99.0 and outputs["pooled"].max_abs_error == 0.0
+
+
+def test_the_sensitivity_ranking_leaves_padded_positions_out_too():
+    """Fallback ranks layers by the noise they put on the outputs; at padded positions a model
+    computes what it likes, which must not count there either."""
+    from onnxopt import runtime
+    from onnxopt.quantization.fallback import _output_noise_ratio
+
+    for mask, noisy in (("attention_mask", False), ("lengths", True)):
+        samples = feeds(mask)
+        comparison = reference_comparison(model(mask, 0.0), samples, "samples", count=1)
+        outputs = runtime.run(runtime.sample_session(model(mask, 100.0)), samples)
+        assert (_output_noise_ratio(comparison, samples, outputs) > 1.0) is noisy

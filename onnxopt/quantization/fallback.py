@@ -523,14 +523,13 @@ def _ranking(
     noise = compare_tensors(source.float_model, quantized, feeds, measured)
     added = node_added_noise(source.float_model, quantized, noise, quantized_nodes)
     by_added = [*added, *(name for name in quantized_nodes if name not in added)]
-    reference = [outputs for outputs in comparison.reference_outputs[: len(feeds)]]
     isolated: dict[str, float] = {}
     for name in by_added:
         if deadline is not None and time.perf_counter() > deadline:
             break
         model, _ = source.quantized_with_float(other for other in quantized_nodes if other != name)
         session = runtime.sample_session(model)
-        isolated[name] = _output_noise_ratio(reference, runtime.run(session, feeds))
+        isolated[name] = _output_noise_ratio(comparison, feeds, runtime.run(session, feeds))
         del model, session
         runtime.release_freed_memory()
     ranked = sorted(isolated, key=lambda name: -isolated[name])
@@ -538,12 +537,19 @@ def _ranking(
 
 
 def _output_noise_ratio(
-    reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]]
+    comparison: ReferenceComparison, feeds: Sequence[Feed], outputs: Sequence[Sequence[np.ndarray]]
 ) -> float:
-    """Noise power over signal power, summed over the float outputs."""
+    """Noise power over signal power of the outputs of the first ``feeds`` of ``comparison``,
+    summed over the float outputs; padded positions are left out, as validation leaves them."""
     total = 0.0
-    for expected_sample, actual_sample in zip(reference, outputs, strict=True):
-        for expected, actual in zip(expected_sample, actual_sample, strict=True):
+    for feed, expected_sample, actual_sample in zip(
+        feeds, comparison.reference_outputs, outputs, strict=False
+    ):
+        for expected, actual in zip(
+            comparison.unpadded(feed, expected_sample),
+            comparison.unpadded(feed, actual_sample),
+            strict=True,
+        ):
             if np.asarray(expected).dtype.kind != "f":
                 continue
             expected = np.asarray(expected, dtype=np.float64)
