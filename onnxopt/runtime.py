@@ -26,7 +26,7 @@ _Result = TypeVar("_Result")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
-# Protobuf cannot serialize a message over 2 GiB; above this, sessions load from a file with external data.
+# Protobuf cannot serialize a message over 2 GiB; models above this are saved with external data.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
 
