@@ -10,6 +10,15 @@ import numpy as np
 import onnx_ir as ir
 
 
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    """Signal-to-quantization-noise ratio in dB: inf without noise, -inf without signal."""
+    if noise_power == 0.0:
+        return math.inf
+    if signal_power == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal_power / noise_power)
+
+
 @dataclasses.dataclass
 class OutputFidelity:
     """How closely one output of the candidate follows the reference, over all samples.
@@ -196,11 +205,7 @@ class _Sums:
         return self.dot / norms
 
     def sqnr_db(self) -> float:
-        if self.noise_power == 0.0:
-            return math.inf
-        if self.reference_power == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(self.reference_power / self.noise_power)
+        return sqnr_db(self.reference_power, self.noise_power)
 
     def mismatched(self) -> float | None:
         if not self.integer_elements:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import onnx
 import onnx_ir as ir
@@ -16,6 +17,22 @@ LONGEST_PROPAGATED_VECTOR = 65536
 # Initializers larger than this travel to onnx as typed graph inputs without their contents, so
 # the protobuf stays small whatever the model weighs (2 GB models included).
 LARGEST_INLINED_INITIALIZER_BYTES = 1024
+
+
+def value_bytes(
+    value: ir.Value, dims: Mapping[str, int] | None = None, free: int | None = None
+) -> int | None:
+    """The bytes ``value`` holds by its shape: each named dimension as ``dims`` gives it, else
+    ``free``; None when its type, its shape or a dimension is unknown."""
+    if value.shape is None or value.dtype is None:
+        return None
+    elements = 1
+    for dim in value.shape:
+        size = dim if isinstance(dim, int) else (dims or {}).get(dim.value, free)
+        if size is None:
+            return None
+        elements *= size
+    return elements * value.dtype.itemsize
 
 
 def infer_shapes(model: ir.Model, data_prop: bool = True) -> int:

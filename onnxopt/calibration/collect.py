@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnxopt import runtime
 from onnxopt.calibration.collectors import TensorStatistics
 from onnxopt.runtime import Feed, ProbeSession
-from onnxopt.shapes import infer_shapes
+from onnxopt.shapes import infer_shapes, value_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -256,15 +256,8 @@ def _fold(
 def _sample_bytes(values: Sequence[ir.Value]) -> int | None:
     """The bytes of one sample's values, free dimensions taken as 1; None when a shape is
     unknown."""
-    total = 0
-    for value in values:
-        if value.shape is None or value.dtype is None:
-            return None
-        elements = 1
-        for dim in value.shape:
-            elements *= dim if isinstance(dim, int) else 1
-        total += elements * value.dtype.itemsize
-    return total
+    sizes = [value_bytes(value, free=1) for value in values]
+    return None if None in sizes else sum(sizes)
 
 
 def _weighted_inputs(graph: ir.Graph) -> set[str]:

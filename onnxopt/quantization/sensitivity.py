@@ -18,6 +18,7 @@ from collections.abc import Collection, Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.metrics import sqnr_db
 from onnxopt.runtime import (
     Feed,
     ProbeSession,
@@ -25,6 +26,7 @@ from onnxopt.runtime import (
     concurrently,
     release_freed_memory,
 )
+from onnxopt.shapes import value_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +43,7 @@ class TensorNoise:
 
     @property
     def sqnr_db(self) -> float:
-        if self.noise == 0.0:
-            return math.inf
-        if self.signal == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(self.signal / self.noise)
+        return sqnr_db(self.signal, self.noise)
 
     @property
     def noise_ratio(self) -> float:
@@ -205,16 +203,9 @@ def _known_sizes(model: ir.Model, names: set[str], feed: Feed) -> dict[str, int]
     sizes = {}
     for node in model.graph:
         for value in node.outputs:
-            if value.name not in names or value.shape is None or value.dtype is None:
-                continue
-            elements = 1
-            for dim in value.shape:
-                size = dim if isinstance(dim, int) else bound.get(dim.value)
-                if size is None:
-                    break
-                elements *= size
-            else:
-                sizes[value.name] = elements * value.dtype.itemsize
+            size = value_bytes(value, bound) if value.name in names else None
+            if size is not None:
+                sizes[value.name] = size
     return sizes
 
 
