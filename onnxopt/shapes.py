@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -33,6 +34,26 @@ def value_bytes(
             return None
         elements *= size
     return elements * value.dtype.itemsize
+
+
+def known_sizes(model: ir.Model, names: set[str], feed: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Bytes of the named float tensors whose shapes are known on ``feed``: fixed dimensions, or
+    free ones named like an input's and bound by the feed's array."""
+    bound: dict[str, int] = {}
+    for value in model.graph.inputs:
+        array = feed.get(value.name)
+        if value.shape is None or array is None or np.ndim(array) != len(value.shape):
+            continue
+        for dim, size in zip(value.shape, np.shape(array), strict=True):
+            if not isinstance(dim, int) and dim.value is not None:
+                bound[dim.value] = size
+    sizes = {}
+    for node in model.graph:
+        for value in node.outputs:
+            size = value_bytes(value, bound) if value.name in names else None
+            if size is not None:
+                sizes[value.name] = size
+    return sizes
 
 
 def infer_shapes(model: ir.Model, data_prop: bool = True) -> int:

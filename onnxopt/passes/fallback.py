@@ -61,7 +61,9 @@ class FallbackPass(OnnxoptPass):
     def call(self, model: ir.Model) -> PassResult:
         state = self.context.quantization_for(self.name)
         comparison = self.context.reference_comparison()
-        source = QuantizedFrom(state.float_model, state.ranges, state.problems, state.options)
+        source = QuantizedFrom(
+            state.float_model, state.ranges, state.problems, state.options, rounding=state.rounding
+        )
         if state.bias_correction is not None:
             statistics = self.context.calibration_for(self.name).statistics
             source.create_bias = state.bias_correction.create_bias

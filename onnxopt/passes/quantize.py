@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import onnx_ir as ir
 
@@ -11,6 +11,7 @@ from onnxopt.errors import InputError
 from onnxopt.options import Range, Rule
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.quantization.fusion import fusion_report
+from onnxopt.quantization.gptq import GptqRounding, collect_hessians
 from onnxopt.quantization.plan import (
     AlreadyQuantizedError,
     QuantizationOptions,
@@ -29,6 +30,12 @@ class QuantizePass(OnnxoptPass):
     kernels, and tensors whose range is not finite or too wide (attention masks of float32
     minimum values), stay float; the report lists them with the reason. Keeps the float model
     and the settings in ``context.quantization`` for the repairs after it.
+
+    Args:
+        rounding: ``gptq`` rounds the weights of Conv, Gemm and MatMul layers so that their
+            outputs on calibration samples move least (``quantization.gptq``); ``nearest``
+            rounds each weight on its own. Without data, weights round to nearest.
+        gptq_samples: calibration samples GPTQ measures the layer inputs on.
     """
 
     name = "quantize"
@@ -44,6 +51,8 @@ class QuantizePass(OnnxoptPass):
         exclude_op_types: list[str] | None = None,
         tensor_overrides: Annotated[dict[str, Any] | None, Rule(tensor_overrides_problem)] = None,
         dynamic_matmul: bool = True,
+        rounding: Literal["gptq", "nearest"] = "gptq",
+        gptq_samples: Annotated[int, Range(low=1)] = 16,
     ):
         super().__init__()
         self.options = QuantizationOptions(
@@ -55,20 +64,25 @@ class QuantizePass(OnnxoptPass):
             tensor_overrides=dict(tensor_overrides or {}),
             dynamic_matmul=dynamic_matmul,
         )
+        self.rounding = rounding
+        self.gptq_samples = gptq_samples
 
     def call(self, model: ir.Model) -> PassResult:
         calibration = self.context.calibration_for(self.name)
         ranges, problems = calibration.ranges, calibration.problems
         float_model = model.clone()
+        rounding = self._gptq(model) if self.rounding == "gptq" else None
         try:
-            report = quantize_model(model, ranges, problems, self.options)
+            report = quantize_model(model, ranges, problems, self.options, rounding)
         except AlreadyQuantizedError as error:
             raise InputError(
                 f"the model is already quantized: it contains {error}",
                 fix="quantize the float model it came from, or run the cleanup recipe on this one",
             ) from error
+        if rounding is not None:
+            rounding.release()
         state = QuantizationState(
-            float_model, ranges, problems, self.options, report, fusion_report(model)
+            float_model, ranges, problems, self.options, report, fusion_report(model), rounding
         )
         self.context.quantization = state
         details: dict[str, Any] = {
@@ -78,6 +92,8 @@ class QuantizePass(OnnxoptPass):
         }
         if report.dynamic:
             details["dynamic"] = len(report.dynamic)
+        if rounding is not None:
+            details["gptq rounded"] = len(rounding.rounded)
         details["integer kernels"] = (
             f"{state.fusion.integer_kernels}/{state.fusion.integer_kernels + state.fusion.unfused}"
         )
@@ -87,3 +103,13 @@ class QuantizePass(OnnxoptPass):
         return PassResult(
             model, modified=bool(report.quantized), changes=len(report.quantized), details=details
         )
+
+    def _gptq(self, model: ir.Model) -> GptqRounding | None:
+        """GPTQ with H measured on the model as it is now, or None without data."""
+        if self.context.data is None:
+            logger.info("no data: weights are rounded to nearest")
+            return None
+        feeds = self.context.data.take(self.gptq_samples)
+        layers = [node for node in model.graph if node.op_type in ("Conv", "Gemm", "MatMul")]
+        hessians = collect_hessians(model, layers, feeds, progress=self.context.progress)
+        return GptqRounding(hessians)

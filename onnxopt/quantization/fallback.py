@@ -37,7 +37,7 @@ from onnxopt.metrics import OutputFidelity
 from onnxopt.progress import QUIET, Progress
 from onnxopt.quantization.bias_correction import BiasCorrectionReport, ChannelMeans, correct_biases
 from onnxopt.quantization.plan import QuantizationOptions
-from onnxopt.quantization.qdq import QuantizationReport, quantize_model
+from onnxopt.quantization.qdq import QuantizationReport, WeightRounding, quantize_model
 from onnxopt.quantization.sensitivity import (
     LayerSqnr,
     compare_tensors,
@@ -83,6 +83,7 @@ class QuantizedFrom:
         options: the quantizer's options.
         create_bias: bias correction's setting, or None when biases were not corrected.
         means: per-channel means for bias correction, when biases were corrected.
+        rounding: how the weights were rounded, when not to nearest.
     """
 
     float_model: ir.Model
@@ -91,6 +92,7 @@ class QuantizedFrom:
     options: QuantizationOptions
     create_bias: bool | None = None
     means: ChannelMeans | None = None
+    rounding: WeightRounding | None = None
 
     def quantized_with_float(
         self, float_layers: Iterable[str]
@@ -104,7 +106,7 @@ class QuantizedFrom:
                 *(re.escape(name) for name in float_layers),
             ],
         )
-        return model, quantize_model(model, self.ranges, self.problems, options)
+        return model, quantize_model(model, self.ranges, self.problems, options, self.rounding)
 
 
 @dataclasses.dataclass

@@ -53,9 +53,14 @@ def quantize_values(
     return np.clip(quantized, info.min, info.max).astype(dtype)
 
 
+def weight_limit(reduce_range: bool) -> int:
+    """The largest magnitude of an int8 weight: 127, or 63 for 7-bit weights."""
+    return (INT8_REDUCED_RANGE if reduce_range else INT8_SYMMETRIC_RANGE)[1]
+
+
 def weight_scales(weight: np.ndarray, axis: int | None, reduce_range: bool) -> np.ndarray:
     """Symmetric int8 scales, one per channel along ``axis`` (or one for the tensor when None)."""
-    limit = (INT8_REDUCED_RANGE if reduce_range else INT8_SYMMETRIC_RANGE)[1]
+    limit = weight_limit(reduce_range)
     if axis is None:
         largest = np.abs(weight).max(initial=0.0)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +30,17 @@ from onnxopt.quantization.rules import Kind, weight_axis
 logger = logging.getLogger(__name__)
 
 SOFTMAX_OUTPUT = (np.float32(1.0 / 256.0), np.uint8(0))
+
+
+class WeightRounding(Protocol):
+    """Chooses a weight's integers on a given grid, instead of rounding each to nearest."""
+
+    def integers(
+        self, node: ir.Node, weight: np.ndarray, scales: np.ndarray, axis: int | None, limit: int
+    ) -> np.ndarray | None:
+        """int8 values of ``node``'s ``weight`` for ``scales`` along ``axis`` (one scale when
+        None) in [-limit, limit], or None to round to nearest."""
+        ...
 
 
 @dataclasses.dataclass
@@ -65,26 +77,28 @@ def quantize_model(
     ranges: Mapping[str, tuple[float, float]],
     problems: Mapping[str, str],
     options: QuantizationOptions,
+    rounding: WeightRounding | None = None,
 ) -> QuantizationReport:
     """Quantize the model in place: ``prepare.prepare_for_int8`` spells out the float islands
     int8 can run through, ``plan.plan_quantization`` (whose arguments these are) decides, and
-    ``emit_plan`` rewrites.
+    ``emit_plan`` rewrites, with weights rounded by ``rounding`` (else to nearest).
 
     Raises:
         AlreadyQuantizedError: the model holds quantization ops already.
     """
     ranges = prepare_for_int8(model, ranges, problems, options)
-    return emit_plan(plan_quantization(model, ranges, problems, options))
+    return emit_plan(plan_quantization(model, ranges, problems, options), rounding)
 
 
-def emit_plan(plan: QuantizationPlan) -> QuantizationReport:
+def emit_plan(plan: QuantizationPlan, rounding: WeightRounding | None = None) -> QuantizationReport:
     """Rewrite the plan's model as the plan says; the report of what was done."""
-    return _Emitter(plan).emit()
+    return _Emitter(plan, rounding).emit()
 
 
 class _Emitter:
-    def __init__(self, plan: QuantizationPlan):
+    def __init__(self, plan: QuantizationPlan, rounding: WeightRounding | None):
         self.plan = plan
+        self.rounding = rounding
         self.graph = plan.model.graph
         self.builder = QdqBuilder(self.graph)
         self.report = QuantizationReport(kept_float=list(plan.kept_float))
@@ -167,7 +181,7 @@ class _Emitter:
                 if np.any(widened != scales):
                     self.report.widened_weight_scales.append(node.name or node.op_type)
                 scales = widened
-        quantized = numerics.quantize_weight(array, scales, axis)
+        quantized = self._integers(node, array, scales, axis)
         dequantized = self.builder.dequantized_constant(
             weight.name or f"{node.name}_weight",
             quantized,
@@ -191,6 +205,16 @@ class _Emitter:
                 bias_axis,
             )
             node.replace_input_with(2, dequantized_bias)
+
+    def _integers(
+        self, node: ir.Node, array: np.ndarray, scales: np.ndarray, axis: int | None
+    ) -> np.ndarray:
+        if self.rounding is not None:
+            limit = numerics.weight_limit(self.plan.reduce_range)
+            integers = self.rounding.integers(node, array, scales, axis, limit)
+            if integers is not None:
+                return integers
+        return numerics.quantize_weight(array, scales, axis)
 
     def _quantize_table(self, planned: PlannedNode) -> None:
         """Gather(table, ids) -> Gather(int8 rows, ids) -> Cast -> Mul by Gather(row scales, ids).
@@ -259,7 +283,7 @@ class _Emitter:
         )
         base = weight.name or f"{node.name}_weight"
         quantized = self.builder.constant(
-            f"{base}_quantized", numerics.quantize_weight(array, scales, axis)
+            f"{base}_quantized", self._integers(node, array, scales, axis)
         )
         weight_scale = self.builder.compact_constant(f"{base}_scale", scales)
         weight_zero = self.builder.constant(

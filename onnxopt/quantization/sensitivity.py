@@ -26,7 +26,7 @@ from onnxopt.runtime import (
     concurrently,
     release_freed_memory,
 )
-from onnxopt.shapes import value_bytes
+from onnxopt.shapes import known_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _groups_by_size(
     fixed shapes would otherwise hold all its tensors at once (a gigabyte for PicoDet).
     """
     model = float_model.model if isinstance(float_model, SerializedModel) else float_model
-    sizes = _known_sizes(model, set(pairs.values()), feed)
+    sizes = known_sizes(model, set(pairs.values()), feed)
     unknown = sorted(set(pairs.values()) - set(sizes))
     if unknown:
         measured = ProbeSession(float_model, unknown).run(feed)
@@ -187,26 +187,6 @@ def _groups_by_size(
         groups[-1].append(name)
         group_bytes += size
     return groups
-
-
-def _known_sizes(model: ir.Model, names: set[str], feed: Feed) -> dict[str, int]:
-    """Bytes of the named float tensors whose shapes are known on ``feed``: fixed dimensions, or
-    free ones named like an input's and bound by the feed's array."""
-    bound: dict[str, int] = {}
-    for value in model.graph.inputs:
-        array = feed.get(value.name)
-        if value.shape is None or array is None or np.ndim(array) != len(value.shape):
-            continue
-        for dim, size in zip(value.shape, np.shape(array), strict=True):
-            if not isinstance(dim, int) and dim.value is not None:
-                bound[dim.value] = size
-    sizes = {}
-    for node in model.graph:
-        for value in node.outputs:
-            size = value_bytes(value, bound) if value.name in names else None
-            if size is not None:
-                sizes[value.name] = size
-    return sizes
 
 
 def node_added_noise(

@@ -9,6 +9,7 @@ import onnx_ir as ir
 from onnxopt.quantization.bias_correction import BiasCorrectionReport
 from onnxopt.quantization.fallback import FallbackOutcome
 from onnxopt.quantization.fusion import FusionReport, fusion_report
+from onnxopt.quantization.gptq import GptqRounding
 from onnxopt.quantization.plan import QuantizationOptions
 from onnxopt.quantization.qdq import QuantizationReport
 from onnxopt.quantization.sensitivity import LayerSqnr
@@ -37,6 +38,7 @@ class QuantizationState:
         options: the options the model was quantized with.
         report: what the quantizer did to the current model.
         fusion: the integer kernels onnxruntime makes of the current model.
+        rounding: how weights were rounded, when not to nearest; quantizing again reuses it.
         bias_correction: set once biases were corrected; fallback corrects each model it makes.
         layers: the SQNR of every quantized tensor, worst first, once fallback measured them.
         fallback: how the fallback search went, once it ran.
@@ -48,6 +50,7 @@ class QuantizationState:
     options: QuantizationOptions
     report: QuantizationReport
     fusion: FusionReport
+    rounding: GptqRounding | None = None
     bias_correction: BiasCorrection | None = None
     layers: list[LayerSqnr] = dataclasses.field(default_factory=list)
     fallback: FallbackOutcome | None = None

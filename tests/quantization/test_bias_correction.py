@@ -45,8 +45,8 @@ def quantized_with_context(model, samples, **quantize_options):
 
 
 def corrected(model, samples, create_bias=True):
-    """The correct-bias pass's result, and the context it ran in."""
-    context = quantized_with_context(model, samples)
+    """The correct-bias pass's result on weights rounded to nearest, and the context it ran in."""
+    context = quantized_with_context(model, samples, rounding="nearest")
     correct = CorrectBiasPass(create_bias=create_bias)
     correct.bind(context)
     return correct(model), context
@@ -80,7 +80,7 @@ def test_bias_correction_cancels_the_mean_error_of_rounded_weights():
     reference = run(conv_model(), samples)
 
     plain = conv_model()
-    quantized_with_context(plain, samples)
+    quantized_with_context(plain, samples, rounding="nearest")
     before = mean_error(plain, reference, samples, 8)
 
     model = conv_model()

@@ -18,6 +18,7 @@ from onnxopt.quantization.plan import QuantizationOptions
 from onnxopt.quantization.qdq import quantize_model
 from onnxopt.quantization.sensitivity import compare_tensors, float_counterparts, layer_sqnr
 from onnxopt.runtime import ProbeSession
+from onnxopt.shapes import known_sizes
 from tests.quantization.helpers import build, calibrated, cosine, ops, random_weights, run
 
 
@@ -170,7 +171,7 @@ def test_sizes_known_from_shapes_are_those_of_the_tensors():
         node.outputs[0].shape = ir.Shape(["N", *node.outputs[0].shape[1:]])
     names = {node.outputs[0].name for node in float_model.graph}
     batch = {"x": np.concatenate([sample["x"] for sample in outlier_samples(3)])}
-    sizes = sensitivity._known_sizes(float_model, names, batch)
+    sizes = known_sizes(float_model, names, batch)
     measured = ProbeSession(float_model, sorted(names)).run(batch)
     assert sizes == {name: measured[name].nbytes for name in names}
     assert sizes["relu_a"] == 3 * 8 * 8 * 8 * 4

@@ -1,0 +1,231 @@
+import numpy as np
+import pytest
+from onnx import helper
+
+from onnxopt import runtime
+from onnxopt.context import Context
+from onnxopt.data import open_data
+from onnxopt.passes.quantize import QuantizePass
+from onnxopt.quantization import gptq
+from onnxopt.quantization.fallback import QuantizedFrom
+from onnxopt.quantization.gptq import GptqRounding, collect_hessians, gptq_integers
+
+from .helpers import build, calibrated, feeds, random_weights, run
+
+# (weight shape, Conv attributes, input shape): every way a convolution reads its input.
+CONVOLUTIONS = {
+    "pointwise": ((6, 4, 1, 1), {}, [1, 4, 7, 7]),
+    "pointwise, strided": ((6, 4, 1, 1), {"strides": [2, 2]}, [1, 4, 7, 7]),
+    "3x3 padded, strided": ((5, 4, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}, [1, 4, 9, 9]),
+    "asymmetric pads": ((5, 4, 3, 2), {"pads": [0, 1, 2, 0]}, [1, 4, 8, 8]),
+    "dilated": ((5, 4, 3, 3), {"dilations": [2, 2], "pads": [2, 2, 2, 2]}, [1, 4, 9, 9]),
+    "depthwise 5x5": ((4, 1, 5, 5), {"group": 4, "pads": [2, 2, 2, 2]}, [1, 4, 8, 8]),
+    "grouped": ((6, 2, 3, 3), {"group": 2, "pads": [1, 1, 1, 1]}, [1, 4, 6, 6]),
+    "same upper": ((5, 4, 3, 3), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, [1, 4, 8, 8]),
+    "same lower": ((5, 4, 2, 2), {"auto_pad": "SAME_LOWER"}, [1, 4, 7, 7]),
+    "1-D": ((5, 4, 3), {"pads": [1, 1]}, [1, 4, 16]),
+    "batch of 2": ((5, 4, 3, 3), {"pads": [1, 1, 1, 1]}, [2, 4, 6, 6]),
+}
+
+
+def single_layer(op_type, weight, input_shape, **attributes):
+    node = helper.make_node(op_type, ["x", "w"], ["y"], name="layer", **attributes)
+    output_shape = [f"d{axis}" for axis in range(len(input_shape))]
+    return build([node], {"x": input_shape}, {"y": output_shape}, {"w": weight})
+
+
+def output_energy(model, samples):
+    """Mean over output positions of the squared output, summed over channels: what
+    sum_rows w H w^T must equal when H measures exactly what the layer reads."""
+    session = runtime.create_session(model)
+    outputs = [session.run(None, sample)[0] for sample in samples]
+    if next(iter(model.graph)).op_type == "Conv":
+        outputs = [np.moveaxis(output, 1, -1) for output in outputs]
+    rows = np.concatenate([output.reshape(-1, output.shape[-1]) for output in outputs])
+    return float(np.mean(np.sum(rows.astype(np.float64) ** 2, axis=1)))
+
+
+def energy_from_hessian(model, hessian):
+    node = next(iter(model.graph))
+    layout = gptq.input_layout(node)
+    weight = node.inputs[1].const_value.numpy().astype(np.float64)
+    rows, _ = gptq._as_rows(weight, layout, hessian.shape[0])
+    return float(np.einsum("grk,gkl,grl->", rows, hessian.astype(np.float64), rows))
+
+
+@pytest.mark.parametrize("case", CONVOLUTIONS, ids=list(CONVOLUTIONS))
+def test_hessian_of_a_convolution_measures_what_it_reads(case, monkeypatch):
+    """With every position kept, w H w^T is the layer's mean squared output: H's columns are the
+    patches the convolution multiplies, in the order of the weight's rows."""
+    monkeypatch.setattr(gptq, "ROWS_PER_COLUMN", 10**6)
+    shape, attributes, input_shape = CONVOLUTIONS[case]
+    weight = random_weights(**{"w": shape})["w"]
+    model = single_layer("Conv", weight, input_shape, **attributes)
+    samples = feeds(model, count=3)
+    hessians = collect_hessians(model, list(model.graph), samples)
+    assert set(hessians) == {"layer"}
+    expected = output_energy(model, samples)
+    assert energy_from_hessian(model, hessians["layer"]) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("op_type", "weight_shape", "attributes"),
+    [("MatMul", (8, 5), {}), ("Gemm", (5, 8), {"transB": 1}), ("Gemm", (8, 5), {})],
+)
+def test_hessian_of_a_matmul_measures_what_it_reads(op_type, weight_shape, attributes, monkeypatch):
+    monkeypatch.setattr(gptq, "ROWS_PER_COLUMN", 10**6)
+    weight = random_weights(w=weight_shape)["w"]
+    input_shape = [3, 4, 8] if op_type == "MatMul" else [4, 8]
+    model = single_layer(op_type, weight, input_shape, **attributes)
+    samples = feeds(model, count=3)
+    hessians = collect_hessians(model, list(model.graph), samples)
+    expected = output_energy(model, samples)
+    assert energy_from_hessian(model, hessians["layer"]) == pytest.approx(expected, rel=1e-4)
+
+
+def correlated_problem(seed=0, rows=16, columns=32, positions=2000):
+    rng = np.random.default_rng(seed)
+    # Inputs that mostly move in a few directions, as a layer's input features do.
+    mixing = rng.standard_normal((columns // 4, columns))
+    inputs = rng.standard_normal((positions, columns // 4)) @ mixing
+    inputs += 0.1 * rng.standard_normal(inputs.shape)
+    weights = rng.standard_normal((1, rows, columns))
+    hessian = (inputs.T @ inputs / positions)[None]
+    scales = np.abs(weights).max(axis=2) / 63
+    return weights, hessian, scales, inputs
+
+
+def output_error(weights, integers, scales, inputs):
+    dequantized = integers * scales[..., None]
+    return float(np.linalg.norm((weights - dequantized)[0] @ inputs.T))
+
+
+def test_gptq_moves_the_output_less_than_rounding_to_nearest():
+    weights, hessian, scales, inputs = correlated_problem()
+    nearest = np.clip(np.round(weights / scales[..., None]), -63, 63)
+    rounded = gptq_integers(weights, hessian, scales, 63)
+    assert rounded.dtype == np.int8
+    assert np.abs(rounded).max() <= 63
+    # On the same grid: each weight moved at most a few steps from its nearest value.
+    assert np.abs(rounded - nearest).max() <= 8
+    assert output_error(weights, rounded, scales, inputs) < 0.6 * output_error(
+        weights, nearest, scales, inputs
+    )
+
+
+def test_an_input_never_seen_rounds_to_nearest_and_takes_no_error():
+    weights, hessian, scales, _ = correlated_problem(columns=8)
+    hessian[:, 3, :] = 0.0
+    hessian[:, :, 3] = 0.0
+    rounded = gptq_integers(weights, hessian, scales, 63)
+    nearest = np.clip(np.round(weights / scales[..., None]), -63, 63)
+    np.testing.assert_array_equal(rounded[..., 3], nearest[..., 3])
+
+
+def test_a_hessian_that_is_not_finite_rounds_to_nearest():
+    weights, hessian, scales, _ = correlated_problem(columns=8)
+    hessian[0, 0, 0] = np.nan
+    rounded = gptq_integers(weights, hessian, scales, 63)
+    nearest = np.clip(np.round(weights / scales[..., None]), -63, 63)
+    np.testing.assert_array_equal(rounded, nearest)
+
+
+def two_convolutions():
+    """Two 3x3 convolutions with a Relu between, wide enough for rounding errors to add up, and
+    a 1x1 convolution that writes the output (kept float, as graph outputs are)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c2", "w3"], ["y"], name="conv3"),
+    ]
+    weights = random_weights(
+        seed=3, w1=(16, 8, 3, 3), b1=(16,), w2=(8, 16, 3, 3), b2=(8,), w3=(8, 8, 1, 1)
+    )
+    return build(nodes, {"x": [1, 8, 10, 10]}, {"y": [1, 8, 10, 10]}, weights)
+
+
+def correlated_samples(count, seed):
+    """Inputs whose channels move together (the same way for every seed), as image features do."""
+    mixing = np.random.default_rng(100).standard_normal((8, 8))
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "x": np.einsum("ij,bjhw->bihw", mixing, rng.standard_normal((1, 8, 10, 10))).astype(
+                np.float32
+            )
+        }
+        for _ in range(count)
+    ]
+
+
+def quantized(rounding):
+    model = two_convolutions()
+    samples = correlated_samples(16, seed=0)
+    context = Context(data=open_data(samples, model), calibration=calibrated(model, samples))
+    quantize = QuantizePass(rounding=rounding, reduce_range=True)
+    quantize.bind(context)
+    result = quantize(model)
+    return model, result, context
+
+
+def test_quantize_pass_with_gptq_is_closer_to_float_on_unseen_samples():
+    held_back = correlated_samples(8, seed=1)
+    reference = run(two_convolutions(), held_back)
+    nearest, _, _ = quantized("nearest")
+    rounded, result, context = quantized("gptq")
+    assert result.details["gptq rounded"] == 2
+    assert context.quantization.rounding is not None
+    error_nearest = np.linalg.norm(run(nearest, held_back) - reference)
+    error_gptq = np.linalg.norm(run(rounded, held_back) - reference)
+    assert error_gptq < 0.9 * error_nearest
+
+
+def weight_integers(model):
+    return {
+        value.name: value.const_value.numpy()
+        for value in model.graph.initializers.values()
+        if value.const_value.dtype.name == "INT8"
+    }
+
+
+def test_quantizing_again_for_fallback_reuses_the_rounded_weights():
+    """Fallback quantizes the float model again with some layers float; the other layers keep
+    the integers GPTQ chose, though H was released after the quantize pass."""
+    model, _, context = quantized("gptq")
+    state = context.quantization
+    assert state.rounding.hessians == {}
+    source = QuantizedFrom(
+        state.float_model, state.ranges, state.problems, state.options, rounding=state.rounding
+    )
+    again, _ = source.quantized_with_float([])
+    first = weight_integers(model)
+    assert first and weight_integers(again).keys() == first.keys()
+    for name, integers in weight_integers(again).items():
+        np.testing.assert_array_equal(integers, first[name])
+    one_float, _ = source.quantized_with_float(["conv1"])
+    assert set(weight_integers(one_float)) == {name for name in first if name.startswith("w2")}
+    np.testing.assert_array_equal(weight_integers(one_float)["w2_quantized"], first["w2_quantized"])
+
+
+def test_without_data_weights_round_to_nearest():
+    model = two_convolutions()
+    samples = correlated_samples(4, seed=0)
+    context = Context(calibration=calibrated(model, samples))
+    quantize = QuantizePass(rounding="gptq")
+    quantize.bind(context)
+    result = quantize(model)
+    assert "gptq rounded" not in result.details
+    assert context.quantization.rounding is None
+
+
+def test_layers_past_the_memory_budget_round_to_nearest():
+    model = two_convolutions()
+    samples = correlated_samples(4, seed=0)
+    first_only = 8 * 9 * 8 * 9 * 4
+    hessians = collect_hessians(model, list(model.graph), samples, max_bytes=first_only)
+    assert set(hessians) == {"conv1"}
+    rounding = GptqRounding(hessians)
+    conv2 = next(node for node in model.graph if node.name == "conv2")
+    weight = conv2.inputs[1].const_value.numpy()
+    assert rounding.integers(conv2, weight, np.ones(8, np.float32), 0, 127) is None
