@@ -111,5 +111,5 @@ class QuantizePass(OnnxoptPass):
             return None
         feeds = self.context.data.take(self.gptq_samples)
         layers = [node for node in model.graph if node.op_type in ("Conv", "Gemm", "MatMul")]
-        hessians = collect_hessians(model, layers, feeds, progress=self.context.progress)
-        return GptqRounding(hessians)
+        moments = collect_hessians(model, layers, feeds, progress=self.context.progress)
+        return GptqRounding(moments)

@@ -19,6 +19,7 @@ layer on a few samples; ``GptqRounding`` rounds the weights the quantizer asks f
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -52,9 +53,19 @@ CHUNK_BYTES = 2**24
 # Hessians kept at once (float32); layers past this budget are rounded to nearest.
 MAX_HESSIAN_BYTES = 2**27
 
-# Damping added to H's diagonal, as a share of its mean: keeps the inverse stable where inputs
-# are nearly collinear, at little cost to the fit (GPTQ's default).
-DAMPING = 0.01
+# Damping added to H's diagonal, as a share of its mean, tried in turn: GPTQ's default 1% fits
+# best where H is well measured; where a layer sees few rows for its columns (a squeeze-excite
+# layer sees one pixel per sample) it overfits the samples, and 10% or rounding to nearest is
+# closer on samples GPTQ did not see. Which is chosen per layer on the held rows.
+DAMPINGS = (0.01, 0.1)
+
+# A damping whose held-row error is at most this share of rounding to nearest's is kept
+# without trying the next.
+CLEAR_WIN = 0.5
+
+# Every this-many-th sample's rows are held back from GPTQ's fit, to choose the damping (or
+# rounding to nearest) on rows it did not fit.
+CHECK_EVERY = 4
 
 # Columns rounded per block before the rest of the row is updated at once.
 BLOCK = 128
@@ -160,6 +171,19 @@ class InputLayout:
         return begins, ends
 
 
+@dataclasses.dataclass
+class InputMoments:
+    """``H = X X^T / n`` of a layer's input columns: (groups, columns, columns), float32.
+
+    Attributes:
+        fit: over the rows GPTQ fits the weights to.
+        check: over held rows, to choose between fits; None when too few samples to hold any.
+    """
+
+    fit: np.ndarray
+    check: np.ndarray | None
+
+
 def input_layout(node: ir.Node) -> InputLayout | None:
     """How ``node`` reads its input, or None when GPTQ does not apply (no constant weight, a
     weight of another rank, Gemm with transA, a convolution padded with VALID-like rules)."""
@@ -204,7 +228,7 @@ def _subsample(flat: np.ndarray, positions: int, rng: np.random.Generator) -> np
 
 def _hessian_bytes(node: ir.Node, layout: InputLayout) -> int:
     columns = layout.column_count(node.inputs[1].const_value.shape)
-    return layout.groups * columns * columns * 4
+    return 2 * layout.groups * columns * columns * 4
 
 
 def collect_hessians(
@@ -214,10 +238,10 @@ def collect_hessians(
     *,
     max_bytes: int = MAX_HESSIAN_BYTES,
     progress: Progress = QUIET,
-) -> dict[str, np.ndarray]:
-    """``H = X X^T / n`` of each node's input columns over ``feeds``, by node name: (groups,
-    columns, columns), float32. Nodes past ``max_bytes`` of them get none; nodes that share an
-    input and a layout (the query, key and value of attention) share one."""
+) -> dict[str, InputMoments]:
+    """The input moments of each node over ``feeds``, by node name; every CHECK_EVERY-th
+    sample goes to ``check``. Nodes past ``max_bytes`` of them get none; nodes that share an
+    input and a layout (the query, key and value of attention) share them."""
     layouts: dict[InputLayout, list[str]] = {}
     columns: dict[InputLayout, int] = {}
     budget = max_bytes
@@ -235,11 +259,11 @@ def collect_hessians(
         layouts[layout].append(node.name)
     if not layouts or not feeds:
         return {}
-    sums: dict[InputLayout, np.ndarray] = {}
-    counts = dict.fromkeys(layouts, 0)
+    sums: dict[tuple[InputLayout, bool], np.ndarray] = {}
+    counts: dict[tuple[InputLayout, bool], int] = collections.defaultdict(int)
     rng = np.random.default_rng(0)
     with SerializedModel(model) as source:
-        groups = _input_groups(model, [layout.input for layout in layouts], feeds[0])
+        groups = _input_groups(source, [layout.input for layout in layouts], feeds[0])
         steps = len(groups) * len(feeds)
         with progress.task("measuring layer inputs for GPTQ", total=steps) as advance:
             for names in groups:
@@ -247,33 +271,47 @@ def collect_hessians(
                 readers = [layout for layout in layouts if layout.input in names]
                 for start in range(0, len(feeds), cores()):
                     # Samples run one per core; their columns are added in order.
-                    for arrays in concurrently(probe.run, feeds[start : start + cores()]):
+                    outputs = concurrently(probe.run, feeds[start : start + cores()])
+                    for index, arrays in enumerate(outputs, start):
+                        held = len(feeds) >= CHECK_EVERY and index % CHECK_EVERY == CHECK_EVERY - 1
                         for layout in readers:
                             positions = -(-ROWS_PER_COLUMN * columns[layout] // len(feeds))
                             array = arrays.get(layout.input)
-                            _accumulate(layout, array, positions, sums, counts, rng)
+                            _accumulate((layout, held), array, positions, sums, counts, rng)
                         advance(1)
                 del probe
                 release_freed_memory()
-    hessians = {}
+    moments = {}
     for layout, node_names in layouts.items():
-        if layout in sums and counts[layout]:
-            hessian = sums.pop(layout)
-            hessian /= counts[layout]
-            hessians.update(dict.fromkeys(node_names, hessian))
-    return hessians
+        fit, check = (_mean(sums, counts, (layout, held)) for held in (False, True))
+        if fit is not None:
+            moments.update(dict.fromkeys(node_names, InputMoments(fit, check)))
+    return moments
+
+
+def _mean(
+    sums: dict[tuple[InputLayout, bool], np.ndarray],
+    counts: dict[tuple[InputLayout, bool], int],
+    key: tuple[InputLayout, bool],
+) -> np.ndarray | None:
+    if key not in sums or not counts[key]:
+        return None
+    total = sums.pop(key)
+    total /= counts[key]
+    return total
 
 
 def _accumulate(
-    layout: InputLayout,
+    key: tuple[InputLayout, bool],
     array: np.ndarray | None,
     positions: int,
-    sums: dict[InputLayout, np.ndarray],
-    counts: dict[InputLayout, int],
+    sums: dict[tuple[InputLayout, bool], np.ndarray],
+    counts: dict[tuple[InputLayout, bool], int],
     rng: np.random.Generator,
 ) -> None:
     """Add one sample's ``X X^T`` (at most ``positions`` of its rows) to the layout's sum; inputs of an unexpected type or rank
     (a layer whose H cannot be measured keeps rounding to nearest) are skipped."""
+    layout = key[0]
     expected_rank = len(layout.kernel) + 2 if layout.kernel else None
     if array is None or array.dtype.kind != "f" or array.ndim == 0:
         return
@@ -285,23 +323,28 @@ def _accumulate(
             product = (flat.T @ flat)[None]  # numpy computes X^T X as one symmetric update
         else:
             product = np.matmul(part.transpose(1, 2, 0), part.transpose(1, 0, 2))
-        if layout in sums:
-            if sums[layout].shape != product.shape:
+        if key in sums:
+            if sums[key].shape != product.shape:
                 return
-            sums[layout] += product
+            sums[key] += product
         else:
-            sums[layout] = product
-        counts[layout] += part.shape[0]
+            sums[key] = product
+        counts[key] += part.shape[0]
 
 
-def _input_groups(model: ir.Model, names: Sequence[str], feed: Feed) -> list[list[str]]:
-    """The input names in groups of at most PROBE_BYTES on ``feed``, unknown sizes one apiece."""
+def _input_groups(source: SerializedModel, names: Sequence[str], feed: Feed) -> list[list[str]]:
+    """The input names in groups of at most PROBE_BYTES on ``feed``: sizes from the shapes
+    where known, else measured in one run on ``feed``."""
     unique = list(dict.fromkeys(names))
-    sizes = known_sizes(model, set(unique), feed)
+    sizes = known_sizes(source.model, set(unique), feed)
+    unknown = [name for name in unique if name not in sizes]
+    if unknown:
+        measured = ProbeSession(source, unknown).run(feed)
+        sizes.update((name, array.nbytes) for name, array in measured.items())
     groups: list[list[str]] = []
     group_bytes = PROBE_BYTES
     for name in unique:
-        size = sizes.get(name, PROBE_BYTES)
+        size = sizes.get(name, 0)
         if group_bytes + size > PROBE_BYTES:
             groups.append([])
             group_bytes = 0
@@ -311,7 +354,7 @@ def _input_groups(model: ir.Model, names: Sequence[str], feed: Feed) -> list[lis
 
 
 def gptq_integers(
-    rows: np.ndarray, hessian: np.ndarray, scales: np.ndarray, limit: int
+    rows: np.ndarray, hessian: np.ndarray, scales: np.ndarray, limit: int, damping: float = 0.01
 ) -> np.ndarray:
     """Integer weights on the grid ``scales`` (symmetric, in [-limit, limit]) chosen by GPTQ.
 
@@ -320,6 +363,7 @@ def gptq_integers(
         hessian: (groups, columns, columns) second moments of the inputs each group reads.
         scales: (groups, rows per group) the scale of each row.
         limit: the largest integer magnitude (127, or 63 for 7-bit weights).
+        damping: added to H's diagonal, as a share of its mean.
     """
     weights = rows.astype(np.float32)
     steps = scales.astype(np.float32)[..., None]
@@ -330,7 +374,7 @@ def gptq_integers(
     dead = diagonal <= 0
     hessian = np.where(dead[:, :, None] | dead[:, None, :], 0.0, hessian)
     hessian[:, np.arange(columns), np.arange(columns)] = np.where(dead, 1.0, diagonal)
-    upper = _inverse_cholesky(hessian)
+    upper = _inverse_cholesky(hessian, damping)
     if upper is None:
         return np.clip(np.round(weights / steps), -limit, limit).astype(np.int8)
     integers = np.empty(weights.shape, dtype=np.float32)
@@ -341,7 +385,7 @@ def gptq_integers(
         inverse = upper[:, start:stop, start:stop]
         for offset in range(stop - start):
             column = block[..., offset]
-            rounded = np.clip(np.round(column / steps[..., 0]), -limit, limit)
+            rounded = np.minimum(np.maximum(np.round(column / steps[..., 0]), -limit), limit)
             integers[..., start + offset] = rounded
             error = (column - rounded * steps[..., 0]) / inverse[:, offset, offset][:, None]
             block[..., offset:] -= error[..., None] * inverse[:, None, offset, offset:]
@@ -350,13 +394,12 @@ def gptq_integers(
     return integers.astype(np.int8)
 
 
-def _inverse_cholesky(hessian: np.ndarray) -> np.ndarray | None:
+def _inverse_cholesky(hessian: np.ndarray, damping: float) -> np.ndarray | None:
     """The upper Cholesky factor of the damped inverse of each group's H, damping raised
     tenfold until the factorization succeeds; None if it never does (H not finite)."""
     columns = hessian.shape[-1]
     mean = np.mean(np.diagonal(hessian, axis1=1, axis2=2), axis=1)[:, None, None]
     identity = np.eye(columns, dtype=hessian.dtype)[None]
-    damping = DAMPING
     while damping <= 1.0 and np.all(np.isfinite(hessian)):
         try:
             inverse = np.linalg.inv(hessian + damping * mean * identity)
@@ -368,47 +411,85 @@ def _inverse_cholesky(hessian: np.ndarray) -> np.ndarray | None:
 
 @dataclasses.dataclass
 class GptqRounding:
-    """Rounds the weights of the layers it has H for; the quantizer asks it for every weight.
+    """Rounds the weights of the layers it has input moments for; the quantizer asks it for
+    every weight.
 
-    Results are kept by node and scales, so that fallback, quantizing the same float model again
-    with some layers float, gets the same integers at no cost once H is released.
+    Each layer gets the closest, on the held rows, of GPTQ at each of DAMPINGS and rounding to
+    nearest. Results are kept by node and scales, so that fallback, quantizing the same float
+    model again with some layers float, gets the same integers at no cost once the moments are
+    released.
 
     Attributes:
-        hessians: H by node name, from ``collect_hessians``.
-        rounded: layers whose weights GPTQ rounded.
+        moments: input moments by node name, from ``collect_hessians``.
+        rounded: layers whose weights GPTQ rounded (not to nearest).
     """
 
-    hessians: Mapping[str, np.ndarray]
+    moments: Mapping[str, InputMoments]
     rounded: set[str] = dataclasses.field(default_factory=set)
-    _cache: dict[tuple[str, bytes], np.ndarray] = dataclasses.field(default_factory=dict)
+    _cache: dict[tuple[str, bytes], np.ndarray | None] = dataclasses.field(default_factory=dict)
 
     def integers(
         self, node: ir.Node, weight: np.ndarray, scales: np.ndarray, axis: int | None, limit: int
     ) -> np.ndarray | None:
         """The int8 values of ``node``'s weight on the grid ``scales`` (along ``axis``, or one
-        scale when None), or None to round to nearest (no H for this node)."""
+        scale when None), or None to round to nearest."""
         key = (node.name, np.asarray(scales, dtype=np.float32).tobytes())
-        if key in self._cache:
-            return self._cache[key]
-        hessian = self.hessians.get(node.name)
+        if key not in self._cache:
+            self._cache[key] = self._integers(node, weight, scales, axis, limit)
+        return self._cache[key]
+
+    def _integers(
+        self, node: ir.Node, weight: np.ndarray, scales: np.ndarray, axis: int | None, limit: int
+    ) -> np.ndarray | None:
+        moments = self.moments.get(node.name)
         layout = input_layout(node)
-        if hessian is None or layout is None:
+        if moments is None or layout is None:
             return None
-        rows, restore = _as_rows(weight, layout, hessian.shape[0])
-        output_axis = 1 if layout.transposed else 0
-        if axis is not None and axis != output_axis:
+        if axis is not None and axis != (1 if layout.transposed else 0):
             return None
-        row_scales = np.broadcast_to(
+        rows, restore = _as_rows(weight, layout, moments.fit.shape[0])
+        grid = np.broadcast_to(
             np.asarray(scales, dtype=np.float32).reshape(-1), (rows.shape[0] * rows.shape[1],)
-        )
-        integers = restore(gptq_integers(rows, hessian, row_scales.reshape(rows.shape[:2]), limit))
-        self._cache[key] = integers
+        ).reshape(rows.shape[:2])
+        if moments.check is None:
+            best = gptq_integers(rows, moments.fit, grid, limit, DAMPINGS[0])
+        else:
+            best = self._closest(rows, moments, grid, limit)
+            if best is None:
+                return None
         self.rounded.add(node.name)
-        return integers
+        return restore(best)
+
+    @staticmethod
+    def _closest(
+        rows: np.ndarray, moments: InputMoments, grid: np.ndarray, limit: int
+    ) -> np.ndarray | None:
+        """GPTQ's integers at the first damping whose held-row error is at most CLEAR_WIN of
+        rounding to nearest's, else at the damping closest on the held rows; None when
+        rounding to nearest is closer than every damping."""
+        nearest = np.clip(np.round(rows / grid[..., None]), -limit, limit)
+        best, best_error = None, _output_error(rows, nearest, grid, moments.check)
+        nearest_error = best_error
+        for damping in DAMPINGS:
+            integers = gptq_integers(rows, moments.fit, grid, limit, damping)
+            error = _output_error(rows, integers, grid, moments.check)
+            if error < best_error:
+                best, best_error = integers, error
+            if best_error <= CLEAR_WIN * nearest_error:
+                break
+        return best
 
     def release(self) -> None:
-        """Drop H: the integers already made stay available."""
-        self.hessians = {}
+        """Drop the moments: the integers already chosen stay available."""
+        self.moments = {}
+
+
+def _output_error(
+    rows: np.ndarray, integers: np.ndarray, grid: np.ndarray, hessian: np.ndarray
+) -> float:
+    """Mean squared output error of the rounded weights on the rows ``hessian`` measured."""
+    difference = rows.astype(np.float32) - integers.astype(np.float32) * grid[..., None]
+    return float(np.sum(np.matmul(difference, hessian) * difference, dtype=np.float64))
 
 
 def _as_rows(weight: np.ndarray, layout: InputLayout, groups: int):

@@ -65,7 +65,7 @@ def test_hessian_of_a_convolution_measures_what_it_reads(case, monkeypatch):
     hessians = collect_hessians(model, list(model.graph), samples)
     assert set(hessians) == {"layer"}
     expected = output_energy(model, samples)
-    assert energy_from_hessian(model, hessians["layer"]) == pytest.approx(expected, rel=1e-4)
+    assert energy_from_hessian(model, hessians["layer"].fit) == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_hessian_of_a_matmul_measures_what_it_reads(op_type, weight_shape, attri
     samples = feeds(model, count=3)
     hessians = collect_hessians(model, list(model.graph), samples)
     expected = output_energy(model, samples)
-    assert energy_from_hessian(model, hessians["layer"]) == pytest.approx(expected, rel=1e-4)
+    assert energy_from_hessian(model, hessians["layer"].fit) == pytest.approx(expected, rel=1e-4)
 
 
 def correlated_problem(seed=0, rows=16, columns=32, positions=2000):
@@ -194,7 +194,7 @@ def test_quantizing_again_for_fallback_reuses_the_rounded_weights():
     the integers GPTQ chose, though H was released after the quantize pass."""
     model, _, context = quantized("gptq")
     state = context.quantization
-    assert state.rounding.hessians == {}
+    assert state.rounding.moments == {}
     source = QuantizedFrom(
         state.float_model, state.ranges, state.problems, state.options, rounding=state.rounding
     )
@@ -219,10 +219,52 @@ def test_without_data_weights_round_to_nearest():
     assert context.quantization.rounding is None
 
 
+def test_every_fourth_sample_is_held_back_to_check_the_fit():
+    model = two_convolutions()
+    moments = collect_hessians(model, list(model.graph), correlated_samples(8, seed=0))
+    assert moments["conv1"].check is not None
+    assert not np.allclose(moments["conv1"].check, moments["conv1"].fit)
+    few = collect_hessians(model, list(model.graph), correlated_samples(3, seed=0))
+    assert few["conv1"].check is None
+
+
+def test_a_layer_that_sees_too_few_rows_is_not_overfitted():
+    """Fit to fewer rows than columns, GPTQ at a small damping moves the weights into directions
+    the samples never showed; the held rows catch it, and the choice is never worse there than
+    rounding to nearest."""
+    rng = np.random.default_rng(0)
+    columns = 48
+    mixing = rng.standard_normal((columns, columns))
+    fit_rows = rng.standard_normal((12, columns)) @ mixing
+    check_rows = rng.standard_normal((4000, columns)) @ mixing
+    weight = rng.standard_normal((16, columns)).astype(np.float32)
+    moments = GptqRounding(
+        {
+            "layer": gptq.InputMoments(
+                (fit_rows.T @ fit_rows / 12)[None].astype(np.float32),
+                (check_rows.T @ check_rows / 4000)[None].astype(np.float32),
+            )
+        }
+    )
+    model = single_layer("Gemm", weight, [4, columns], transB=1)
+    node = next(iter(model.graph))
+    scales = np.abs(weight).max(axis=1) / 63
+    chosen = moments.integers(node, weight, scales, 0, 63)
+    nearest = np.clip(np.round(weight / scales[:, None]), -63, 63)
+    check = (check_rows.T @ check_rows / 4000)[None]
+    overfitted = gptq_integers(weight[None], moments.moments["layer"].fit, scales[None], 63)
+
+    def error(integers):
+        return gptq._output_error(weight[None], integers[None], scales[None], check)
+
+    assert error(overfitted[0]) > error(nearest)
+    assert chosen is None or error(chosen) <= error(nearest)
+
+
 def test_layers_past_the_memory_budget_round_to_nearest():
     model = two_convolutions()
     samples = correlated_samples(4, seed=0)
-    first_only = 8 * 9 * 8 * 9 * 4
+    first_only = 2 * 8 * 9 * 8 * 9 * 4
     hessians = collect_hessians(model, list(model.graph), samples, max_bytes=first_only)
     assert set(hessians) == {"conv1"}
     rounding = GptqRounding(hessians)
