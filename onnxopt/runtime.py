@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+
+from onnxopt.shapes import known_sizes
 
 # One sample as onnxruntime takes it: an array per model input, by input name.
 Feed = dict[str, np.ndarray]
@@ -240,6 +242,34 @@ def run(session: ort.InferenceSession, feeds: Sequence[Feed]) -> list[list[np.nd
     """Outputs of every feed, in the session's output order; feeds run one per core at a time
     (see ``concurrently``), so a ``sample_session`` uses every core."""
     return concurrently(lambda feed: session.run(None, feed), feeds)
+
+
+def tensor_bytes(
+    source: ir.Model | SerializedModel, names: Collection[str], feed: Feed
+) -> dict[str, int]:
+    """Bytes of each named tensor on ``feed``: from the shapes where those are known (free
+    dimensions of the inputs bound by ``feed``), the others measured in one run on ``feed``.
+    Shapes first: a detector's tensors all exposed at once would hold a gigabyte (PicoDet)."""
+    model = source.model if isinstance(source, SerializedModel) else source
+    sizes = known_sizes(model, set(names), feed)
+    unknown = sorted(set(names) - set(sizes))
+    if unknown:
+        measured = ProbeSession(source, unknown).run(feed)
+        sizes.update((name, array.nbytes) for name, array in measured.items())
+    return sizes
+
+
+def groups_within(sizes: Iterable[tuple[_Item, int]], max_bytes: int) -> list[list[_Item]]:
+    """Consecutive items in groups of at most ``max_bytes`` (an item larger than that alone)."""
+    groups: list[list[_Item]] = []
+    group_bytes = 0
+    for item, size in sizes:
+        if not groups or (groups[-1] and group_bytes + size > max_bytes):
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append(item)
+        group_bytes += size
+    return groups
 
 
 class SerializedModel:

@@ -35,9 +35,10 @@ from onnxopt.runtime import (
     SerializedModel,
     concurrently,
     cores,
+    groups_within,
     release_freed_memory,
+    tensor_bytes,
 )
-from onnxopt.shapes import known_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -333,24 +334,10 @@ def _accumulate(
 
 
 def _input_groups(source: SerializedModel, names: Sequence[str], feed: Feed) -> list[list[str]]:
-    """The input names in groups of at most PROBE_BYTES on ``feed``: sizes from the shapes
-    where known, else measured in one run on ``feed``."""
+    """The input names in groups of at most PROBE_BYTES on ``feed``."""
     unique = list(dict.fromkeys(names))
-    sizes = known_sizes(source.model, set(unique), feed)
-    unknown = [name for name in unique if name not in sizes]
-    if unknown:
-        measured = ProbeSession(source, unknown).run(feed)
-        sizes.update((name, array.nbytes) for name, array in measured.items())
-    groups: list[list[str]] = []
-    group_bytes = PROBE_BYTES
-    for name in unique:
-        size = sizes.get(name, 0)
-        if group_bytes + size > PROBE_BYTES:
-            groups.append([])
-            group_bytes = 0
-        groups[-1].append(name)
-        group_bytes += size
-    return groups
+    sizes = tensor_bytes(source, unique, feed)
+    return groups_within(((name, sizes.get(name, 0)) for name in unique), PROBE_BYTES)
 
 
 def gptq_integers(
@@ -448,6 +435,8 @@ class GptqRounding:
         if axis is not None and axis != (1 if layout.transposed else 0):
             return None
         rows, restore = _as_rows(weight, layout, moments.fit.shape[0])
+        if moments.fit.shape != (rows.shape[0], rows.shape[2], rows.shape[2]):
+            return None
         grid = np.broadcast_to(
             np.asarray(scales, dtype=np.float32).reshape(-1), (rows.shape[0] * rows.shape[1],)
         ).reshape(rows.shape[:2])

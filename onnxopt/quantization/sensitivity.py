@@ -24,9 +24,10 @@ from onnxopt.runtime import (
     ProbeSession,
     SerializedModel,
     concurrently,
+    groups_within,
     release_freed_memory,
+    tensor_bytes,
 )
-from onnxopt.shapes import known_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -165,28 +166,11 @@ def _groups_by_size(
     float_model: ir.Model | SerializedModel, pairs: dict[str, str], feed: Feed
 ) -> list[list[str]]:
     """The quantized-model names of ``pairs`` in groups whose float counterparts hold at most
-    PROBE_BYTES on ``feed``.
-
-    Sizes come from the shapes where those are known (free dimensions of the inputs bound by
-    ``feed``); the other tensors are measured in one run on ``feed``, which for a detector with
-    fixed shapes would otherwise hold all its tensors at once (a gigabyte for PicoDet).
-    """
-    model = float_model.model if isinstance(float_model, SerializedModel) else float_model
-    sizes = known_sizes(model, set(pairs.values()), feed)
-    unknown = sorted(set(pairs.values()) - set(sizes))
-    if unknown:
-        measured = ProbeSession(float_model, unknown).run(feed)
-        sizes.update((name, array.nbytes) for name, array in measured.items())
-    groups: list[list[str]] = [[]]
-    group_bytes = 0
-    for name, float_name in pairs.items():
-        size = sizes.get(float_name, 0)
-        if groups[-1] and group_bytes + size > PROBE_BYTES:
-            groups.append([])
-            group_bytes = 0
-        groups[-1].append(name)
-        group_bytes += size
-    return groups
+    PROBE_BYTES on ``feed`` (sized by ``runtime.tensor_bytes``)."""
+    sizes = tensor_bytes(float_model, set(pairs.values()), feed)
+    return groups_within(
+        ((name, sizes.get(float_name, 0)) for name, float_name in pairs.items()), PROBE_BYTES
+    )
 
 
 def node_added_noise(

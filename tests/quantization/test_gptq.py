@@ -271,3 +271,14 @@ def test_layers_past_the_memory_budget_round_to_nearest():
     conv2 = next(node for node in model.graph if node.name == "conv2")
     weight = conv2.inputs[1].const_value.numpy()
     assert rounding.integers(conv2, weight, np.ones(8, np.float32), 0, 127) is None
+
+
+def test_moments_that_do_not_fit_the_weight_round_to_nearest():
+    """A layer whose input had another width than its weight expects (H measured on a tensor of
+    unexpected shape) is rounded to nearest, not misread."""
+    weight = random_weights(w=(5, 8))["w"]
+    model = single_layer("Gemm", weight, [4, 8], transB=1)
+    node = next(iter(model.graph))
+    wrong = np.eye(6, dtype=np.float32)[None]
+    rounding = GptqRounding({"layer": gptq.InputMoments(wrong, wrong)})
+    assert rounding.integers(node, weight, np.full(5, 0.01, np.float32), 0, 127) is None
