@@ -51,6 +51,11 @@ ROWS_PER_COLUMN = 128
 PROBE_BYTES = 2**25
 CHUNK_BYTES = 2**24
 
+# A layer whose samples give it fewer rows than this share of H's columns (a classifier's Gemm
+# reads one vector a sample, a squeeze-excite layer one pixel) has no H: GPTQ fitted to so few
+# rows only overfits them, and measuring and solving a 3136-column H would cost a second.
+MIN_ROWS_PER_COLUMN = 0.25
+
 # Hessians kept at once (float32); layers past this budget are rounded to nearest.
 MAX_HESSIAN_BYTES = 2**27
 
@@ -241,8 +246,9 @@ def collect_hessians(
     progress: Progress = QUIET,
 ) -> dict[str, InputMoments]:
     """The input moments of each node over ``feeds``, by node name; every CHECK_EVERY-th
-    sample goes to ``check``. Nodes past ``max_bytes`` of them get none; nodes that share an
-    input and a layout (the query, key and value of attention) share them."""
+    sample goes to ``check``. Nodes past ``max_bytes`` of them get none, nor nodes that would
+    see fewer rows than MIN_ROWS_PER_COLUMN a column; nodes that share an input and a layout
+    (the query, key and value of attention) share them."""
     layouts: dict[InputLayout, list[str]] = {}
     columns: dict[InputLayout, int] = {}
     budget = max_bytes
@@ -263,6 +269,7 @@ def collect_hessians(
     sums: dict[tuple[InputLayout, bool], np.ndarray] = {}
     counts: dict[tuple[InputLayout, bool], int] = collections.defaultdict(int)
     rng = np.random.default_rng(0)
+    too_few: set[InputLayout] = set()
     with SerializedModel(model) as source:
         groups = _input_groups(source, [layout.input for layout in layouts], feeds[0])
         steps = len(groups) * len(feeds)
@@ -276,9 +283,16 @@ def collect_hessians(
                     for index, arrays in enumerate(outputs, start):
                         held = len(feeds) >= CHECK_EVERY and index % CHECK_EVERY == CHECK_EVERY - 1
                         for layout in readers:
+                            if layout in too_few:
+                                continue
                             positions = -(-ROWS_PER_COLUMN * columns[layout] // len(feeds))
                             array = arrays.get(layout.input)
                             _accumulate((layout, held), array, positions, sums, counts, rng)
+                            if index == 0 and counts[(layout, held)] * len(feeds) < (
+                                MIN_ROWS_PER_COLUMN * columns[layout]
+                            ):
+                                too_few.add(layout)
+                                sums.pop((layout, held), None)
                         advance(1)
                 del probe
                 release_freed_memory()

@@ -282,3 +282,15 @@ def test_moments_that_do_not_fit_the_weight_round_to_nearest():
     wrong = np.eye(6, dtype=np.float32)[None]
     rounding = GptqRounding({"layer": gptq.InputMoments(wrong, wrong)})
     assert rounding.integers(node, weight, np.full(5, 0.01, np.float32), 0, 127) is None
+
+
+def test_a_layer_with_too_few_rows_for_its_columns_gets_no_moments():
+    """A classifier's Gemm reads one vector a sample: 16 samples give 16 rows for 128 columns,
+    too few to fit anything; it is not measured (no memory, no solve) and rounds to nearest."""
+    weight = random_weights(w=(10, 128))["w"]
+    model = single_layer("Gemm", weight, [1, 128], transB=1)
+    assert collect_hessians(model, list(model.graph), feeds(model, count=16)) == {}
+    wide_batch = single_layer("Gemm", weight, [8, 128], transB=1)
+    assert set(collect_hessians(wide_batch, list(wide_batch.graph), feeds(wide_batch, 16))) == {
+        "layer"
+    }
