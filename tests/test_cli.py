@@ -119,6 +119,11 @@ def test_bad_model_files_exit_2_without_output(tmp_path, classifier_path, capsys
         (("--set", "validate.colour=blue"), "has no option 'colour'"),
         (("--set", "shrink.ratio=2"), "has no pass 'shrink'"),
         (("--set", "validate.samples=many"), "must be an integer"),
+        (
+            ("--recipe", "int8", "--set", "quantize.rounding=stochastic"),
+            "'quantize.rounding' must be one of gptq, nearest",
+        ),
+        (("--recipe", "int8", "--set", "quantize.gptq_samples=0"), "must be an integer >= 1"),
     ],
 )
 def test_bad_recipe_choices_exit_2(tmp_path, classifier_path, capsys, extra, message):
