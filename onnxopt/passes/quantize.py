@@ -110,6 +110,5 @@ class QuantizePass(OnnxoptPass):
             logger.info("no data: weights are rounded to nearest")
             return None
         feeds = self.context.data.take(self.gptq_samples)
-        layers = [node for node in model.graph if node.op_type in ("Conv", "Gemm", "MatMul")]
-        moments = collect_hessians(model, layers, feeds, progress=self.context.progress)
+        moments = collect_hessians(model, model.graph, feeds, progress=self.context.progress)
         return GptqRounding(moments)

@@ -377,7 +377,7 @@ def gptq_integers(
     hessian[:, np.arange(columns), np.arange(columns)] = np.where(dead, 1.0, diagonal)
     upper = _inverse_cholesky(hessian, damping)
     if upper is None:
-        return np.clip(np.round(weights / steps), -limit, limit).astype(np.int8)
+        return _nearest(weights, steps, limit)
     integers = np.empty(weights.shape, dtype=np.float32)
     for start in range(0, columns, BLOCK):
         stop = min(start + BLOCK, columns)
@@ -393,6 +393,11 @@ def gptq_integers(
             errors[..., offset] = error
         weights[..., stop:] -= np.matmul(errors, upper[:, start:stop, stop:])
     return integers.astype(np.int8)
+
+
+def _nearest(weights: np.ndarray, steps: np.ndarray, limit: int) -> np.ndarray:
+    """Each weight rounded on its own: the integers GPTQ is measured against."""
+    return np.clip(np.round(weights / steps), -limit, limit).astype(np.int8)
 
 
 def _inverse_cholesky(hessian: np.ndarray, damping: float) -> np.ndarray | None:
@@ -470,7 +475,7 @@ class GptqRounding:
         """GPTQ's integers at the first damping whose held-row error is at most CLEAR_WIN of
         rounding to nearest's, else at the damping closest on the held rows; None when
         rounding to nearest is closer than every damping."""
-        nearest = np.clip(np.round(rows / grid[..., None]), -limit, limit)
+        nearest = _nearest(rows, grid[..., None], limit)
         best, best_error = None, _output_error(rows, nearest, grid, moments.check)
         nearest_error = best_error
         for damping in DAMPINGS:
