@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import os
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxopt.shapes import known_sizes
 
@@ -254,7 +255,7 @@ def tensor_bytes(
     sizes = known_sizes(model, set(names), feed)
     unknown = sorted(set(names) - set(sizes))
     if unknown:
-        measured = ProbeSession(source, unknown).run(feed)
+        measured = ProbeSession(source, unknown, prune=True).run(feed)
         sizes.update((name, array.nbytes) for name, array in measured.items())
     return sizes
 
@@ -289,20 +290,25 @@ class SerializedModel:
         self._graph = onnx.load(path, load_external_data=False)
         self._sessions = 0
 
-    def with_outputs(self, values: Sequence[ir.Value]) -> str:
-        """A file of the model with ``values`` as extra graph outputs, beside its weights."""
-        outputs = self._graph.graph.output
-        count = len(outputs)
-        present = {output.name for output in outputs}
-        for value in values:
-            if value.name not in present:
-                output = outputs.add()
-                output.name = value.name
-                if value.dtype is not None:
-                    output.type.tensor_type.elem_type = value.dtype.value
+    def with_outputs(self, values: Sequence[ir.Value], *, prune: bool = False) -> str:
+        """A file of the model with ``values`` as extra graph outputs, beside its weights; with
+        ``prune``, ``values`` are its only outputs and the nodes they do not need are gone."""
         self._sessions += 1
         path = os.path.join(self._folder.name, f"probe{self._sessions}.onnx")
+        if prune:
+            pruned = onnx.ModelProto()
+            pruned.CopyFrom(self._graph)
+            del pruned.graph.output[:]
+            _add_outputs(pruned.graph, values)
+            needed = _needed_nodes(pruned.graph)
+            del pruned.graph.node[:]
+            pruned.graph.node.extend(needed)
+            onnx.save(pruned, path)
+            return path
+        outputs = self._graph.graph.output
+        count = len(outputs)
         try:
+            _add_outputs(self._graph.graph, values)
             onnx.save(self._graph, path)
         finally:
             del outputs[count:]
@@ -318,6 +324,41 @@ class SerializedModel:
         self.close()
 
 
+def _add_outputs(graph: onnx.GraphProto, values: Sequence[ir.Value]) -> None:
+    present = {output.name for output in graph.output}
+    for value in values:
+        if value.name not in present:
+            output = graph.output.add()
+            output.name = value.name
+            if value.dtype is not None:
+                output.type.tensor_type.elem_type = value.dtype.value
+            present.add(value.name)
+
+
+def _needed_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes the graph's outputs depend on, in graph order; a node with subgraphs (If,
+    Loop) depends on every name its subgraphs read."""
+    producers = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    needed: set[int] = set()
+    pending = [output.name for output in graph.output]
+    while pending:
+        index = producers.get(pending.pop())
+        if index is None or index in needed:
+            continue
+        needed.add(index)
+        pending.extend(_names_read(graph.node[index]))
+    return [node for index, node in enumerate(graph.node) if index in needed]
+
+
+def _names_read(node: onnx.NodeProto) -> Iterator[str]:
+    yield from node.input
+    for attribute in node.attribute:
+        subgraphs = [attribute.g] if attribute.HasField("g") else []
+        for subgraph in [*subgraphs, *attribute.graphs]:
+            for inner in subgraph.node:
+                yield from _names_read(inner)
+
+
 class ProbeSession:
     """A session of a copy of the model in which the named values are outputs too.
 
@@ -325,9 +366,13 @@ class ProbeSession:
     become extra graph outputs of a copy (the model itself is not changed), and values that are
     graph inputs are read from the feed.
 
+    ``prune`` makes the named values the copy's only outputs and drops the nodes they do not
+    need: probes of a detector's early layers then run those layers, not the whole model
+    (onnxruntime runs every node of a session, whatever outputs a run asks for).
+
     Attributes:
-        session: the onnxruntime session of the copy.
-        output_names: the model's own outputs.
+        session: the onnxruntime session of the copy; None when pruned to graph inputs alone.
+        output_names: the model's own outputs (none when pruned).
         fetched: the named node outputs, now outputs of the copy too.
         fed: the named graph inputs, which ``run`` takes from the feed.
     """
@@ -339,6 +384,7 @@ class ProbeSession:
         *,
         copy: bool = True,
         threads: int | None = None,
+        prune: bool = False,
     ):
         serialized = model if isinstance(model, SerializedModel) else None
         if serialized is not None:
@@ -349,20 +395,29 @@ class ProbeSession:
         values = {value.name: value for value in graph.inputs}
         values.update((value.name, value) for node in graph for value in node.outputs)
         wanted = [name for name in dict.fromkeys(names) if name in values]
-        self.output_names = [value.name for value in graph.outputs]
+        self.output_names = [] if prune else [value.name for value in graph.outputs]
         self.fed = [name for name in wanted if values[name].producer() is None]
         self.fetched = [name for name in wanted if values[name].producer() is not None]
+        self.session: ort.InferenceSession | None = None
+        if prune and not self.fetched:
+            return
         if serialized is not None:
-            exposed = serialized.with_outputs([values[name] for name in self.fetched])
+            exposed = serialized.with_outputs([values[name] for name in self.fetched], prune=prune)
             self.session = create_session(exposed, threads=threads, memory_arena=False)
             return
+        if prune:
+            graph.outputs.clear()
         outputs = set(graph.outputs)
         graph.outputs.extend(values[name] for name in self.fetched if values[name] not in outputs)
+        if prune:
+            RemoveUnusedNodesPass()(model)
         self.session = create_session(model, threads=threads, memory_arena=False)
 
     def run(self, feed: Feed, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The named outputs (default: all of them) and the fed values, by name."""
-        fetch = list(names) if names is not None else [o.name for o in self.session.get_outputs()]
-        arrays = dict(zip(fetch, self.session.run(fetch, feed), strict=True))
+        arrays = {}
+        if self.session is not None:
+            fetch = names if names is not None else [o.name for o in self.session.get_outputs()]
+            arrays = dict(zip(fetch, self.session.run(list(fetch), feed), strict=True))
         arrays.update({name: feed[name] for name in self.fed if name in feed})
         return arrays

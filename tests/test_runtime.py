@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxopt.runtime import (
@@ -66,3 +67,71 @@ def test_samples_run_one_per_core_in_order():
     for feed, outputs in zip(feeds, together, strict=True):
         np.testing.assert_array_equal(outputs[0], session.run(None, feed)[0])
     assert concurrently(lambda value: value * 2, range(7)) == [0, 2, 4, 6, 8, 10, 12]
+
+
+def test_pruned_probe_sessions_run_only_the_nodes_their_values_need():
+    """A probe of an early tensor leaves out what comes after it, in a model written once and
+    in a copy, and returns the same values as an unpruned probe."""
+    model = ir.from_proto(classifier_proto())
+    [feed] = random_feeds(model, 1)
+    full = ProbeSession(model, ["conv", "relu"]).run(feed)
+    with SerializedModel(model) as written:
+        path = written.with_outputs([model.graph.node(0).outputs[0]], prune=True)
+        pruned_graph = onnx.load(path, load_external_data=False).graph
+        assert [node.op_type for node in pruned_graph.node] == [model.graph.node(0).op_type]
+        assert [output.name for output in pruned_graph.output] == ["conv"]
+        for probe in (
+            ProbeSession(written, ["conv", "relu"], threads=1, prune=True),
+            ProbeSession(model, ["conv", "relu"], prune=True),
+        ):
+            assert probe.output_names == [] and probe.fetched == ["conv", "relu"]
+            arrays = probe.run(feed)
+            assert set(arrays) == {"conv", "relu"}
+            for name in arrays:
+                np.testing.assert_allclose(arrays[name], full[name], rtol=1e-6)
+        inputs_only = ProbeSession(written, ["x"], prune=True)
+        assert inputs_only.session is None
+        assert inputs_only.run(feed).keys() == {"x"}
+    assert [value.name for value in model.graph.outputs] == ["logits"]
+    assert len(model.graph) == len(ir.from_proto(classifier_proto()).graph)
+
+
+def test_pruning_keeps_the_nodes_a_subgraph_reads_from_the_outer_graph():
+    """An If whose branches read an outer value keeps that value's producer."""
+    then_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["doubled"], ["then_out"])],
+        "then",
+        [],
+        [onnx.helper.make_tensor_value_info("then_out", onnx.TensorProto.FLOAT, [2])],
+    )
+    else_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("Neg", ["doubled"], ["else_out"])],
+        "else",
+        [],
+        [onnx.helper.make_tensor_value_info("else_out", onnx.TensorProto.FLOAT, [2])],
+    )
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Add", ["x", "x"], ["doubled"]),
+            onnx.helper.make_node("Exp", ["x"], ["unused"]),
+            onnx.helper.make_node(
+                "If", ["flag"], ["chosen"], then_branch=then_branch, else_branch=else_branch
+            ),
+        ],
+        "g",
+        [
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2]),
+            onnx.helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, []),
+        ],
+        [onnx.helper.make_tensor_value_info("unused", onnx.TensorProto.FLOAT, [2])],
+    )
+    model = ir.from_proto(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    )
+    feed = {"x": np.array([1.0, 2.0], np.float32), "flag": np.array(False)}
+    with SerializedModel(model) as written:
+        arrays = ProbeSession(written, ["chosen"], prune=True).run(feed)
+        path = written.with_outputs([model.graph.node(2).outputs[0]], prune=True)
+        kept = [node.op_type for node in onnx.load(path, load_external_data=False).graph.node]
+    assert kept == ["Add", "If"]
+    np.testing.assert_array_equal(arrays["chosen"], [-2.0, -4.0])

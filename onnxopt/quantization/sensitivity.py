@@ -136,9 +136,9 @@ def _add_noise(
 ) -> None:
     """Add one group's signal and noise over all samples; a tensor that cannot be compared
     (missing, or shaped unlike its counterpart) is dropped from ``noise``."""
-    quantized_probe = ProbeSession(quantized_model, group, threads=1)
+    quantized_probe = ProbeSession(quantized_model, group, threads=1, prune=True)
     float_probe = ProbeSession(
-        float_model, list(dict.fromkeys(pairs[name] for name in group)), threads=1
+        float_model, list(dict.fromkeys(pairs[name] for name in group)), threads=1, prune=True
     )
     for feed in feeds:
         quantized_values, float_values = concurrently(

@@ -113,6 +113,21 @@ def test_gptq_moves_the_output_less_than_rounding_to_nearest():
     )
 
 
+@pytest.mark.parametrize("columns", [9, 150])
+def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(columns):
+    """``U^T U = (H + damping)^-1`` with ``U`` upper triangular, for sizes inverted directly
+    and by halves, and for groups of H at once."""
+    rng = np.random.default_rng(1)
+    inputs = rng.standard_normal((3, 4 * columns, columns)).astype(np.float32)
+    hessian = np.matmul(inputs.transpose(0, 2, 1), inputs) / len(inputs[0])
+    upper = gptq._inverse_cholesky(hessian, 0.01)
+    mean = np.mean(np.diagonal(hessian, axis1=1, axis2=2), axis=1)[:, None, None]
+    damped = hessian.astype(np.float64) + 0.01 * mean * np.eye(columns)
+    product = np.matmul(upper.transpose(0, 2, 1).astype(np.float64), upper)
+    np.testing.assert_allclose(product, np.linalg.inv(damped), rtol=1e-3, atol=1e-4)
+    assert np.array_equal(upper, np.triu(upper))
+
+
 def test_an_input_never_seen_rounds_to_nearest_and_takes_no_error():
     weights, hessian, scales, _ = correlated_problem(columns=8)
     hessian[:, 3, :] = 0.0
