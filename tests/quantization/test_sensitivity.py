@@ -295,6 +295,35 @@ def test_when_int8_at_its_fastest_is_slower_than_float_no_search_runs(monkeypatc
     assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops(model))
 
 
+def test_lighter_variants_too_slow_to_choose_are_not_judged(monkeypatch):
+    """Int8 slower than float with every layer quantized: its lighter variants are timed, and
+    only one fast enough is measured against the budget."""
+    weights = random_weights(conv_a_w=(8, 4, 3, 3), conv_c_w=(4, 8, 1, 1))
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_a_w"], ["a"], pads=[1] * 4, name="conv_a"),
+        helper.make_node(
+            "MaxPool", ["a"], ["pooled"], kernel_shape=[3, 3], pads=[1] * 4, name="pool"
+        ),
+        helper.make_node("Conv", ["pooled", "conv_c_w"], ["y"], name="conv_c"),
+    ]
+    model = build(nodes, {"x": [1, 4, 8, 8]}, {"y": [1, 4, 8, 8]}, weights)
+    context = quantized(model, outlier_samples(4))
+    assert "pool" in context.quantization.report.quantized
+    judged = []
+    real_judge = search_module._judge
+
+    def judge(comparison, candidate, budget):
+        judged.append(candidate)
+        return real_judge(comparison, candidate, budget)
+
+    monkeypatch.setattr(search_module, "_judge", judge)
+    monkeypatch.setattr(search_module._Search, "speedup", lambda self, candidate: 0.8)
+    result = fallback(model, context, min_cosine=None, min_speedup=1.0)
+    # The fully quantized model, then the float model the answer falls back to.
+    assert len(judged) == 2
+    assert result.details["stopped"].startswith("int8 would be slower than float")
+
+
 def test_a_quantization_fast_enough_is_kept_with_its_speedup(monkeypatch):
     samples = outlier_samples(4)
     model = three_convs()
@@ -342,3 +371,23 @@ def test_the_search_drops_the_models_of_trials_that_missed_but_the_float_model()
     search._forget_missed_models()
     kept = {trial.float_layers: trial.model for trial in search._made.values()}
     assert kept == {("a",): None, ("a", "b"): model, ("a", "b", "c"): model}
+
+
+def test_bisection_stops_once_the_fewest_float_is_known_within_its_resolution():
+    """Over 320 layers it settles within 10 (1/32) of the fewest float layers that meet the
+    budget, in fewer steps than an exact bisection's nine."""
+    from onnxopt.progress import QUIET
+
+    needed, tried = 101, []
+
+    def trial(float_layers):
+        tried.append(len(float_layers))
+        return search_module._Trial(tuple(float_layers), None, [], len(float_layers) >= needed)
+
+    search = object.__new__(search_module._Search)
+    search.progress, search.deadline, search.trial = QUIET, None, trial
+    order = [f"layer{index}" for index in range(320)]
+    search.nodes, search._made = order, {}
+    found = search.bisect(order, "test")
+    assert needed <= len(found.float_layers) <= needed + 10
+    assert found.met and len(tried) < 9
