@@ -255,13 +255,18 @@ def time_models(
 ) -> SpeedComparison:
     """How fast B runs against A on one sample: a short interleaved timing, medians.
 
-    After ``warmup`` runs of each, times as many rounds as fit in about ``seconds`` (at least
-    ``runs[0]``, at most ``runs[1]``), so a slow model costs seconds, not minutes.
+    After up to ``warmup`` runs of each (fewer once they have taken a quarter of ``seconds``:
+    a detector's first run settles it, and each more costs a third of a second), times as
+    many rounds as fit in about ``seconds`` (at least ``runs[0]``, at most ``runs[1]``), so a
+    slow model costs seconds, not minutes.
     """
     sessions = [create_session(model, threads=threads) for model in (model_a, model_b)]
     start = time.perf_counter()
-    _time_interleaved(sessions[0], sessions[1], [feed], 0, warmup, lambda: None)
-    per_round = (time.perf_counter() - start) / warmup
+    warmed = 0
+    while warmed < max(warmup, 1) and (warmed == 0 or time.perf_counter() - start < seconds / 4):
+        _time_interleaved(sessions[0], sessions[1], [feed], 0, 1, lambda: None)
+        warmed += 1
+    per_round = (time.perf_counter() - start) / warmed
     rounds = int(min(max(seconds / max(per_round, 1e-9), runs[0]), runs[1]))
     seconds_a, seconds_b = _time_interleaved(
         sessions[0], sessions[1], [feed], rounds, 0, lambda: None

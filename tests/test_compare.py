@@ -16,6 +16,7 @@ from onnxopt.errors import InputError
 from onnxopt.metrics import class_score_outputs, compare_outputs
 from onnxopt.progress import Progress
 from onnxopt.runtime import random_feeds
+from tests.builders import classifier_proto
 
 SHIFT_TEXT = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -169,3 +170,27 @@ def test_class_scores_are_told_apart_from_embeddings_by_the_graph():
         ["logits", "embedding"], [scores], [flipped], class_outputs={"logits"}
     )
     assert fidelity[0].top1_agreement == 0.0 and fidelity[1].top1_agreement is None
+
+
+@pytest.mark.parametrize(("round_seconds", "warmups"), [(1.0, 1), (0.01, 3)])
+def test_timing_warms_a_slow_model_up_once_and_a_fast_one_fully(
+    round_seconds, warmups, monkeypatch
+):
+    """No clock is read for real: a fake one advances by each round's time."""
+    from onnxopt import compare
+
+    clock, calls = [0.0], []
+
+    def interleaved(session_a, session_b, samples, runs, warmup, advance):
+        calls.append((runs, warmup))
+        clock[0] += round_seconds * (runs + warmup)
+        return [round_seconds] * runs, [round_seconds / 2] * runs
+
+    monkeypatch.setattr(compare, "_time_interleaved", interleaved)
+    monkeypatch.setattr(compare.time, "perf_counter", lambda: clock[0])
+    model = ir.from_proto(classifier_proto())
+    [feed] = random_feeds(model, 1)
+    timing = compare.time_models(model, model, feed, seconds=0.5, runs=(5, 200), warmup=3)
+    assert calls[:-1] == [(0, 1)] * warmups
+    assert calls[-1] == (max(5, int(0.5 / round_seconds)), 0)
+    assert timing.speedup == pytest.approx(2.0)
