@@ -11,7 +11,7 @@ from onnxopt.errors import InputError
 from onnxopt.options import Range, Rule
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.quantization.fusion import fusion_report
-from onnxopt.quantization.gptq import GptqRounding, collect_hessians
+from onnxopt.quantization.gptq import GptqRounding, LayerBatches
 from onnxopt.quantization.plan import (
     AlreadyQuantizedError,
     QuantizationOptions,
@@ -71,7 +71,7 @@ class QuantizePass(OnnxoptPass):
         calibration = self.context.calibration_for(self.name)
         ranges, problems = calibration.ranges, calibration.problems
         float_model = model.clone()
-        rounding = self._gptq(model) if self.rounding == "gptq" else None
+        rounding = self._gptq(float_model) if self.rounding == "gptq" else None
         try:
             report = quantize_model(model, ranges, problems, self.options, rounding)
         except AlreadyQuantizedError as error:
@@ -79,8 +79,9 @@ class QuantizePass(OnnxoptPass):
                 f"the model is already quantized: it contains {error}",
                 fix="quantize the float model it came from, or run the cleanup recipe on this one",
             ) from error
-        if rounding is not None:
-            rounding.release()
+        finally:
+            if rounding is not None:
+                rounding.release()
         state = QuantizationState(
             float_model, ranges, problems, self.options, report, fusion_report(model), rounding
         )
@@ -104,11 +105,12 @@ class QuantizePass(OnnxoptPass):
             model, modified=bool(report.quantized), changes=len(report.quantized), details=details
         )
 
-    def _gptq(self, model: ir.Model) -> GptqRounding | None:
-        """GPTQ with H measured on the model as it is now, or None without data."""
+    def _gptq(self, float_model: ir.Model) -> GptqRounding | None:
+        """GPTQ with H measured on the float model, a batch of layers at a time as the
+        quantizer asks for them, or None without data."""
         if self.context.data is None:
             logger.info("no data: weights are rounded to nearest")
             return None
         feeds = self.context.data.take(self.gptq_samples)
-        moments = collect_hessians(model, model.graph, feeds, progress=self.context.progress)
-        return GptqRounding(moments)
+        batches = LayerBatches(float_model, feeds, progress=self.context.progress)
+        return GptqRounding({}, batches)

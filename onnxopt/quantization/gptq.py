@@ -20,10 +20,11 @@ layer on a few samples; ``GptqRounding`` rounds the weights the quantizer asks f
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -56,7 +57,13 @@ CHUNK_BYTES = 2**24
 # rows only overfits them, and measuring and solving a 3136-column H would cost a second.
 MIN_ROWS_PER_COLUMN = 0.25
 
-# Hessians kept at once (float32); layers past this budget are rounded to nearest.
+# H (fit and held rows, float32) of the layers measured and solved together: each batch of
+# layers costs runs of the samples (up to its last layer), and holds this much at most.
+HESSIAN_BATCH_BYTES = 2**25
+
+# H measured in all, layers in graph order; the layers past it round to nearest. A time bound
+# as much as a memory one: accumulating a layer's H costs 2 * ROWS_PER_COLUMN * columns^3
+# flops, about 5 s for a 1536-wide MatMul (ViT-S: 264 MB of H in all, 30 s more for all of it).
 MAX_HESSIAN_BYTES = 2**27
 
 # Damping added to H's diagonal, as a share of its mean, tried in turn: GPTQ's default 1% fits
@@ -247,11 +254,13 @@ def collect_hessians(
     *,
     max_bytes: int = MAX_HESSIAN_BYTES,
     progress: Progress = QUIET,
+    source: SerializedModel | None = None,
 ) -> dict[str, InputMoments]:
     """The input moments of each node over ``feeds``, by node name; every CHECK_EVERY-th
     sample goes to ``check``. Nodes past ``max_bytes`` of them get none, nor nodes that would
     see fewer rows than MIN_ROWS_PER_COLUMN a column; nodes that share an input and a layout
-    (the query, key and value of attention) share them."""
+    (the query, key and value of attention) share them. ``source`` is ``model`` written
+    already, for callers that measure it more than once."""
     layouts: dict[InputLayout, list[str]] = {}
     columns: dict[InputLayout, int] = {}
     budget = max_bytes
@@ -273,7 +282,8 @@ def collect_hessians(
     counts: dict[tuple[InputLayout, bool], int] = collections.defaultdict(int)
     rng = np.random.default_rng(0)
     too_few: set[InputLayout] = set()
-    with SerializedModel(model) as source:
+    written = contextlib.nullcontext(source) if source is not None else SerializedModel(model)
+    with written as source:
         groups = _input_groups(source, [layout.input for layout in layouts], feeds[0])
         steps = len(groups) * len(feeds)
         with progress.task("measuring layer inputs for GPTQ", total=steps) as advance:
@@ -348,6 +358,87 @@ def _accumulate(
         else:
             sums[key] = product
         counts[key] += part.shape[0]
+
+
+class LayerBatches:
+    """Measures the input moments of a model's layers a batch at a time, as they are asked
+    for: the quantizer asks in graph order, so H of at most one batch (HESSIAN_BATCH_BYTES)
+    is held at once (EfficientNet-Lite0's layers take 96 MB in all). Close it to delete the
+    written model.
+
+    Args:
+        model: the float model; not changed.
+        feeds: the samples to measure on.
+        batch_bytes: H held at once, at most (a larger layer is a batch alone).
+        max_bytes: H measured in all, layers in graph order; the others are not measured.
+        progress: shows each batch's runs.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        feeds: Sequence[Feed],
+        *,
+        batch_bytes: int = HESSIAN_BATCH_BYTES,
+        max_bytes: int = MAX_HESSIAN_BYTES,
+        progress: Progress = QUIET,
+    ):
+        self.model = model
+        self.feeds = list(feeds)
+        self.batch_bytes = batch_bytes
+        self.max_bytes = max_bytes
+        self.progress = progress
+        # Each layer with the bytes of its H; layers that share a layout share their H.
+        self.layers: list[tuple[ir.Node, int]] = []
+        seen: set[InputLayout] = set()
+        budget = max_bytes
+        for node in model.graph:
+            layout = input_layout(node)
+            if layout is None:
+                continue
+            size = 0 if layout in seen else _hessian_bytes(node, layout)
+            if size > budget:
+                continue
+            budget -= size
+            seen.add(layout)
+            self.layers.append((node, size))
+        self.positions = {node.name: index for index, (node, _) in enumerate(self.layers)}
+        self.measured: set[str] = set()
+        self.batches = 0
+        self._source: SerializedModel | None = None
+
+    def moments_for(self, name: str) -> dict[str, InputMoments]:
+        """The moments of the batch of layers not yet measured that starts with layer
+        ``name``, by node name; empty when that layer was measured already or cannot be."""
+        index = self.positions.get(name)
+        if index is None or name in self.measured or not self.feeds:
+            return {}
+        batch: list[ir.Node] = []
+        total = 0
+        for node, size in self.layers[index:]:
+            if node.name in self.measured:
+                continue
+            if batch and total + size > self.batch_bytes:
+                break
+            batch.append(node)
+            total += size
+        self.measured.update(node.name for node in batch)
+        if self._source is None:
+            self._source = SerializedModel(self.model)
+        self.batches += 1
+        return collect_hessians(
+            self.model,
+            batch,
+            self.feeds,
+            max_bytes=self.max_bytes,
+            progress=self.progress,
+            source=self._source,
+        )
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
 
 def _input_groups(source: SerializedModel, names: Sequence[str], feed: Feed) -> list[list[str]]:
@@ -453,11 +544,15 @@ class GptqRounding:
     released.
 
     Attributes:
-        moments: input moments by node name, from ``collect_hessians``.
+        moments: input moments by node name, from ``collect_hessians``; with ``batches``, those
+            of the batch measured last, each dropped once its layer is rounded.
+        batches: measures the moments of the layers asked for, a batch at a time; None when
+            ``moments`` holds every layer's.
         rounded: layers whose weights GPTQ rounded (not to nearest).
     """
 
-    moments: Mapping[str, InputMoments]
+    moments: dict[str, InputMoments]
+    batches: LayerBatches | None = None
     rounded: set[str] = dataclasses.field(default_factory=set)
     _cache: dict[tuple[str, bytes], np.ndarray | None] = dataclasses.field(default_factory=dict)
 
@@ -474,7 +569,11 @@ class GptqRounding:
     def _integers(
         self, node: ir.Node, weight: np.ndarray, scales: np.ndarray, axis: int | None, limit: int
     ) -> np.ndarray | None:
+        if node.name not in self.moments and self.batches is not None:
+            self.moments = self.batches.moments_for(node.name)
         moments = self.moments.get(node.name)
+        if self.batches is not None:
+            self.moments.pop(node.name, None)
         layout = input_layout(node)
         if moments is None or layout is None:
             return None
@@ -515,8 +614,11 @@ class GptqRounding:
         return best
 
     def release(self) -> None:
-        """Drop the moments: the integers already chosen stay available."""
+        """Drop the moments and stop measuring: the integers already chosen stay available."""
         self.moments = {}
+        if self.batches is not None:
+            self.batches.close()
+            self.batches = None
 
 
 def _output_error(

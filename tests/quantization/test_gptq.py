@@ -6,7 +6,7 @@ from onnxopt import runtime
 from onnxopt.context import Context
 from onnxopt.data import open_data
 from onnxopt.passes.quantize import QuantizePass
-from onnxopt.quantization import gptq
+from onnxopt.quantization import gptq, numerics
 from onnxopt.quantization.fallback import QuantizedFrom
 from onnxopt.quantization.gptq import GptqRounding, collect_hessians, gptq_integers
 
@@ -309,3 +309,38 @@ def test_a_layer_with_too_few_rows_for_its_columns_gets_no_moments():
     assert set(collect_hessians(wide_batch, list(wide_batch.graph), feeds(wide_batch, 16))) == {
         "layer"
     }
+
+
+def test_layer_inputs_are_measured_a_batch_at_a_time_within_the_budget():
+    """With room for one layer's H at a time, each layer is measured when the quantizer asks
+    for it, once, its H dropped once it is rounded, and the integers are those of measuring
+    every layer at once."""
+    model = two_convolutions()
+    samples = correlated_samples(8, seed=0)
+    conv1_bytes = 2 * (8 * 9) ** 2 * 4
+    batches = gptq.LayerBatches(model, samples, batch_bytes=conv1_bytes)
+    assert set(batches.moments_for("conv1")) == {"conv1"}
+    assert batches.moments_for("conv1") == {}
+    assert set(batches.moments_for("conv2")) == {"conv2"}
+    assert set(batches.moments_for("conv3")) == {"conv3"} and batches.batches == 3
+    batches.close()
+    together = gptq.LayerBatches(model, samples)
+    assert set(together.moments_for("conv1")) == {"conv1", "conv2", "conv3"}
+    together.close()
+    within_total = gptq.LayerBatches(model, samples, max_bytes=conv1_bytes + 2 * 8**2 * 4)
+    assert within_total.moments_for("conv2") == {}
+    assert set(within_total.moments_for("conv1")) == {"conv1", "conv3"}
+    within_total.close()
+
+    at_once = GptqRounding(collect_hessians(model, list(model.graph), samples))
+    lazily = GptqRounding({}, gptq.LayerBatches(model, samples, batch_bytes=conv1_bytes))
+    for node in list(model.graph)[:3:2]:
+        weight = node.inputs[1].const_value.numpy()
+        scales = numerics.weight_scales(weight, 0, True)
+        expected = at_once.integers(node, weight, scales, 0, 63)
+        assert expected is not None
+        np.testing.assert_array_equal(lazily.integers(node, weight, scales, 0, 63), expected)
+        assert lazily.moments == {}
+    assert lazily.rounded == {"conv1", "conv2"} and lazily.batches.batches == 2
+    lazily.release()
+    assert lazily.batches is None
