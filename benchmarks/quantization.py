@@ -577,6 +577,9 @@ def _onnxopt(
     fallback = (report["quantization"] or {}).get("fallback")
     if fallback:
         notes.append(f"fallback: {fallback['stopped']}")
+    declined = (report["quantization"] or {}).get("declined")
+    if declined:
+        notes.append(f"speed check: {declined}")
     quantization = report["quantization"] or {}
     details["passes"] = {row["name"]: round(row["seconds"], 3) for row in report["passes"]}
     details["validation"] = validation

@@ -12,6 +12,7 @@ from onnxopt.data import DataSource
 from onnxopt.errors import ProcessingError
 from onnxopt.fidelity import ReferenceComparison, reference_comparison
 from onnxopt.progress import QUIET, Progress
+from onnxopt.quantization.speed_check import SpeedCheck
 from onnxopt.quantization.state import QuantizationState
 from onnxopt.validation import ValidationResult
 
@@ -43,6 +44,8 @@ class Context:
         validation_data: samples held back from calibration, for the final comparison.
         reference: the original model, untouched (or its path), to compare against.
         calibration: the ranges and statistics calibration found.
+        speed_check: how fast int8 ran against float before calibration, when it was checked;
+            when int8 cannot beat ``min_speedup``, the passes that quantize are skipped.
         quantization: what the quantizer did, for the repairs after it and the report.
         validation: the result of the last validation.
         report: one row per pass, filled in by the pipeline.
@@ -56,6 +59,7 @@ class Context:
     validation_data: DataSource | None = None
     reference: ir.Model | str | None = None
     calibration: CalibrationResult | None = None
+    speed_check: SpeedCheck | None = None
     quantization: QuantizationState | None = None
     validation: ValidationResult | None = None
     report: list[ReportRow] = dataclasses.field(default_factory=list)
@@ -99,6 +103,13 @@ class Context:
                 max_values=COMPARISON_VALUES,
             )
         return self.comparison
+
+    @property
+    def int8_declined(self) -> str | None:
+        """Why int8 is not worth it on this model, once the speed check found so; else None."""
+        if self.speed_check is None or self.speed_check.worthwhile:
+            return None
+        return self.speed_check.reason
 
     def calibration_for(self, pass_name: str) -> CalibrationResult:
         """This run's calibration; a ProcessingError naming ``pass_name`` when none ran."""

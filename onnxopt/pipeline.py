@@ -22,6 +22,8 @@ class Pipeline:
 
     def __init__(self, passes: Sequence[OnnxoptPass]):
         self.passes = list(passes)
+        for pass_ in self.passes:
+            pass_.configure(self.passes)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Pipeline:
@@ -46,6 +48,10 @@ class Pipeline:
         self.check_requirements(model, context)
         for pass_ in self.passes:
             pass_.bind(context)
+            if pass_.quantizes and context.int8_declined:
+                logger.info("skipping %s: %s", pass_.name, context.int8_declined)
+                context.report.append(ReportRow(pass_.name, 0.0, 0, {"skipped": "int8 declined"}))
+                continue
             logger.info("running %s", pass_.name)
             start = time.perf_counter()
             try:

@@ -19,6 +19,7 @@ from onnxopt.calibration import CalibrationResult
 from onnxopt.compare import SpeedReport
 from onnxopt.context import Context, ReportRow
 from onnxopt.errors import ValidationFailed
+from onnxopt.quantization.speed_check import SpeedCheck
 from onnxopt.quantization.state import QuantizationState
 from onnxopt.recipe import Recipe
 from onnxopt.serialize import json_data
@@ -48,7 +49,7 @@ def report_document(
         "after": after.as_dict(),
         "calibration": calibration_json(context.calibration),
         "validation": validation_json(context.validation),
-        "quantization": quantization_json(context.quantization),
+        "quantization": quantization_json(context.quantization, context.speed_check),
         "speed": speed_json(speed),
         "passed": failure is None,
         "failure": failure.render() if failure else None,
@@ -130,10 +131,21 @@ def validation_json(result: ValidationResult | None) -> dict[str, Any]:
     }
 
 
-def quantization_json(state: QuantizationState | None) -> dict[str, Any]:
-    """What the quantizer and the repairs did, describing the model that is written."""
+def quantization_json(
+    state: QuantizationState | None, speed_check: SpeedCheck | None = None
+) -> dict[str, Any]:
+    """What the quantizer and the repairs did, describing the model that is written; when the
+    speed check kept the model float, why."""
+    checked: dict[str, Any] = {}
+    if speed_check is not None:
+        checked["speed_check"] = {
+            "speedups": speed_check.speedups,
+            "min_speedup": speed_check.min_speedup,
+        }
+        if not speed_check.worthwhile:
+            checked["declined"] = speed_check.reason
     if state is None:
-        return {}
+        return json_data(checked)
     report = state.report
     document: dict[str, Any] = {
         "quantized_nodes": report.quantized,
@@ -152,7 +164,7 @@ def quantization_json(state: QuantizationState | None) -> dict[str, Any]:
         document["fallback"] = json_data(state.fallback)
     if state.layers:
         document["layers"] = json_data(state.layers)
-    return json_data(document)
+    return json_data(document | checked)
 
 
 def render_passes(rows: Sequence[ReportRow], console: Console) -> None:

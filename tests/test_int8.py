@@ -100,6 +100,7 @@ def test_python_api_takes_an_onnxruntime_reader_like_quantize_static(tmp_path, c
         calibrate_method=CalibrationMethod.Entropy,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        overrides=["fallback.min_speedup=none"],
     )
     assert result.passed and output.exists()
     assert (
@@ -121,6 +122,7 @@ def test_python_api_passes_paths_and_names_as_values_not_as_toml_text(tmp_path, 
         calibration_cache=cache,
         nodes_to_exclude=['fc"]'],
         per_channel=False,
+        overrides=["fallback.min_speedup=none"],
     )
     assert result.passed and cache.exists() and (folder / "q.onnx").exists()
     steps = {spec.name: spec.options for spec in result.recipe.passes}
@@ -154,6 +156,7 @@ def test_calibration_cache_is_written_then_reused(tmp_path, classifier_path, cla
         "--calib-cache",
         cache,
         "-q",
+        *ALWAYS_QUANTIZE,
     )
     assert run_cli(*arguments, "-o", tmp_path / "a.onnx") == 0
     assert cache.exists()
@@ -308,6 +311,7 @@ def test_a_corrupt_calibration_cache_is_a_clear_error(
         classifier_data,
         "--calib-cache",
         cache,
+        *ALWAYS_QUANTIZE,
     )
     assert run_cli(*arguments) == 2
     assert str(cache) in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from onnxopt.passes.base import OnnxoptPass
 from onnxopt.passes.calibrate import CalibratePass
+from onnxopt.passes.check_speed import CheckSpeedPass
 from onnxopt.passes.correct_bias import CorrectBiasPass
 from onnxopt.passes.eliminate_identity import EliminateIdentityPass
 from onnxopt.passes.equalize import EqualizePass
@@ -22,6 +23,7 @@ from onnxopt.passes.validate import ValidatePass
 
 PASSES: dict[str, type[OnnxoptPass]] = {
     "calibrate": CalibratePass,
+    "check-speed": CheckSpeedPass,
     "correct-bias": CorrectBiasPass,
     "eliminate-identity": EliminateIdentityPass,
     "equalize": EqualizePass,

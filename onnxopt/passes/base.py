@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -42,6 +42,8 @@ class OnnxoptPass(ir.passes.InPlacePass):
         needs_calibration: the pass reads ``context.calibration``.
         provides_calibration: the pass fills ``context.calibration`` for the passes after it.
         min_opset: the lowest default-domain opset the pass supports, or None.
+        quantizes: the pass is a step of int8 quantization, skipped once the speed check
+            found int8 slower than float (``context.int8_declined``).
     """
 
     name: ClassVar[str] = ""
@@ -49,6 +51,7 @@ class OnnxoptPass(ir.passes.InPlacePass):
     needs_calibration: ClassVar[bool] = False
     provides_calibration: ClassVar[bool] = False
     min_opset: ClassVar[int | None] = None
+    quantizes: ClassVar[bool] = False
 
     _context: Context | None = None
 
@@ -72,6 +75,10 @@ class OnnxoptPass(ir.passes.InPlacePass):
     def bind(self, context: Context) -> None:
         """Make the pass part of a run that shares ``context``."""
         self._context = context
+
+    def configure(self, passes: Sequence[OnnxoptPass]) -> None:
+        """Read settings from the other passes of the pipeline (``passes``, this one among
+        them) before any runs; most passes need none."""
 
     def opset_after(self, opset: int) -> int:
         """The default-domain opset of the model after this pass, for checking later passes' needs."""

@@ -35,6 +35,7 @@ class CalibratePass(OnnxoptPass):
     """
 
     name = "calibrate"
+    quantizes = True
     needs_data = True
     provides_calibration = True
 

@@ -20,6 +20,7 @@ class CorrectBiasPass(OnnxoptPass):
     """
 
     name = "correct-bias"
+    quantizes = True
     needs_calibration = True
 
     def __init__(self, create_bias: bool = True):

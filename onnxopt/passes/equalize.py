@@ -25,6 +25,7 @@ class EqualizePass(OnnxoptPass):
     """
 
     name = "equalize"
+    quantizes = True
 
     def __init__(self, iterations: Annotated[int, Range(low=1)] = 2):
         super().__init__()

@@ -10,6 +10,7 @@ from onnxopt.options import Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.quantization.channel_means import channel_means
 from onnxopt.quantization.fallback import QuantizedFrom, keep_sensitive_layers_float
+from onnxopt.quantization.speed_check import EVERY_LAYER_QUANTIZED
 from onnxopt.quantization.state import BiasCorrection
 from onnxopt.validation import Thresholds
 
@@ -40,6 +41,7 @@ class FallbackPass(OnnxoptPass):
     """
 
     name = "fallback"
+    quantizes = True
     needs_data = True
     needs_calibration = True
 
@@ -68,6 +70,10 @@ class FallbackPass(OnnxoptPass):
             statistics = self.context.calibration_for(self.name).statistics
             source.create_bias = state.bias_correction.create_bias
             source.means = channel_means(model, state.float_model, statistics, self.context.data)
+        check = self.context.speed_check
+        known = None
+        if check is not None and check.quantized_nodes == frozenset(state.report.quantized):
+            known = check.speedups[EVERY_LAYER_QUANTIZED]
         result = keep_sensitive_layers_float(
             model,
             list(state.report.quantized),
@@ -76,6 +82,7 @@ class FallbackPass(OnnxoptPass):
             self.budget,
             min_speedup=self.min_speedup,
             max_seconds=self.max_seconds,
+            quantized_speedup=known,
             progress=self.context.progress,
         )
         if result.report is not None:

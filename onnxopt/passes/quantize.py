@@ -23,6 +23,14 @@ from onnxopt.quantization.state import QuantizationState
 logger = logging.getLogger(__name__)
 
 
+def already_quantized(error: AlreadyQuantizedError) -> InputError:
+    """The user's error for a model that holds quantized ops already."""
+    return InputError(
+        f"the model is already quantized: it contains {error}",
+        fix="quantize the float model it came from, or run the cleanup recipe on this one",
+    )
+
+
 class QuantizePass(OnnxoptPass):
     """Quantize to uint8 activations and int8 per-channel weights in QDQ format.
 
@@ -39,6 +47,7 @@ class QuantizePass(OnnxoptPass):
     """
 
     name = "quantize"
+    quantizes = True
     needs_calibration = True
     min_opset = 13
 
@@ -75,10 +84,7 @@ class QuantizePass(OnnxoptPass):
         try:
             report = quantize_model(model, ranges, problems, self.options, rounding)
         except AlreadyQuantizedError as error:
-            raise InputError(
-                f"the model is already quantized: it contains {error}",
-                fix="quantize the float model it came from, or run the cleanup recipe on this one",
-            ) from error
+            raise already_quantized(error) from error
         finally:
             if rounding is not None:
                 rounding.release()

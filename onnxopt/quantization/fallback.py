@@ -45,13 +45,11 @@ from onnxopt.quantization.sensitivity import (
     node_added_noise,
     noise_points,
 )
+from onnxopt.quantization.speed_check import TIMING_SECONDS, lighter_variants
 from onnxopt.runtime import Feed
 from onnxopt.validation import Thresholds, meets
 
 logger = logging.getLogger(__name__)
-
-# Ops whose integer kernels carry int8's speed; the others only move or combine values.
-HEAVY_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
 # A float prefix or suffix longer than this share of the layers sends the search on to the
 # sensitive layers.
@@ -67,10 +65,6 @@ RANKING_SAMPLES = 8
 # it orders (at least one): a layer or two more float barely changes speed or size, and each
 # step costs a quantization and a measurement (PicoDet, 419 layers: 3 steps of 3 s fewer).
 BISECT_RESOLUTION = 1 / 32
-
-# How long each candidate is timed against the float model (interleaved, one thread, medians):
-# enough rounds for a stable median on models up to a few hundred milliseconds a run.
-TIMING_SECONDS = 0.5
 
 # Measuring every layer in isolation may take at most the time of this many trials; layers not
 # reached by then are ranked by the noise they add in the quantized model.
@@ -181,6 +175,7 @@ def keep_sensitive_layers_float(
     *,
     min_speedup: float | None = None,
     max_seconds: float | None = None,
+    quantized_speedup: float | None = None,
     progress: Progress = QUIET,
 ) -> FallbackResult:
     """The fastest quantization that meets ``budget``, with as few layers float as it takes.
@@ -196,10 +191,13 @@ def keep_sensitive_layers_float(
             timing and keeps the candidate with the fewest layers float.
         max_seconds: stop searching after this long, with the best model known to meet the
             budget (at worst the float model); None for no limit.
+        quantized_speedup: the speed of ``quantized`` against float, when it is known already
+            (``speed_check`` timed a quantization of the same nodes); else it is timed.
         progress: shows the quantizations tried.
     """
     search = _Search(source, comparison, budget, quantized_nodes, progress, max_seconds)
     first = _Trial((), quantized, *_judge(comparison, quantized, budget))
+    first.speedup = quantized_speedup if min_speedup is not None else None
     search.trials += 1
     if first.met:
         candidates = [first]
@@ -357,7 +355,8 @@ class _Search:
         """
         if min_speedup is None:
             return [], ""
-        first.speedup = self.speedup(first.model)
+        if first.speedup is None:
+            first.speedup = self.speedup(first.model)
         if first.speedup >= min_speedup:
             return [], ""
         variants = self.lighter(first, min_speedup)
@@ -419,23 +418,18 @@ class _Search:
         return self.trial(self.nodes)
 
     def lighter(self, base: _Trial, min_speedup: float) -> list[_Trial]:
-        """``base`` with, in turn, its elementwise and data-movement ops, its depthwise
-        convolutions, and both, kept float: where batch-1 int8 loses to float, these are
-        usually why (integer kernels for them gain little, and each costs a requantization).
+        """``base`` with, in turn, each of ``speed_check.lighter_variants`` float too.
 
         Each is timed first, and judged against the budget only if it runs ``min_speedup``
         times faster than float: one too slow to choose need not be measured (it counts as
         missing the budget)."""
-        nodes = {
-            node.name: node
-            for node in self.source.float_model.graph
-            if node.name in set(self.nodes)
-        }
-        cheap = {name for name, node in nodes.items() if node.op_type not in HEAVY_OPS}
-        depthwise = {name for name, node in nodes.items() if _is_depthwise(node)}
+        quantized = set(self.nodes)
+        variants = lighter_variants(
+            node for node in self.source.float_model.graph if node.name in quantized
+        )
         trials = []
-        for extra in (cheap, depthwise, cheap | depthwise):
-            if extra and not extra <= set(base.float_layers):
+        for _, extra in variants:
+            if not extra <= set(base.float_layers):
                 float_layers = [*base.float_layers, *sorted(extra - set(base.float_layers))]
                 trials.append(self._timed_trial(float_layers, min_speedup))
         return trials
@@ -513,19 +507,6 @@ def _fewest_float(trials: Sequence[_Trial | None]) -> int | None:
     return min(
         (len(trial.float_layers) for trial in trials if trial is not None and trial.met),
         default=None,
-    )
-
-
-def _is_depthwise(node: ir.Node) -> bool:
-    """A grouped Conv with one input channel per group."""
-    if node.op_type != "Conv" or node.attributes.get_int("group", 1) == 1:
-        return False
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    return (
-        weight is not None
-        and weight.shape is not None
-        and len(weight.shape) > 1
-        and weight.shape[1] == 1
     )
 
 
