@@ -1,0 +1,186 @@
+"""An ONNX model as a torch module (its weights trainable parameters), and the weights back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from onnxopt.bridge.interpreter import Graph, compile_model, run_graph
+from onnxopt.bridge.types import to_numpy, to_tensor
+from onnxopt.errors import InputError
+
+# Inputs that hold a layer's weights, by op: their float initializers become parameters.
+WEIGHT_INPUTS: dict[str, frozenset[int]] = {
+    "Conv": frozenset({1, 2}),
+    "ConvTranspose": frozenset({1, 2}),
+    "Gemm": frozenset({0, 1, 2}),
+    "MatMul": frozenset({0, 1}),
+    "Einsum": frozenset(range(8)),
+    "BatchNormalization": frozenset({1, 2}),
+    "LayerNormalization": frozenset({1, 2}),
+    "InstanceNormalization": frozenset({1, 2}),
+    "GroupNormalization": frozenset({1, 2}),
+    "PRelu": frozenset({1}),
+    "LSTM": frozenset({1, 2, 3, 7}),
+    "GRU": frozenset({1, 2, 3}),
+    "RNN": frozenset({1, 2, 3}),
+    "Gather": frozenset({0}),
+}
+
+# Elementwise ops whose float initializers of more than one value are weights too (the biases
+# and scales of decomposed layers, position embeddings); scalars among them stay constants.
+AFFINE_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def escape(name: str) -> str:
+    """An initializer name as a torch attribute name: torch refuses '.' and the empty name."""
+    return "%" if not name else name.replace("%", "%25").replace(".", "%2E")
+
+
+class OnnxModule(nn.Module):
+    """Runs an ONNX graph with torch ops; call it with tensors in graph input order.
+
+    Float initializers that hold weights (``WEIGHT_INPUTS``, and non-scalar operands of Add,
+    Sub, Mul and Div) are ``nn.Parameter``s, every other initializer a buffer. Torch names may
+    not contain '.', so their torch names are escaped (``escape``); ``onnx_parameters()`` gives
+    them by their ONNX names.
+
+    Attributes:
+        graph: the compiled graph.
+        input_names: the graph inputs, in the order ``forward`` takes them.
+        output_names: the graph outputs, in the order ``forward`` returns them.
+    """
+
+    def __init__(self, model: ir.Model):
+        super().__init__()
+        self.graph: Graph = compile_model(model)
+        self.input_names = list(self.graph.inputs)
+        self.output_names = list(self.graph.outputs)
+        weights = _weight_names(self.graph)
+        self._torch_names: dict[str, str] = {}
+        for graph in self.graph.walk():
+            for name, value in graph.initializers.items():
+                if name in self._torch_names:
+                    continue
+                tensor = to_tensor(value.const_value.numpy())
+                torch_name = escape(name)
+                self._torch_names[name] = torch_name
+                if name in weights and tensor.dtype.is_floating_point:
+                    self.register_parameter(torch_name, nn.Parameter(tensor))
+                else:
+                    self.register_buffer(torch_name, tensor)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.input_names):
+            raise TypeError(
+                f"the model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
+                f"got {len(inputs)}"
+            )
+        feeds = dict(zip(self.input_names, inputs, strict=True))
+        return tuple(run_graph(self.graph, feeds, self.onnx_tensor))
+
+    def torch_name(self, name: str) -> str:
+        """The torch attribute name of initializer ``name`` (for ``state_dict`` and
+        ``torch.func.functional_call``)."""
+        return self._torch_names[name]
+
+    def onnx_tensor(self, name: str) -> torch.Tensor:
+        """The parameter or buffer of the initializer ``name``."""
+        return getattr(self, self._torch_names[name])
+
+    def onnx_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable weights, by initializer name."""
+        parameters = dict(self.named_parameters(recurse=False))
+        return {
+            name: parameters[torch_name]
+            for name, torch_name in self._torch_names.items()
+            if torch_name in parameters
+        }
+
+    def onnx_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every initializer's tensor, parameters and buffers, by initializer name."""
+        for name in self._torch_names:
+            yield name, self.onnx_tensor(name)
+
+
+def _weight_names(graph: Graph) -> set[str]:
+    names: set[str] = set()
+    initializers = {name for subgraph in graph.walk() for name in subgraph.initializers}
+    for subgraph in graph.walk():
+        for step in subgraph.steps:
+            positions = WEIGHT_INPUTS.get(step.call.op_type, frozenset())
+            for index, name in enumerate(step.inputs):
+                if name not in initializers:
+                    continue
+                if index in positions or (
+                    step.call.op_type in AFFINE_OPS and _size(graph, name) > 1
+                ):
+                    names.add(name)
+    return names
+
+
+def _size(graph: Graph, name: str) -> int:
+    for subgraph in graph.walk():
+        if name in subgraph.initializers:
+            return int(np.prod(subgraph.initializers[name].shape.numpy(), dtype=np.int64))
+    return 0
+
+
+def to_module(model: ir.Model) -> OnnxModule:
+    """``model`` as a torch module (see ``OnnxModule``); the model itself is not changed.
+
+    Raises ``UnsupportedModelError`` (an InputError) naming every node it cannot run before
+    anything runs.
+    """
+    return OnnxModule(model)
+
+
+def write_back(module: OnnxModule, model: ir.Model) -> list[str]:
+    """Copy the module's parameters into the initializers of ``model`` they came from; the
+    names of those whose values changed. Unchanged ones are left as they are (external data
+    stays mapped). A parameter whose shape changed, or that the model lacks, is an InputError
+    naming it."""
+    initializers = _initializers(model)
+    changed = []
+    for name, parameter in module.onnx_parameters().items():
+        value = initializers.get(name)
+        if value is None or value.const_value is None:
+            raise InputError(
+                f"parameter '{name}' has no initializer of that name in the model",
+                fix="write back into the model the module was made from",
+            )
+        array = to_numpy(parameter)
+        old = value.const_value.numpy()
+        if array.shape != old.shape:
+            raise InputError(
+                f"parameter '{name}' has shape {list(array.shape)}, its initializer "
+                f"{list(old.shape)}",
+                fix="keep the weights' shapes while training, or change the ONNX graph to match",
+            )
+        array = array.astype(old.dtype, copy=False)
+        if old.tobytes() == array.tobytes():
+            continue
+        value.const_value = ir.tensor(array, name=name)
+        changed.append(name)
+    return changed
+
+
+def _initializers(model: ir.Model) -> dict[str, ir.Value]:
+    found: dict[str, ir.Value] = {}
+    for graph in (model.graph, *_subgraphs(model.graph)):
+        for name, value in graph.initializers.items():
+            found.setdefault(name, value)
+    return found
+
+
+def _subgraphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.GRAPH:
+                yield attribute.value
+            elif attribute.type == ir.AttributeType.GRAPHS:
+                yield from attribute.value
