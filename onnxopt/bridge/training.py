@@ -1,0 +1,195 @@
+"""Fine-tuning through the bridge: a loop over the project's data with a loss of the caller's
+choice, and distillation against the model as it was. Pruning recovery and weight transfer
+train with these."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from onnxopt.bridge.module import OnnxModule
+from onnxopt.progress import QUIET, Progress
+from onnxopt.runtime import Feed
+
+logger = logging.getLogger(__name__)
+
+# Outputs a batch of samples must reproduce, against the samples run alone, for batching.
+BATCH_TOLERANCE = 1e-4
+
+Loss = Callable[[tuple[torch.Tensor, ...], list[torch.Tensor]], torch.Tensor]
+
+
+@dataclasses.dataclass
+class TrainingSettings:
+    """How to train.
+
+    Attributes:
+        epochs: passes over the data.
+        learning_rate: Adam's default for fine-tuning pretrained weights: small steps.
+        optimizer: "adam" (AdamW) or "sgd" (with momentum 0.9).
+        weight_decay: AdamW's or SGD's decay.
+        batch_size: samples per step where the graph runs batches; else one at a time.
+        seed: makes the order of samples and torch's random numbers repeatable.
+    """
+
+    epochs: int = 1
+    learning_rate: float = 1e-4
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    """How training went: the mean loss of each epoch, the steps taken, whether samples ran
+    in batches."""
+
+    losses: list[float]
+    steps: int
+    batched: bool
+
+
+def as_tensors(module: OnnxModule, feed: Feed) -> list[torch.Tensor]:
+    """A feed dict as tensors in the module's input order."""
+    return [torch.from_numpy(np.array(feed[name])) for name in module.input_names]
+
+
+def runs_batches(module: OnnxModule, feeds: Sequence[Feed]) -> bool:
+    """Whether the graph takes samples stacked on their first axis and gives their outputs
+    stacked: the first two samples, run together and alone, must agree (a graph that hard-codes
+    a batch of 1 in a Reshape fails or mixes them)."""
+    if len(feeds) < 2:
+        return False
+    first, second = (as_tensors(module, feed) for feed in feeds[:2])
+    if any(
+        a.dim() == 0 or a.shape[0] != 1 or a.shape != b.shape
+        for a, b in zip(first, second, strict=True)
+    ):
+        return False
+    with torch.no_grad():
+        try:
+            together = module(*(torch.cat(pair) for pair in zip(first, second, strict=True)))
+        except Exception:  # the graph refuses a batch: run samples one at a time
+            return False
+        alone = [module(*first), module(*second)]
+    for index, output in enumerate(together):
+        expected = torch.cat([alone[0][index], alone[1][index]])
+        if output.shape != expected.shape:
+            return False
+        if output.dtype.is_floating_point:
+            scale = float(expected.abs().max()) or 1.0
+            if float((output - expected).abs().max()) > BATCH_TOLERANCE * scale:
+                return False
+        elif not torch.equal(output, expected):
+            return False
+    return True
+
+
+def distillation_loss(
+    outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """How far ``outputs`` are from the original model's ``targets``, summed over the float
+    outputs: KL divergence for class scores ([N, C] logits), mean squared error otherwise."""
+    total = outputs[0].new_zeros(())
+    for output, target in zip(outputs, targets, strict=True):
+        if not output.dtype.is_floating_point:
+            continue
+        if output.dim() == 2 and output.shape[1] > 1:
+            total = total + F.kl_div(
+                F.log_softmax(output, 1),
+                F.log_softmax(target, 1),
+                reduction="batchmean",
+                log_target=True,
+            )
+        else:
+            total = total + F.mse_loss(output, target)
+    return total
+
+
+def fine_tune(
+    module: OnnxModule,
+    data: Iterable[Feed],
+    loss: Loss,
+    settings: TrainingSettings | None = None,
+    progress: Progress = QUIET,
+) -> TrainingResult:
+    """Train the module's parameters to lower ``loss(outputs, inputs)`` over ``data``.
+
+    ``data`` is any of the project's data sources (an ``open_data`` source, a list of feed
+    dicts); samples run stacked in batches of ``settings.batch_size`` where ``runs_batches``
+    says the graph allows it, else one at a time.
+    """
+    settings = settings or TrainingSettings()
+    torch.manual_seed(settings.seed)
+    feeds = list(data)
+    if not feeds:
+        raise ValueError("no samples to train on")
+    batched = settings.batch_size > 1 and runs_batches(module, feeds)
+    size = settings.batch_size if batched else 1
+    optimizer = _optimizer(module, settings)
+    rng = np.random.default_rng(settings.seed)
+    losses, steps = [], 0
+    module.train()
+    per_epoch = -(-len(feeds) // size)
+    with progress.task("fine-tuning", settings.epochs * per_epoch) as advance:
+        for epoch in range(settings.epochs):
+            order = rng.permutation(len(feeds))
+            total = 0.0
+            for start in range(0, len(order), size):
+                group = [as_tensors(module, feeds[index]) for index in order[start : start + size]]
+                inputs = (
+                    [torch.cat(parts) for parts in zip(*group, strict=True)]
+                    if batched
+                    else group[0]
+                )
+                optimizer.zero_grad()
+                value = loss(module(*inputs), inputs)
+                value.backward()
+                optimizer.step()
+                total += float(value.detach())
+                steps += 1
+                advance(1)
+            losses.append(total / per_epoch)
+            logger.info("epoch %d: mean loss %.6g", epoch + 1, losses[-1])
+    module.eval()
+    return TrainingResult(losses, steps, batched)
+
+
+def distill(
+    module: OnnxModule,
+    data: Iterable[Feed],
+    teacher: OnnxModule | None = None,
+    settings: TrainingSettings | None = None,
+    progress: Progress = QUIET,
+) -> TrainingResult:
+    """Fine-tune ``module`` to reproduce ``teacher``'s outputs (by default, the module as it is
+    now, frozen): recovery after pruning or quantization-aware repairs."""
+    if teacher is None:
+        teacher = copy.deepcopy(module)
+    teacher.eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+
+    def loss(outputs, inputs):
+        with torch.no_grad():
+            targets = teacher(*inputs)
+        return distillation_loss(outputs, targets)
+
+    return fine_tune(module, data, loss, settings, progress)
+
+
+def _optimizer(module: OnnxModule, settings: TrainingSettings) -> torch.optim.Optimizer:
+    parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters, settings.learning_rate, momentum=0.9, weight_decay=settings.weight_decay
+        )
+    return torch.optim.AdamW(parameters, settings.learning_rate, weight_decay=settings.weight_decay)
