@@ -56,57 +56,20 @@ def pow_(call: Call, base, exponent):
     return torch.pow(base, exponent).to(base.dtype)
 
 
-@op("Neg")
-def neg(call: Call, x):
-    return -x
-
-
-@op("Abs")
-def abs_(call: Call, x):
-    return torch.abs(x)
-
-
-@op("Reciprocal")
-def reciprocal(call: Call, x):
-    return torch.reciprocal(x)
-
-
-@op("Sqrt")
-def sqrt(call: Call, x):
-    return torch.sqrt(x)
-
-
-@op("Exp")
-def exp(call: Call, x):
-    return torch.exp(x)
-
-
-@op("Log")
-def log(call: Call, x):
-    return torch.log(x)
-
-
-@op("Floor")
-def floor(call: Call, x):
-    return torch.floor(x)
-
-
-@op("Ceil")
-def ceil(call: Call, x):
-    return torch.ceil(x)
-
-
-@op("Round")
-def round_(call: Call, x):
-    return torch.round(x)
-
-
-@op("Sign")
-def sign(call: Call, x):
-    return torch.sign(x)
-
-
 _UNARY = {
+    "Neg": torch.neg,
+    "Abs": torch.abs,
+    "Reciprocal": torch.reciprocal,
+    "Sqrt": torch.sqrt,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Round": torch.round,
+    "Sign": torch.sign,
+    "Relu": torch.relu,
+    "Not": torch.logical_not,
+    "IsNaN": torch.isnan,
     "Sin": torch.sin,
     "Cos": torch.cos,
     "Tan": torch.tan,
@@ -126,49 +89,53 @@ _UNARY = {
 }
 
 
+_BINARY = {
+    "Equal": torch.eq,
+    "Less": torch.lt,
+    "LessOrEqual": torch.le,
+    "Greater": torch.gt,
+    "GreaterOrEqual": torch.ge,
+    "And": torch.logical_and,
+    "Or": torch.logical_or,
+    "Xor": torch.logical_xor,
+}
+
+
 def _unary(function):
     return lambda call, x: function(x)
 
 
+def _binary(function):
+    return lambda call, a, b: function(a, b)
+
+
 for _op_type, _function in _UNARY.items():
     op(_op_type)(_unary(_function))
+for _op_type, _function in _BINARY.items():
+    op(_op_type)(_binary(_function))
 
 
-@op("Sum")
-def sum_(call: Call, *inputs):
-    total = inputs[0]
-    for value in inputs[1:]:
-        total = total + value
-    return total
+def _variadic(function):
+    def run(call: Call, *inputs):
+        result = inputs[0]
+        for value in inputs[1:]:
+            result = function(result, value)
+        return result
+
+    return run
+
+
+op("Sum")(_variadic(torch.add))
+op("Max")(_variadic(torch.maximum))
+op("Min")(_variadic(torch.minimum))
 
 
 @op("Mean")
 def mean(call: Call, *inputs):
-    return sum_(call, *inputs) / len(inputs)
-
-
-@op("Max")
-def max_(call: Call, *inputs):
-    result = inputs[0]
-    for value in inputs[1:]:
-        result = torch.maximum(result, value)
-    return result
-
-
-@op("Min")
-def min_(call: Call, *inputs):
-    result = inputs[0]
-    for value in inputs[1:]:
-        result = torch.minimum(result, value)
-    return result
+    return _variadic(torch.add)(call, *inputs) / len(inputs)
 
 
 # --- activations --------------------------------------------------------------------------
-
-
-@op("Relu")
-def relu(call: Call, x):
-    return torch.relu(x)
 
 
 @op("LeakyRelu")
@@ -268,59 +235,9 @@ op("Hardmax")(
 # --- comparisons and logic ----------------------------------------------------------------
 
 
-@op("Equal")
-def equal(call: Call, a, b):
-    return torch.eq(a, b)
-
-
-@op("Less")
-def less(call: Call, a, b):
-    return torch.lt(a, b)
-
-
-@op("LessOrEqual")
-def less_or_equal(call: Call, a, b):
-    return torch.le(a, b)
-
-
-@op("Greater")
-def greater(call: Call, a, b):
-    return torch.gt(a, b)
-
-
-@op("GreaterOrEqual")
-def greater_or_equal(call: Call, a, b):
-    return torch.ge(a, b)
-
-
-@op("Not")
-def not_(call: Call, x):
-    return torch.logical_not(x)
-
-
-@op("And")
-def and_(call: Call, a, b):
-    return torch.logical_and(a, b)
-
-
-@op("Or")
-def or_(call: Call, a, b):
-    return torch.logical_or(a, b)
-
-
-@op("Xor")
-def xor(call: Call, a, b):
-    return torch.logical_xor(a, b)
-
-
 @op("Where")
 def where(call: Call, condition, a, b):
     return torch.where(condition, a, b)
-
-
-@op("IsNaN")
-def is_nan(call: Call, x):
-    return torch.isnan(x)
 
 
 @op("IsInf")

@@ -50,12 +50,17 @@ def _torch_pad(pads: list[int]) -> list[int]:
     return order
 
 
-@op("Conv", check=_spatial_check)
-def conv(call: Call, x, weight, bias=None):
+def _kernel_settings(call: Call, weight) -> tuple[int, list[int], list[int], list[int]]:
+    """A convolution's spatial rank, kernel, strides and dilations."""
     rank = weight.dim() - 2
-    kernel = list(weight.shape[2:])
     strides = list(call.get("strides", [1] * rank))
     dilations = list(call.get("dilations", [1] * rank))
+    return rank, list(weight.shape[2:]), strides, dilations
+
+
+@op("Conv", check=_spatial_check)
+def conv(call: Call, x, weight, bias=None):
+    rank, kernel, strides, dilations = _kernel_settings(call, weight)
     pads = _pads(call, x, kernel, strides, dilations)
     begins, ends = pads[:rank], pads[rank:]
     if begins == ends:
@@ -68,10 +73,7 @@ def conv(call: Call, x, weight, bias=None):
 
 @op("ConvTranspose", check=_spatial_check)
 def conv_transpose(call: Call, x, weight, bias=None):
-    rank = weight.dim() - 2
-    kernel = list(weight.shape[2:])
-    strides = list(call.get("strides", [1] * rank))
-    dilations = list(call.get("dilations", [1] * rank))
+    rank, kernel, strides, dilations = _kernel_settings(call, weight)
     output_padding = list(call.get("output_padding", [0] * rank))
     full = _CONV_TRANSPOSE[rank](x, weight, None, strides, 0, 0, call.get("group", 1), dilations)
     # Rows past the full output receive nothing from the input: output_padding adds zeros.
@@ -405,13 +407,15 @@ def _recurrent_check(call: Call) -> str | None:
     return None
 
 
-def _recurrent_inputs(call: Call, x, initial_states):
-    """Inputs as (sequence, batch, features), initial states as (directions, batch, hidden)."""
+def _recurrent_inputs(call: Call, x, r, sequence_lens, initial_states):
+    """Inputs as (sequence, batch, features), initial states as (directions, batch, hidden),
+    whether the layout is batch first, the hidden size and the batch."""
     batch_first = bool(call.get("layout", 0))
     if batch_first:
         x = x.transpose(0, 1)
         initial_states = [None if s is None else s.transpose(0, 1) for s in initial_states]
-    return x, initial_states, batch_first
+    _sequence_check(sequence_lens, x)
+    return x, initial_states, batch_first, r.shape[-1], x.shape[1]
 
 
 def _recurrent_outputs(call: Call, batch_first: bool, ys, states):
@@ -435,10 +439,9 @@ def _sequence_check(sequence_lens, x) -> None:
 
 @op("LSTM", check=_recurrent_check)
 def lstm(call: Call, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=None, p=None):
-    x, (initial_h, initial_c), batch_first = _recurrent_inputs(call, x, [initial_h, initial_c])
-    _sequence_check(sequence_lens, x)
-    hidden = r.shape[-1]
-    batch = x.shape[1]
+    x, (initial_h, initial_c), batch_first, hidden, batch = _recurrent_inputs(
+        call, x, r, sequence_lens, [initial_h, initial_c]
+    )
     ys, finals_h, finals_c = [], [], []
     for direction, reverse in enumerate(_directions(call)):
         bias = b[direction, : 4 * hidden] + b[direction, 4 * hidden :] if b is not None else 0
@@ -467,10 +470,9 @@ def lstm(call: Call, x, w, r, b=None, sequence_lens=None, initial_h=None, initia
 
 @op("GRU", check=_recurrent_check)
 def gru(call: Call, x, w, r, b=None, sequence_lens=None, initial_h=None):
-    x, (initial_h,), batch_first = _recurrent_inputs(call, x, [initial_h])
-    _sequence_check(sequence_lens, x)
-    hidden = r.shape[-1]
-    batch = x.shape[1]
+    x, (initial_h,), batch_first, hidden, batch = _recurrent_inputs(
+        call, x, r, sequence_lens, [initial_h]
+    )
     linear_before_reset = bool(call.get("linear_before_reset", 0))
     ys, finals = [], []
     for direction, reverse in enumerate(_directions(call)):
@@ -498,10 +500,9 @@ def gru(call: Call, x, w, r, b=None, sequence_lens=None, initial_h=None):
 
 @op("RNN", check=_recurrent_check)
 def rnn(call: Call, x, w, r, b=None, sequence_lens=None, initial_h=None):
-    x, (initial_h,), batch_first = _recurrent_inputs(call, x, [initial_h])
-    _sequence_check(sequence_lens, x)
-    hidden = r.shape[-1]
-    batch = x.shape[1]
+    x, (initial_h,), batch_first, hidden, batch = _recurrent_inputs(
+        call, x, r, sequence_lens, [initial_h]
+    )
     ys, finals = [], []
     for direction, reverse in enumerate(_directions(call)):
         bias = b[direction, :hidden] + b[direction, hidden:] if b is not None else 0
