@@ -16,7 +16,7 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from onnxopt.bridge import ops_math, ops_nn, ops_tensor  # noqa: F401  (they fill the registry)
+from onnxopt.bridge import ops_math, ops_nn, ops_sequence, ops_tensor  # noqa: F401  (they fill the registry)
 from onnxopt.bridge.registry import OPS, Call, OpSpec
 from onnxopt.bridge.types import supported_type
 from onnxopt.errors import InputError
@@ -157,9 +157,9 @@ def run_graph(
         while arguments and arguments[-1] is None:
             arguments.pop()
         if step.call.op_type == "If":
-            results = _run_if(step, arguments, values, constant)
+            results = tuple(_run_if(step, arguments, values, constant))
         elif step.call.op_type == "Loop":
-            results = _run_loop(step, arguments, values, constant)
+            results = tuple(_run_loop(step, arguments, values, constant))
         else:
             try:
                 results = step.spec.function(step.call, *arguments)
@@ -167,7 +167,7 @@ def run_graph(
                 raise RuntimeError(
                     f"node '{step.call.name}' ({step.call.op_type}) failed: {error}"
                 ) from error
-        if not isinstance(results, (tuple, list)):
+        if not isinstance(results, tuple):
             results = (results,)
         for name, result in zip(step.outputs, results, strict=False):
             if name:

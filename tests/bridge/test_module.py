@@ -245,6 +245,27 @@ GRADIENT_CASES = {
     ),
     "softmax": ("y = Softmax <axis = 1> (x)", {"x": (2, 4)}),
     "activations": ("h = HardSwish (x)\n y = Gelu (h)", {"x": (2, 4)}),
+    "pad reflect and slice": (
+        'p = Pad <mode = "reflect"> (x, pads)\n y = Slice (p, starts, ends, axes, steps)',
+        {
+            "x": (1, 2, 4, 4),
+            "pads": "pads",
+            "starts": "starts",
+            "ends": "ends",
+            "axes": "axes",
+            "steps": "steps",
+        },
+    ),
+    "resize cubic": ('y = Resize <mode = "cubic"> (x, , s)', {"x": (1, 1, 4, 4), "s": "scales"}),
+    "einsum": ('y = Einsum <equation = "bij,jk->bik"> (x, w)', {"x": (2, 3, 4), "w": (4, 2)}),
+    "embedding": (
+        "e = Gather (table, indices)\n y = Add (e, x)",
+        {"x": (3, 4), "table": (5, 4), "indices": "indices"},
+    ),
+    "reductions and elementwise": (
+        "m = ReduceMean <axes = [1]> (x)\n s = Sigmoid (m)\n t = Tanh (x)\n d = Div (t, w)\n y = Mul (d, s)",
+        {"x": (2, 3), "w": (2, 3)},
+    ),
     "lstm": (
         'y, h = LSTM <hidden_size = 3, direction = "bidirectional"> (x, w, r, b)',
         {"x": (4, 2, 3), "w": (2, 12, 3), "r": (2, 12, 3), "b": (2, 24)},
@@ -266,8 +287,19 @@ def _gradient_model(body: str, shapes: dict) -> tuple[ir.Model, dict[str, np.nda
             weights[name] = np.abs(random(3, seed=index)) + 0.5
         elif shape == "scales":
             weights[name] = np.array([1, 1, 2, 1.5], np.float32)
+        elif shape == "indices":
+            weights[name] = np.array([4, 0, 2], np.int64)
+        elif shape == "pads":
+            weights[name] = np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)
+        elif shape in ("starts", "ends", "axes", "steps"):
+            weights[name] = {"starts": [5, 0], "ends": [0, 6], "axes": [2, 3], "steps": [-2, 2]}[
+                shape
+            ]
+            weights[name] = np.array(weights[name], np.int64)
         else:
             weights[name] = random(*shape, seed=index)
+            if name == "w" and "Div" in body:
+                weights[name] = np.abs(weights[name]) + 1.0
     outputs = "float y, float h" if ", h =" in body else "float y"
     text = (
         '<ir_version: 8, opset_import: ["" : 17]>\n'

@@ -104,3 +104,20 @@ def test_distillation_uses_kl_for_class_scores_and_mse_otherwise():
     assert float(shifted) == pytest.approx(0.0, abs=1e-6)
     maps = torch.zeros(1, 1, 2, 2)
     assert float(distillation_loss([maps + 1.0], [maps])) == pytest.approx(1.0)
+
+
+def test_fine_tuning_reads_an_npz_data_source(tmp_path):
+    from onnxopt.data import open_data
+
+    model = conv_head()
+    path = tmp_path / "data.npz"
+    np.savez(path, x=np.stack([feed["x"] for feed in samples(6)]))
+    module = to_module(model)
+    result = fine_tune(
+        module,
+        open_data(path, model),
+        lambda outputs, inputs: outputs[0].pow(2).mean(),
+        TrainingSettings(epochs=3, learning_rate=1e-2, batch_size=3),
+    )
+    assert result.batched and result.steps == 3 * 2
+    assert result.losses[-1] < result.losses[0]
