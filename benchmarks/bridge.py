@@ -7,7 +7,7 @@ the output's magnitude, per model, and the largest of all. The target (issue #8)
 
     .venv/bin/python benchmarks/bridge.py [--samples N]
 
-writes the table to benchmarks/BRIDGE_RESULTS.md as well.
+writes the table to its section of benchmarks/RESULTS.md as well.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
+from results_sections import write_section
 
 from onnxopt.bridge import to_module
 from onnxopt.errors import OnnxoptError
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 TARGET = 1e-5
-RESULTS = REPOSITORY / "benchmarks" / "BRIDGE_RESULTS.md"
+SECTION = "## Torch bridge fidelity"
 
 
 def model_pairs() -> list[tuple[str, Path, Path]]:
@@ -116,12 +117,13 @@ def main(arguments: list[str]) -> int:
     )
     print("\n".join(lines))
     command = " ".join(["benchmarks/bridge.py", *arguments])
-    RESULTS.write_text(
-        "# Torch bridge: forward outputs against onnxruntime's\n\n"
-        f"Written by `.venv/bin/python {command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-        f", {options.samples} calibration samples per model; error relative to the output's largest "
-        "magnitude, against onnxruntime with graph optimizations off; 'ort spread' is onnxruntime with all of them against none, the float32 rounding the model amplifies; default threads.\n\n"
-        "```\n" + "\n".join(lines) + "\n```\n"
+    write_section(
+        SECTION,
+        f"Command: `.venv/bin/python {command}`, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {options.samples} calibration samples "
+        "per model; error relative to the output's largest magnitude, against onnxruntime with graph "
+        "optimizations off; 'ort spread' is onnxruntime with all of them against none, the float32 "
+        "rounding the model amplifies; default threads.\n\n```\n" + "\n".join(lines) + "\n```",
     )
     return 1 if failures else 0
 

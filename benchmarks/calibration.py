@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_sections import write_section
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPOSITORY = BENCHMARKS.parent
@@ -155,8 +156,6 @@ def main() -> None:
                 rows.append(row)
     section = "\n".join(
         [
-            SECTION,
-            "",
             f"Command: `.venv/bin/python benchmarks/calibration.py --limit {arguments.limit:.0f}`, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Each calibration in its own process; "
             "time ratio is onnxopt / onnxruntime (target: at most 0.33).",
@@ -165,11 +164,7 @@ def main() -> None:
             "",
         ]
     )
-    results = BENCHMARKS / "RESULTS.md"
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    if SECTION in text:
-        text = text[: text.index(SECTION)].rstrip() + "\n"
-    results.write_text(text.rstrip() + "\n\n" + section)
+    write_section(SECTION, section)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from results_sections import owned_sections
 from tasks import (
     binary_map_iou,
     box_f1,
@@ -985,7 +986,7 @@ def write_markdown(header: dict[str, Any], results: list[tuple[BenchmarkModel, l
         remarks = [remark.replace("|", "\\|") for row in rows for remark in row_remarks(row)]
         if remarks:
             lines += ["", *[f"- {remark}" for remark in remarks]]
-    RESULTS_MARKDOWN.write_text("\n".join(lines) + "\n")
+    RESULTS_MARKDOWN.write_text("\n".join(lines) + "\n" + owned_sections())
 
 
 def write_json(header: dict[str, Any], results: list[tuple[BenchmarkModel, list[Row]]]) -> None:

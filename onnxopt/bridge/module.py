@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -108,26 +107,21 @@ class OnnxModule(nn.Module):
 
 
 def _weight_names(graph: Graph) -> set[str]:
+    initializers = {
+        name: value for subgraph in graph.walk() for name, value in subgraph.initializers.items()
+    }
     names: set[str] = set()
-    initializers = {name for subgraph in graph.walk() for name in subgraph.initializers}
     for subgraph in graph.walk():
         for step in subgraph.steps:
             positions = WEIGHT_INPUTS.get(step.call.op_type, frozenset())
             for index, name in enumerate(step.inputs):
-                if name not in initializers:
+                value = initializers.get(name)
+                if value is None:
                     continue
-                if index in positions or (
-                    step.call.op_type in AFFINE_OPS and _size(graph, name) > 1
-                ):
+                affine = step.call.op_type in AFFINE_OPS and value.const_value.size > 1
+                if index in positions or affine:
                     names.add(name)
     return names
-
-
-def _size(graph: Graph, name: str) -> int:
-    for subgraph in graph.walk():
-        if name in subgraph.initializers:
-            return int(np.prod(subgraph.initializers[name].shape.numpy(), dtype=np.int64))
-    return 0
 
 
 def to_module(model: ir.Model) -> OnnxModule:
@@ -171,16 +165,7 @@ def write_back(module: OnnxModule, model: ir.Model) -> list[str]:
 
 def _initializers(model: ir.Model) -> dict[str, ir.Value]:
     found: dict[str, ir.Value] = {}
-    for graph in (model.graph, *_subgraphs(model.graph)):
+    for graph in model.graphs():
         for name, value in graph.initializers.items():
             found.setdefault(name, value)
     return found
-
-
-def _subgraphs(graph: ir.Graph) -> Iterator[ir.Graph]:
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        for attribute in node.attributes.values():
-            if attribute.type == ir.AttributeType.GRAPH:
-                yield attribute.value
-            elif attribute.type == ir.AttributeType.GRAPHS:
-                yield from attribute.value

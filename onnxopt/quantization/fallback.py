@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -31,13 +30,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import runtime
-from onnxopt.compare import time_models
 from onnxopt.fidelity import ReferenceComparison
 from onnxopt.metrics import OutputFidelity
 from onnxopt.progress import QUIET, Progress
 from onnxopt.quantization.bias_correction import BiasCorrectionReport, ChannelMeans, correct_biases
 from onnxopt.quantization.plan import QuantizationOptions
-from onnxopt.quantization.qdq import QuantizationReport, WeightRounding, quantize_model
+from onnxopt.quantization.qdq import QuantizationReport, WeightRounding, quantized_copy
 from onnxopt.quantization.sensitivity import (
     LayerSqnr,
     compare_tensors,
@@ -45,7 +43,7 @@ from onnxopt.quantization.sensitivity import (
     node_added_noise,
     noise_points,
 )
-from onnxopt.quantization.speed_check import TIMING_SECONDS, lighter_variants
+from onnxopt.quantization.speed_check import lighter_variants, time_against_float
 from onnxopt.runtime import Feed
 from onnxopt.validation import Thresholds, meets
 
@@ -97,15 +95,9 @@ class QuantizedFrom:
         self, float_layers: Iterable[str]
     ) -> tuple[ir.Model, QuantizationReport]:
         """The float model quantized again, with ``float_layers`` kept float too."""
-        model = self.float_model.clone()
-        options = dataclasses.replace(
-            self.options,
-            exclude_nodes=[
-                *self.options.exclude_nodes,
-                *(re.escape(name) for name in float_layers),
-            ],
+        return quantized_copy(
+            self.float_model, self.ranges, self.problems, self.options, float_layers, self.rounding
         )
-        return model, quantize_model(model, self.ranges, self.problems, options, self.rounding)
 
 
 @dataclasses.dataclass
@@ -489,14 +481,7 @@ class _Search:
 
     def speedup(self, model: ir.Model) -> float:
         """How much faster ``model`` runs than the float model, one thread, on the first sample."""
-        timing = time_models(
-            self.source.float_model,
-            model,
-            self.comparison.feeds[0],
-            threads=1,
-            seconds=TIMING_SECONDS,
-        )
-        return timing.speedup
+        return time_against_float(self.source.float_model, model, self.comparison.feeds[0])
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -88,6 +89,24 @@ def quantize_model(
     """
     ranges = prepare_for_int8(model, ranges, problems, options)
     return emit_plan(plan_quantization(model, ranges, problems, options), rounding)
+
+
+def quantized_copy(
+    model: ir.Model,
+    ranges: Mapping[str, tuple[float, float]],
+    problems: Mapping[str, str],
+    options: QuantizationOptions,
+    float_layers: Iterable[str] = (),
+    rounding: WeightRounding | None = None,
+) -> tuple[ir.Model, QuantizationReport]:
+    """A copy of ``model`` quantized with ``float_layers`` (node names) kept float as well as
+    what ``options`` excludes; ``model`` is not changed."""
+    copy = model.clone()
+    options = dataclasses.replace(
+        options,
+        exclude_nodes=[*options.exclude_nodes, *(re.escape(name) for name in float_layers)],
+    )
+    return copy, quantize_model(copy, ranges, problems, options, rounding)
 
 
 def emit_plan(plan: QuantizationPlan, rounding: WeightRounding | None = None) -> QuantizationReport:

@@ -46,9 +46,9 @@ def speeds(monkeypatch, by_float_layers):
     the timed model keeps float, and record those sets in the order timed."""
     timed = []
     made = {}
-    real_quantized = speed_check._quantized
+    real_quantized = speed_check.quantized_copy
 
-    def quantized(model, ranges, problems, options, float_layers):
+    def quantized(model, ranges, problems, options, float_layers=()):
         copy, report = real_quantized(model, ranges, problems, options, float_layers)
         made[id(copy)] = frozenset(float_layers)
         return copy, report
@@ -58,8 +58,8 @@ def speeds(monkeypatch, by_float_layers):
         timed.append(float_layers)
         return by_float_layers(float_layers)
 
-    monkeypatch.setattr(speed_check, "_quantized", quantized)
-    monkeypatch.setattr(speed_check, "_speedup", speedup)
+    monkeypatch.setattr(speed_check, "quantized_copy", quantized)
+    monkeypatch.setattr(speed_check, "time_against_float", speedup)
     return timed
 
 
