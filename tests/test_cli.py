@@ -124,6 +124,8 @@ def test_bad_model_files_exit_2_without_output(tmp_path, classifier_path, capsys
             "'quantize.rounding' must be one of gptq, nearest",
         ),
         (("--recipe", "int8", "--set", "quantize.gptq_samples=0"), "must be an integer >= 1"),
+        (("--recipe", "int8", "--set", "check-speed.samples=0"), "must be an integer >= 1"),
+        (("--recipe", "int8", "--set", "check-speed.min_speedup=-1"), "check-speed.min_speedup"),
     ],
 )
 def test_bad_recipe_choices_exit_2(tmp_path, classifier_path, capsys, extra, message):

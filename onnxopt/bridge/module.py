@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -139,7 +140,7 @@ def write_back(module: OnnxModule, model: ir.Model) -> list[str]:
     stays mapped). A parameter whose shape changed, or that the model lacks, is an InputError
     naming it."""
     initializers = _initializers(model)
-    changed = []
+    updates: list[tuple[ir.Value, np.ndarray]] = []
     for name, parameter in module.onnx_parameters().items():
         value = initializers.get(name)
         if value is None or value.const_value is None:
@@ -156,11 +157,12 @@ def write_back(module: OnnxModule, model: ir.Model) -> list[str]:
                 fix="keep the weights' shapes while training, or change the ONNX graph to match",
             )
         array = array.astype(old.dtype, copy=False)
-        if old.tobytes() == array.tobytes():
-            continue
-        value.const_value = ir.tensor(array, name=name)
-        changed.append(name)
-    return changed
+        if old.tobytes() != array.tobytes():
+            updates.append((value, array))
+    # Every parameter checked before any is written: an error leaves the model as it was.
+    for value, array in updates:
+        value.const_value = ir.tensor(array, name=value.name)
+    return [value.name for value, _ in updates]
 
 
 def _initializers(model: ir.Model) -> dict[str, ir.Value]:

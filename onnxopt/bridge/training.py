@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from onnxopt.bridge.module import OnnxModule
+from onnxopt.errors import InputError
 from onnxopt.progress import QUIET, Progress
 from onnxopt.runtime import Feed
 
@@ -131,7 +132,7 @@ def fine_tune(
     torch.manual_seed(settings.seed)
     feeds = list(data)
     if not feeds:
-        raise ValueError("no samples to train on")
+        raise InputError("no samples to train on", fix="give fine_tune at least one sample")
     batched = settings.batch_size > 1 and runs_batches(module, feeds)
     size = settings.batch_size if batched else 1
     optimizer = _optimizer(module, settings)

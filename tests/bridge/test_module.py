@@ -118,9 +118,13 @@ def test_trained_weights_written_back_reproduce_the_modules_outputs():
 def test_a_weight_whose_shape_changed_is_named():
     model = conv_head()
     module = to_module(model)
+    before = ir.to_proto(model).SerializeToString()
+    with torch.no_grad():
+        module.onnx_parameters()["conv.weight"].add_(1.0)
     module.register_parameter("fc%2Eweight", torch.nn.Parameter(torch.zeros(3, 6)))
     with pytest.raises(InputError, match=r"parameter 'fc.weight' has shape \[3, 6\]"):
         write_back(module, model)
+    assert ir.to_proto(model).SerializeToString() == before
 
 
 def test_an_unsupported_op_is_named_before_anything_runs():
@@ -332,3 +336,17 @@ def _with_weights(module, names, values, x):
     gradients)."""
     replaced = {module.torch_name(name): value for name, value in zip(names, values, strict=True)}
     return torch.func.functional_call(module, replaced, (x,))[0]
+
+
+def test_writing_back_into_another_model_names_the_missing_weight():
+    module = to_module(conv_head())
+    other = model_from(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        net (float[2] x) => (float[2] y) { y = Relu (x) }
+        """
+    )
+    before = ir.to_proto(other).SerializeToString()
+    with pytest.raises(InputError, match="has no initializer of that name"):
+        write_back(module, other)
+    assert ir.to_proto(other).SerializeToString() == before

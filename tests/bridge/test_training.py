@@ -121,3 +121,10 @@ def test_fine_tuning_reads_an_npz_data_source(tmp_path):
     )
     assert result.batched and result.steps == 3 * 2
     assert result.losses[-1] < result.losses[0]
+
+
+def test_training_on_no_samples_is_a_clear_error():
+    from onnxopt.errors import InputError
+
+    with pytest.raises(InputError, match="no samples to train on"):
+        fine_tune(to_module(conv_head()), [], lambda outputs, inputs: outputs[0].sum())
