@@ -16,7 +16,14 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from onnxopt.bridge import ops_math, ops_nn, ops_sequence, ops_tensor  # noqa: F401  (they fill the registry)
+from onnxopt.bridge import (  # noqa: F401  (they fill the registry)
+    ops_math,
+    ops_nn,
+    ops_recurrent,
+    ops_resize,
+    ops_sequence,
+    ops_tensor,
+)
 from onnxopt.bridge.registry import OPS, Call, OpSpec
 from onnxopt.bridge.types import supported_type
 from onnxopt.errors import InputError

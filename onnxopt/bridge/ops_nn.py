@@ -1,10 +1,9 @@
-"""Convolutions, pooling, normalizations, resizing and recurrent layers."""
+"""Convolutions, pooling and normalizations."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -120,23 +119,44 @@ def _pool_settings(call: Call, x):
     return kernel, rank, strides, dilations, _pads(call, x, kernel, strides, dilations)
 
 
-def _max_pool_check(call: Call) -> str | None:
-    if call.outputs > 1:
-        return "the Indices output"
-    if call.get("storage_order", 0):
-        return "storage_order=1"
-    return _spatial_check(call)
-
-
-@op("MaxPool", check=_max_pool_check)
+@op("MaxPool", check=_spatial_check)
 def max_pool(call: Call, x):
     kernel, rank, strides, dilations, pads = _pool_settings(call, x)
+    padded = x
     if any(pads):
         low = -math.inf if x.dtype.is_floating_point else torch.iinfo(x.dtype).min
-        x = F.pad(x, _torch_pad(pads), value=low)
-    return _MAX_POOL[rank](
-        x, kernel, strides, 0, dilations, ceil_mode=bool(call.get("ceil_mode", 0))
+        padded = F.pad(x, _torch_pad(pads), value=low)
+    ceil_mode = bool(call.get("ceil_mode", 0))
+    if call.outputs < 2:
+        return _MAX_POOL[rank](padded, kernel, strides, 0, dilations, ceil_mode=ceil_mode)
+    values, indices = _MAX_POOL[rank](
+        padded, kernel, strides, 0, dilations, ceil_mode=ceil_mode, return_indices=True
     )
+    column_major = bool(call.get("storage_order", 0))
+    return values, _onnx_indices(indices, list(x.shape), list(padded.shape), pads, column_major)
+
+
+def _onnx_indices(
+    indices, shape: list[int], padded_shape: list[int], pads: list[int], column_major: bool
+):
+    """Torch's indices (into each padded plane) as ONNX's: into the whole unpadded input,
+    the plane laid out row-major, or column-major with ``storage_order=1``."""
+    spatial, padded_spatial = shape[2:], padded_shape[2:]
+    rank = len(spatial)
+    remainder = indices
+    coordinates = []
+    for size in reversed(padded_spatial):
+        coordinates.insert(0, remainder % size)
+        remainder = remainder // size
+    coordinates = [coordinate - pads[axis] for axis, coordinate in enumerate(coordinates)]
+    order = reversed(range(rank)) if column_major else range(rank)
+    flat = torch.zeros_like(indices)
+    for axis in order:
+        flat = flat * spatial[axis] + coordinates[axis]
+    planes = torch.arange(shape[0] * shape[1], dtype=torch.int64).reshape(
+        shape[0], shape[1], *[1] * rank
+    )
+    return planes * math.prod(spatial) + flat
 
 
 def _average_pool_check(call: Call) -> str | None:
@@ -260,258 +280,3 @@ def space_to_depth(call: Call, x):
     n, c, h, w = x.shape
     y = x.reshape(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
     return y.reshape(n, c * block * block, h // block, w // block)
-
-
-# --- resizing -----------------------------------------------------------------------------
-
-_COORDINATES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
-_NEAREST = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
-
-
-def _resize_check(call: Call) -> str | None:
-    mode = call.get("mode", "nearest")
-    if mode not in ("nearest", "linear", "bilinear", "cubic"):
-        return f"mode={mode!r} (supported: nearest, linear, cubic)"
-    coordinates = call.get("coordinate_transformation_mode", "half_pixel")
-    if call.op_type == "Resize" and coordinates not in _COORDINATES:
-        return (
-            f"coordinate_transformation_mode={coordinates!r} (supported: {', '.join(_COORDINATES)})"
-        )
-    if call.get("nearest_mode", "round_prefer_floor") not in _NEAREST:
-        return f"nearest_mode={call.get('nearest_mode')!r}"
-    if call.get("antialias", 0):
-        return "antialias=1"
-    if call.get("axes") is not None:
-        return "the axes attribute"
-    if call.get("keep_aspect_ratio_policy", "stretch") != "stretch":
-        return f"keep_aspect_ratio_policy={call.get('keep_aspect_ratio_policy')!r}"
-    return None
-
-
-@op("Resize", check=_resize_check)
-def resize(call: Call, x, roi=None, scales=None, sizes=None):
-    if call.opset < 11:
-        scales, roi = roi, None
-    coordinates = call.get("coordinate_transformation_mode", "half_pixel")
-    if call.opset < 11:
-        coordinates = "asymmetric"
-    return _resize(call, x, scales, sizes, coordinates)
-
-
-@op("Upsample", check=_resize_check)
-def upsample(call: Call, x, scales=None):
-    if scales is None:
-        scales = torch.tensor(call.get("scales"), dtype=torch.float32)
-    return _resize(call, x, scales, None, "asymmetric")
-
-
-def _resize(call: Call, x, scales, sizes, coordinates: str):
-    """Separable resizing, one axis at a time, by gathering source positions: exact for every
-    coordinate mode and differentiable with respect to ``x``."""
-    shape = list(x.shape)
-    if sizes is not None and sizes.numel():
-        out_sizes = [int(size) for size in sizes.tolist()]
-        axis_scales = [out / size for out, size in zip(out_sizes, shape, strict=True)]
-    else:
-        axis_scales = [float(scale) for scale in scales.tolist()]
-        out_sizes = [
-            math.floor(size * scale) for size, scale in zip(shape, axis_scales, strict=True)
-        ]
-    mode = call.get("mode", "nearest")
-    linear = mode in ("linear", "bilinear")
-    for axis, (size, out, scale) in enumerate(zip(shape, out_sizes, axis_scales, strict=True)):
-        if out == size and scale == 1.0:
-            continue
-        source = _source_coordinates(size, out, scale, coordinates)
-        if mode == "cubic":
-            x = _cubic(call, x, axis, size, source)
-        elif linear:
-            source = np.clip(source, 0, size - 1)
-            low = np.floor(source).astype(np.int64)
-            high = np.minimum(low + 1, size - 1)
-            weight = torch.tensor(source - low, dtype=x.dtype).reshape(
-                [-1 if index == axis else 1 for index in range(x.dim())]
-            )
-            x = (
-                torch.index_select(x, axis, torch.from_numpy(low)) * (1 - weight)
-                + torch.index_select(x, axis, torch.from_numpy(high)) * weight
-            )
-        else:
-            index = _nearest(source, call.get("nearest_mode", "round_prefer_floor"))
-            index = np.clip(index, 0, size - 1)
-            x = torch.index_select(x, axis, torch.from_numpy(index))
-    return x
-
-
-def _cubic(call: Call, x, axis: int, size: int, source: np.ndarray):
-    """Four taps per output along ``axis`` with the cubic kernel of ``cubic_coeff_a``; taps past
-    the edge read the edge, or weigh nothing (renormalized) with ``exclude_outside``."""
-    a = call.get("cubic_coeff_a", -0.75)
-    base = np.floor(source).astype(np.int64)
-    fraction = source - base
-    distances = np.stack([fraction + 1, fraction, 1 - fraction, 2 - fraction])
-    near = (a + 2) * distances**3 - (a + 3) * distances**2 + 1
-    far = a * distances**3 - 5 * a * distances**2 + 8 * a * distances - 4 * a
-    weights = np.where(distances <= 1, near, far)
-    taps = base[None, :] + np.arange(-1, 3)[:, None]
-    if call.get("exclude_outside", 0):
-        weights = np.where((taps >= 0) & (taps < size), weights, 0.0)
-        weights = weights / weights.sum(axis=0, keepdims=True)
-    taps = np.clip(taps, 0, size - 1)
-    view = [-1 if index == axis else 1 for index in range(x.dim())]
-    result = 0
-    for tap, weight in zip(taps, weights, strict=True):
-        gathered = torch.index_select(x, axis, torch.from_numpy(tap))
-        result = result + gathered * torch.tensor(weight, dtype=x.dtype).reshape(view)
-    return result
-
-
-def _source_coordinates(size: int, out: int, scale: float, coordinates: str) -> np.ndarray:
-    target = np.arange(out, dtype=np.float64)
-    if coordinates == "half_pixel":
-        return (target + 0.5) / scale - 0.5
-    if coordinates == "pytorch_half_pixel":
-        return (target + 0.5) / scale - 0.5 if out > 1 else np.zeros(out)
-    if coordinates == "align_corners":
-        return target * (size - 1) / (out - 1) if out > 1 else np.zeros(out)
-    return target / scale
-
-
-def _nearest(source: np.ndarray, mode: str) -> np.ndarray:
-    if mode == "floor":
-        return np.floor(source).astype(np.int64)
-    if mode == "ceil":
-        return np.ceil(source).astype(np.int64)
-    if mode == "round_prefer_ceil":
-        return np.floor(source + 0.5).astype(np.int64)
-    return np.ceil(source - 0.5).astype(np.int64)
-
-
-# --- recurrent layers ---------------------------------------------------------------------
-
-
-def _recurrent_check(call: Call) -> str | None:
-    defaults = {
-        "LSTM": ["Sigmoid", "Tanh", "Tanh"],
-        "GRU": ["Sigmoid", "Tanh"],
-        "RNN": ["Tanh"],
-    }[call.op_type]
-    activations = call.get("activations")
-    directions = 2 if call.get("direction", "forward") == "bidirectional" else 1
-    if activations is not None and list(activations) != defaults * directions:
-        return f"activations {list(activations)} (supported: the defaults, {defaults})"
-    if call.get("clip") is not None:
-        return "clip"
-    if call.get("input_forget", 0):
-        return "input_forget=1"
-    return None
-
-
-def _recurrent_inputs(call: Call, x, r, sequence_lens, initial_states):
-    """Inputs as (sequence, batch, features), initial states as (directions, batch, hidden),
-    whether the layout is batch first, the hidden size and the batch."""
-    batch_first = bool(call.get("layout", 0))
-    if batch_first:
-        x = x.transpose(0, 1)
-        initial_states = [None if s is None else s.transpose(0, 1) for s in initial_states]
-    _sequence_check(sequence_lens, x)
-    return x, initial_states, batch_first, r.shape[-1], x.shape[1]
-
-
-def _recurrent_outputs(call: Call, batch_first: bool, ys, states):
-    y = torch.stack(ys, 1)  # (sequence, directions, batch, hidden)
-    finals = [torch.stack(state, 0) for state in states]
-    if batch_first:
-        y = y.permute(2, 0, 1, 3)
-        finals = [final.transpose(0, 1) for final in finals]
-    return (y, *finals)[: max(call.outputs, 1)]
-
-
-def _directions(call: Call) -> list[bool]:
-    direction = call.get("direction", "forward")
-    return {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
-
-
-def _sequence_check(sequence_lens, x) -> None:
-    if sequence_lens is not None and bool((sequence_lens != x.shape[0]).any()):
-        raise NotImplementedError("sequence_lens shorter than the sequence")
-
-
-@op("LSTM", check=_recurrent_check)
-def lstm(call: Call, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=None, p=None):
-    x, (initial_h, initial_c), batch_first, hidden, batch = _recurrent_inputs(
-        call, x, r, sequence_lens, [initial_h, initial_c]
-    )
-    ys, finals_h, finals_c = [], [], []
-    for direction, reverse in enumerate(_directions(call)):
-        bias = b[direction, : 4 * hidden] + b[direction, 4 * hidden :] if b is not None else 0
-        h = initial_h[direction] if initial_h is not None else x.new_zeros(batch, hidden)
-        c = initial_c[direction] if initial_c is not None else x.new_zeros(batch, hidden)
-        peephole = p[direction] if p is not None else None
-        steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
-        outputs = [None] * x.shape[0]
-        for step in steps:
-            gates = x[step] @ w[direction].T + h @ r[direction].T + bias
-            i, o, f, g = gates.split(hidden, dim=-1)
-            if peephole is not None:
-                i = i + peephole[:hidden] * c
-                f = f + peephole[2 * hidden :] * c
-            i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
-            c = f * c + i * g
-            if peephole is not None:
-                o = o + peephole[hidden : 2 * hidden] * c
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outputs[step] = h
-        ys.append(torch.stack(outputs, 0))
-        finals_h.append(h)
-        finals_c.append(c)
-    return _recurrent_outputs(call, batch_first, ys, [finals_h, finals_c])
-
-
-@op("GRU", check=_recurrent_check)
-def gru(call: Call, x, w, r, b=None, sequence_lens=None, initial_h=None):
-    x, (initial_h,), batch_first, hidden, batch = _recurrent_inputs(
-        call, x, r, sequence_lens, [initial_h]
-    )
-    linear_before_reset = bool(call.get("linear_before_reset", 0))
-    ys, finals = [], []
-    for direction, reverse in enumerate(_directions(call)):
-        wb = b[direction, : 3 * hidden] if b is not None else x.new_zeros(3 * hidden)
-        rb = b[direction, 3 * hidden :] if b is not None else x.new_zeros(3 * hidden)
-        h = initial_h[direction] if initial_h is not None else x.new_zeros(batch, hidden)
-        rz, rr, rh = r[direction].split(hidden, dim=0)
-        steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
-        outputs = [None] * x.shape[0]
-        for step in steps:
-            xz, xr, xh = (x[step] @ w[direction].T + wb).split(hidden, dim=-1)
-            rbz, rbr, rbh = rb.split(hidden)
-            z = torch.sigmoid(xz + h @ rz.T + rbz)
-            reset = torch.sigmoid(xr + h @ rr.T + rbr)
-            if linear_before_reset:
-                candidate = torch.tanh(xh + reset * (h @ rh.T + rbh))
-            else:
-                candidate = torch.tanh(xh + (reset * h) @ rh.T + rbh)
-            h = (1 - z) * candidate + z * h
-            outputs[step] = h
-        ys.append(torch.stack(outputs, 0))
-        finals.append(h)
-    return _recurrent_outputs(call, batch_first, ys, [finals])
-
-
-@op("RNN", check=_recurrent_check)
-def rnn(call: Call, x, w, r, b=None, sequence_lens=None, initial_h=None):
-    x, (initial_h,), batch_first, hidden, batch = _recurrent_inputs(
-        call, x, r, sequence_lens, [initial_h]
-    )
-    ys, finals = [], []
-    for direction, reverse in enumerate(_directions(call)):
-        bias = b[direction, :hidden] + b[direction, hidden:] if b is not None else 0
-        h = initial_h[direction] if initial_h is not None else x.new_zeros(batch, hidden)
-        steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
-        outputs = [None] * x.shape[0]
-        for step in steps:
-            h = torch.tanh(x[step] @ w[direction].T + h @ r[direction].T + bias)
-            outputs[step] = h
-        ys.append(torch.stack(outputs, 0))
-        finals.append(h)
-    return _recurrent_outputs(call, batch_first, ys, [finals])

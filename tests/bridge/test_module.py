@@ -3,6 +3,7 @@ and the errors a user reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -146,14 +147,17 @@ def test_an_unsupported_op_is_named_before_anything_runs():
 def test_an_unsupported_attribute_is_named():
     model = model_from(
         """
-        <ir_version: 8, opset_import: ["" : 17]>
-        net (float[1, 1, 4, 4] x) => (float[1, 1, 8, 8] y) {
-            y = Resize <mode = "linear", antialias = 1> (x, , scales)
+        <ir_version: 8, opset_import: ["" : 15]>
+        net (float[2, 3, 4, 4] x) => (float[2, 3, 4, 4] y) {
+            y = BatchNormalization <training_mode = 1> (x, scale, bias, mean, variance)
         }
         """,
-        scales=np.array([1, 1, 2, 2], np.float32),
+        scale=np.ones(3, np.float32),
+        bias=np.zeros(3, np.float32),
+        mean=np.zeros(3, np.float32),
+        variance=np.ones(3, np.float32),
     )
-    with pytest.raises(UnsupportedModelError, match="antialias=1"):
+    with pytest.raises(UnsupportedModelError, match="training_mode=1"):
         to_module(model)
 
 
@@ -278,6 +282,20 @@ GRADIENT_CASES = {
         "y, h = GRU <hidden_size = 3, linear_before_reset = 1> (x, w, r, b)",
         {"x": (4, 2, 3), "w": (1, 9, 3), "r": (1, 9, 3), "b": (1, 18)},
     ),
+    "lstm activations clip lengths": (
+        'y, h = LSTM <hidden_size = 3, activations = ["HardSigmoid", "Softsign", "Elu"], '
+        "clip = 2.5> (x, w, r, b, lengths)",
+        {"x": (4, 2, 3), "w": (1, 12, 3), "r": (1, 12, 3), "b": (1, 24), "lengths": "lengths"},
+    ),
+    "rnn reverse softplus": (
+        'y, h = RNN <hidden_size = 3, direction = "reverse", activations = ["Softplus"]> '
+        "(x, w, r, b)",
+        {"x": (4, 2, 3), "w": (1, 3, 3), "r": (1, 3, 3), "b": (1, 6)},
+    ),
+    "resize antialias": (
+        'y = Resize <mode = "linear", antialias = 1> (x, , s)',
+        {"x": (1, 1, 6, 5), "s": "downscales"},
+    ),
 }
 
 
@@ -291,6 +309,10 @@ def _gradient_model(body: str, shapes: dict) -> tuple[ir.Model, dict[str, np.nda
             weights[name] = np.abs(random(3, seed=index)) + 0.5
         elif shape == "scales":
             weights[name] = np.array([1, 1, 2, 1.5], np.float32)
+        elif shape == "downscales":
+            weights[name] = np.array([1, 1, 0.5, 0.6], np.float32)
+        elif shape == "lengths":
+            weights[name] = np.array([4, 2], np.int32)
         elif shape == "indices":
             weights[name] = np.array([4, 0, 2], np.int64)
         elif shape == "pads":
@@ -350,3 +372,24 @@ def test_writing_back_into_another_model_names_the_missing_weight():
     with pytest.raises(InputError, match="has no initializer of that name"):
         write_back(module, other)
     assert ir.to_proto(other).SerializeToString() == before
+
+
+def test_an_exact_module_runs_without_onednn_and_leaves_the_setting_as_it_was():
+    seen = []
+    model = conv_head()
+    module = to_module(model, exact=True)
+    x = torch.from_numpy(random(2, 3, 8, 8, seed=4))
+    original = module.graph.steps[0].spec.function
+
+    def recording(call, *arguments):
+        seen.append(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+        return original(call, *arguments)
+
+    module.graph.steps[0] = dataclasses.replace(
+        module.graph.steps[0],
+        spec=dataclasses.replace(module.graph.steps[0].spec, function=recording),
+    )
+    (exact,) = module(x)
+    assert seen == [False] and torch.backends.mkldnn.enabled
+    (fast,) = to_module(model)(x)
+    np.testing.assert_allclose(exact.detach().numpy(), fast.detach().numpy(), rtol=1e-5, atol=1e-6)
