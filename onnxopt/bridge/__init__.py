@@ -19,7 +19,7 @@ except ImportError as error:
         fix="pip install 'onnxopt[torch]'",
     ) from error
 
-from onnxopt.bridge.interpreter import UnsupportedModelError
+from onnxopt.bridge.interpreter import NodeFailedError, UnsupportedModelError
 from onnxopt.bridge.module import OnnxModule, to_module, write_back
 
-__all__ = ["OnnxModule", "UnsupportedModelError", "to_module", "write_back"]
+__all__ = ["NodeFailedError", "OnnxModule", "UnsupportedModelError", "to_module", "write_back"]

@@ -41,6 +41,11 @@ class UnsupportedModelError(InputError):
     """The graph holds ops, attributes or types the bridge cannot run."""
 
 
+class NodeFailedError(InputError):
+    """A node could not compute on the values it got: usually inputs of other shapes than the
+    graph was exported for (a Reshape that hard-codes a size)."""
+
+
 @dataclasses.dataclass
 class Step:
     """One node, ready to run: its op, its ``Call`` and the names it reads and writes."""
@@ -60,12 +65,17 @@ class Graph:
         outputs: names of the values it returns, in order.
         initializers: the initializers of this graph (subgraphs keep their own).
         steps: the nodes in order.
+        declared: each input's declared element type and shape (None where unknown; a
+            dimension None where it is symbolic).
     """
 
     inputs: list[str]
     outputs: list[str]
     initializers: dict[str, ir.Value]
     steps: list[Step]
+    declared: dict[str, tuple[ir.DataType | None, tuple[int | None, ...] | None]] = (
+        dataclasses.field(default_factory=dict)
+    )
 
     def walk(self) -> Iterator[Graph]:
         """This graph and every subgraph in it."""
@@ -129,8 +139,21 @@ def _compile(graph: ir.Graph, opset: int, problems: list[str]) -> Graph:
             problems.append(f"{where}: {problem}")
         inputs = [value.name if value is not None else None for value in node.inputs]
         steps.append(Step(spec, call, inputs, outputs))
-    inputs = [value.name for value in graph.inputs if value.name not in initializers]
-    return Graph(inputs, [value.name for value in graph.outputs], initializers, steps)
+    inputs = [value for value in graph.inputs if value.name not in initializers]
+    declared = {value.name: (value.dtype, _declared_shape(value)) for value in inputs}
+    return Graph(
+        [value.name for value in inputs],
+        [value.name for value in graph.outputs],
+        initializers,
+        steps,
+        declared,
+    )
+
+
+def _declared_shape(value: ir.Value) -> tuple[int | None, ...] | None:
+    if value.shape is None:
+        return None
+    return tuple(dim if isinstance(dim, int) else None for dim in value.shape)
 
 
 def _attribute_value(attribute: ir.Attr, opset: int, problems: list[str]) -> Any:
@@ -171,8 +194,15 @@ def run_graph(
             try:
                 results = step.spec.function(step.call, *arguments)
             except Exception as error:
-                raise RuntimeError(
-                    f"node '{step.call.name}' ({step.call.op_type}) failed: {error}"
+                shapes = [
+                    list(argument.shape) if isinstance(argument, torch.Tensor) else None
+                    for argument in arguments
+                ]
+                raise NodeFailedError(
+                    f"node '{step.call.name}' ({step.call.op_type}, opset {step.call.opset}) "
+                    f"failed on inputs of shapes {shapes}: {error}",
+                    fix="feed inputs of the shapes and types the model declares: a graph exported "
+                    "for one batch size or resolution may hard-code it",
                 ) from error
         if not isinstance(results, tuple):
             results = (results,)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from onnxopt.bridge.interpreter import Graph, compile_model, run_graph
-from onnxopt.bridge.types import to_numpy, to_tensor
+from onnxopt.bridge.types import supported_type, to_numpy, to_tensor, to_torch_dtype
 from onnxopt.errors import InputError
 
 # Inputs that hold a layer's weights, by op: their float initializers become parameters.
@@ -86,6 +86,8 @@ class OnnxModule(nn.Module):
                 f"the model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
                 f"got {len(inputs)}"
             )
+        for name, tensor in zip(self.input_names, inputs, strict=True):
+            _check_input(name, tensor, *self.graph.declared.get(name, (None, None)))
         feeds = dict(zip(self.input_names, inputs, strict=True))
         with _without_onednn() if self.exact else nullcontext():
             return tuple(run_graph(self.graph, feeds, self.onnx_tensor))
@@ -112,6 +114,41 @@ class OnnxModule(nn.Module):
         """Every initializer's tensor, parameters and buffers, by initializer name."""
         for name in self._torch_names:
             yield name, self.onnx_tensor(name)
+
+
+def _check_input(
+    name: str, tensor: torch.Tensor, dtype: ir.DataType | None, shape: tuple | None
+) -> None:
+    """An InputError naming ``name`` when ``tensor`` contradicts the graph's declaration (its
+    kind of element type, its rank, a dimension the graph fixes). Float inputs of another float
+    type pass: a module converted with ``.double()`` runs in float64."""
+    if (
+        dtype is not None
+        and supported_type(dtype)
+        and _kind(tensor.dtype) != _kind(to_torch_dtype(dtype))
+    ):
+        raise InputError(
+            f"input '{name}' is {tensor.dtype}; the model declares {dtype.name}",
+            fix=f"feed {to_torch_dtype(dtype)} tensors",
+        )
+    if shape is None:
+        return
+    fixed = all(
+        declared is None or declared == size
+        for declared, size in zip(shape, tensor.shape, strict=False)
+    )
+    if len(shape) != tensor.dim() or not fixed:
+        wanted = ["?" if size is None else size for size in shape]
+        raise InputError(
+            f"input '{name}' has shape {list(tensor.shape)}; the model declares {wanted}",
+            fix="feed inputs of the declared shape ('?' is free)",
+        )
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if dtype == torch.bool else "integer"
 
 
 @contextmanager

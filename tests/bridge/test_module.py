@@ -17,7 +17,12 @@ from onnxopt.errors import InputError
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
-from onnxopt.bridge import UnsupportedModelError, to_module, write_back  # noqa: E402
+from onnxopt.bridge import (  # noqa: E402
+    NodeFailedError,
+    UnsupportedModelError,
+    to_module,
+    write_back,
+)
 
 
 def model_from(text: str, **weights: np.ndarray) -> ir.Model:
@@ -393,3 +398,34 @@ def test_an_exact_module_runs_without_onednn_and_leaves_the_setting_as_it_was():
     assert seen == [False] and torch.backends.mkldnn.enabled
     (fast,) = to_module(model)(x)
     np.testing.assert_allclose(exact.detach().numpy(), fast.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_input_that_contradicts_the_declared_shape_or_type_is_named():
+    module = to_module(conv_head())
+    declared = r"input 'x' has shape \[2, 3, 6, 6\]; the model declares \['\?', 3, 8, 8\]"
+    with pytest.raises(InputError, match=declared):
+        module(torch.zeros(2, 3, 6, 6))
+    with pytest.raises(InputError, match=r"input 'x' is torch.int64; the model declares FLOAT"):
+        module(torch.zeros(2, 3, 8, 8, dtype=torch.int64))
+    (y,) = module(torch.zeros(5, 3, 8, 8))  # the symbolic batch is free
+    assert y.shape == (5, 4)
+
+
+def test_a_node_that_fails_on_its_inputs_is_named_with_their_shapes():
+    model = model_from(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        net (float[N, 6] x) => (float[2, 3] y) {
+            y = Reshape (x, shape)
+        }
+        """,
+        shape=np.array([2, 3], np.int64),
+    )
+    module = to_module(model)
+    assert module(torch.zeros(1, 6))[0].shape == (2, 3)
+    with pytest.raises(NodeFailedError) as raised:
+        module(torch.zeros(4, 6))
+    message = raised.value.render()
+    assert "(Reshape, opset 17) failed on inputs of shapes [[4, 6], [2]]" in message
+    assert "fix: feed inputs of the shapes" in message
+    assert raised.value.exit_code == 2
