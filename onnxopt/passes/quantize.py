@@ -7,11 +7,12 @@ from typing import Annotated, Any, Literal
 
 import onnx_ir as ir
 
+from onnxopt.calibration.moments import LayerBatches
 from onnxopt.errors import InputError
 from onnxopt.options import Range, Rule
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.quantization.fusion import fusion_report
-from onnxopt.quantization.gptq import GptqRounding, LayerBatches
+from onnxopt.quantization.gptq import GptqRounding
 from onnxopt.quantization.plan import (
     AlreadyQuantizedError,
     QuantizationOptions,

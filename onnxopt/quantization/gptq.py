@@ -12,59 +12,27 @@ Measured on EfficientNet-Lite0 with 7-bit weights (``reduce_range``, on CPUs wit
 weights alone quantized: top-1 agreement with FP32 76% rounded to nearest, 95.5% with GPTQ; with
 8-bit weights 90% and 97%.
 
-A layer reads its input as columns: a Gemm or MatMul its last axis, a convolution the patches
-under its kernel, per group (``InputLayout``). ``collect_hessians`` measures ``H`` of every
-layer on a few samples; ``GptqRounding`` rounds the weights the quantizer asks for.
+The input moments come from ``calibration.moments`` (``collect_hessians``, ``LayerBatches``);
+``GptqRounding`` rounds the weights the quantizer asks for.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
 import logging
-import math
-from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.progress import QUIET, Progress
-from onnxopt.runtime import (
-    Feed,
-    ProbeSession,
-    SerializedModel,
-    concurrently,
-    cores,
-    groups_within,
-    release_freed_memory,
-    tensor_bytes,
+from onnxopt.calibration.moments import (
+    InputMoments,
+    LayerBatches,
+    input_layout,
+    weight_rows,
 )
 
 logger = logging.getLogger(__name__)
 
-# Output positions (pixels, tokens) that go into a layer's H, per column of H over all samples:
-# GPTQ's own setting for language models is about 64 (128 samples of 2048 tokens, 4096 columns).
-# More cost time and change little; a detector's 100,000 pixels per sample would cost minutes.
-ROWS_PER_COLUMN = 128
-
-# The layer inputs fetched from the model at once, and the columns built from them at once.
-PROBE_BYTES = 2**25
-CHUNK_BYTES = 2**24
-
-# A layer whose samples give it fewer rows than this share of H's columns (a classifier's Gemm
-# reads one vector a sample, a squeeze-excite layer one pixel) has no H: GPTQ fitted to so few
-# rows only overfits them, and measuring and solving a 3136-column H would cost a second.
-MIN_ROWS_PER_COLUMN = 0.25
-
-# H (fit and held rows, float32) of the layers measured and solved together: each batch of
-# layers costs runs of the samples (up to its last layer), and holds this much at most.
-HESSIAN_BATCH_BYTES = 2**25
-
-# H measured in all, layers in graph order; the layers past it round to nearest. A time bound
-# as much as a memory one: accumulating a layer's H costs 2 * ROWS_PER_COLUMN * columns^3
-# flops, about 5 s for a 1536-wide MatMul (ViT-S: 264 MB of H in all, 30 s more for all of it).
-MAX_HESSIAN_BYTES = 2**27
 
 # Damping added to H's diagonal, as a share of its mean, tried in turn: GPTQ's default 1% fits
 # best where H is well measured; where a layer sees few rows for its columns (a squeeze-excite
@@ -76,376 +44,12 @@ DAMPINGS = (0.01, 0.1)
 # without trying the next.
 CLEAR_WIN = 0.5
 
-# Every this-many-th sample's rows are held back from GPTQ's fit, to choose the damping (or
-# rounding to nearest) on rows it did not fit.
-CHECK_EVERY = 4
 
 # Columns rounded per block before the rest of the row is updated at once.
 BLOCK = 128
 
 # Triangular matrices up to this size are inverted directly, larger ones by halves.
 TRIANGULAR_BLOCK = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class InputLayout:
-    """How a layer reads its input as columns, one matrix per group.
-
-    Attributes:
-        input: the name of the input tensor the weight multiplies.
-        groups: groups of a grouped convolution (1 otherwise); each has its own H.
-        kernel: a convolution's kernel shape; empty for Gemm and MatMul.
-        strides, dilations: a convolution's.
-        pads: a convolution's explicit pads (begins, then ends), or None for ``auto_pad`` SAME.
-        same_upper: for ``auto_pad`` SAME, whether the odd pad goes at the end.
-        transposed: whether the weight is stored (in, out), as MatMul and Gemm without transB.
-    """
-
-    input: str
-    groups: int = 1
-    kernel: tuple[int, ...] = ()
-    strides: tuple[int, ...] = ()
-    dilations: tuple[int, ...] = ()
-    pads: tuple[int, ...] | None = ()
-    same_upper: bool = True
-    transposed: bool = False
-
-    def column_count(self, weight_shape: Sequence[int]) -> int:
-        """Columns of each group's H: the input features one output reads."""
-        if self.kernel:
-            return int(weight_shape[1]) * math.prod(self.kernel)
-        return int(weight_shape[0] if self.transposed else weight_shape[1])
-
-    def columns(
-        self, array: np.ndarray, positions: int, rng: np.random.Generator
-    ) -> Iterator[np.ndarray]:
-        """One sample's input as (positions, groups, columns per group) float32 chunks of at
-        most CHUNK_BYTES, over at most ``positions`` output positions (chosen at random when
-        there are more). A convolution's columns run tap by tap, the channels within each."""
-        if not self.kernel:
-            yield _subsample(array.reshape(-1, 1, array.shape[-1]), positions, rng)
-            return
-        spatial = array.shape[2:]
-        begins, ends = self._pads_for(spatial)
-        if all(size == 1 for size in self.kernel) and not any(begins) and not any(ends):
-            # A pointwise convolution reads each (strided) pixel's channels: no patches to build.
-            strided = array[
-                (slice(None), slice(None), *(slice(None, None, s) for s in self.strides))
-            ]
-            flat = np.moveaxis(strided, 1, -1).reshape(
-                -1, self.groups, array.shape[1] // self.groups
-            )
-            yield _subsample(flat, positions, rng)
-            return
-        padded = np.pad(array, [(0, 0), (0, 0), *zip(begins, ends, strict=True)])
-        extents = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations, strict=True)]
-        out = [
-            (size + begin + end - extent) // stride + 1
-            for size, begin, end, extent, stride in zip(
-                spatial, begins, ends, extents, self.strides, strict=True
-            )
-        ]
-        total = array.shape[0] * math.prod(out)
-        chosen = np.arange(total)
-        if total > positions:
-            chosen = np.sort(rng.choice(total, positions, replace=False))
-        taps = np.meshgrid(*[np.arange(k) for k in self.kernel], indexing="ij")
-        channels = array.shape[1]
-        step = max(1, CHUNK_BYTES // (channels * math.prod(self.kernel) * 4))
-        expand = (-1, *[1] * len(self.kernel))
-        for start in range(0, len(chosen), step):
-            index = np.unravel_index(chosen[start : start + step], (array.shape[0], *out))
-            batch, origins = index[0], index[1:]
-            coordinates = [
-                origin.reshape(expand) * stride + tap * dilation
-                for origin, tap, stride, dilation in zip(
-                    origins, taps, self.strides, self.dilations, strict=True
-                )
-            ]
-            # Advanced indices around a slice put the positions and taps first, the channels last.
-            patches = padded[(batch.reshape(expand), slice(None), *coordinates)]
-            patches = patches.reshape(len(batch), -1, self.groups, channels // self.groups)
-            if self.groups > 1:
-                patches = patches.transpose(0, 2, 1, 3)
-            yield np.ascontiguousarray(patches, dtype=np.float32).reshape(
-                len(batch), self.groups, -1
-            )
-
-    def _pads_for(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int]]:
-        rank = len(self.kernel)
-        if self.pads is not None:
-            return list(self.pads[:rank]), list(self.pads[rank:])
-        begins, ends = [], []
-        for size, kernel, stride, dilation in zip(
-            spatial, self.kernel, self.strides, self.dilations, strict=True
-        ):
-            out = -(-size // stride)
-            total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            begins.append(small if self.same_upper else large)
-            ends.append(large if self.same_upper else small)
-        return begins, ends
-
-
-@dataclasses.dataclass
-class InputMoments:
-    """``H = X X^T / n`` of a layer's input columns: (groups, columns, columns), float32.
-
-    Attributes:
-        fit: over the rows GPTQ fits the weights to.
-        check: over held rows, to choose between fits; None when too few samples to hold any.
-    """
-
-    fit: np.ndarray
-    check: np.ndarray | None
-
-
-def input_layout(node: ir.Node) -> InputLayout | None:
-    """How ``node`` reads its input, or None when GPTQ does not apply (no constant weight, a
-    weight of another rank, Gemm with transA, a convolution padded with VALID-like rules)."""
-    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
-        return None
-    weight = node.inputs[1].const_value
-    if weight is None:
-        return None
-    name = node.inputs[0].name
-    if node.op_type in ("MatMul", "Gemm"):
-        if len(weight.shape) != 2 or node.attributes.get_int("transA", 0):
-            return None
-        return InputLayout(name, transposed=not node.attributes.get_int("transB", 0))
-    if node.op_type != "Conv" or len(weight.shape) < 3:
-        return None
-    rank = len(weight.shape) - 2
-    kernel = tuple(int(size) for size in weight.shape[2:])
-    auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
-    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
-        return None
-    pads: tuple[int, ...] | None = tuple(node.attributes.get_ints("pads", [0] * 2 * rank))
-    if auto_pad.startswith("SAME"):
-        pads = None
-    elif auto_pad == "VALID":
-        pads = (0,) * 2 * rank
-    return InputLayout(
-        name,
-        groups=node.attributes.get_int("group", 1),
-        kernel=kernel,
-        strides=tuple(node.attributes.get_ints("strides", [1] * rank)),
-        dilations=tuple(node.attributes.get_ints("dilations", [1] * rank)),
-        pads=pads,
-        same_upper=auto_pad != "SAME_LOWER",
-    )
-
-
-def _subsample(flat: np.ndarray, positions: int, rng: np.random.Generator) -> np.ndarray:
-    if len(flat) > positions:
-        flat = flat[np.sort(rng.choice(len(flat), positions, replace=False))]
-    return np.asarray(flat, dtype=np.float32)
-
-
-def _hessian_bytes(node: ir.Node, layout: InputLayout) -> int:
-    columns = layout.column_count(node.inputs[1].const_value.shape)
-    return 2 * layout.groups * columns * columns * 4
-
-
-def collect_hessians(
-    model: ir.Model,
-    nodes: Iterable[ir.Node],
-    feeds: Sequence[Feed],
-    *,
-    max_bytes: int = MAX_HESSIAN_BYTES,
-    progress: Progress = QUIET,
-    source: SerializedModel | None = None,
-) -> dict[str, InputMoments]:
-    """The input moments of each node over ``feeds``, by node name; every CHECK_EVERY-th
-    sample goes to ``check``. Nodes past ``max_bytes`` of them get none, nor nodes that would
-    see fewer rows than MIN_ROWS_PER_COLUMN a column; nodes that share an input and a layout
-    (the query, key and value of attention) share them. ``source`` is ``model`` written
-    already, for callers that measure it more than once."""
-    layouts: dict[InputLayout, list[str]] = {}
-    columns: dict[InputLayout, int] = {}
-    budget = max_bytes
-    for node in nodes:
-        layout = input_layout(node)
-        if layout is None:
-            continue
-        if layout not in layouts:
-            size = _hessian_bytes(node, layout)
-            if size > budget:
-                continue
-            budget -= size
-            layouts[layout] = []
-            columns[layout] = layout.column_count(node.inputs[1].const_value.shape)
-        layouts[layout].append(node.name)
-    if not layouts or not feeds:
-        return {}
-    sums: dict[tuple[InputLayout, bool], np.ndarray] = {}
-    counts: dict[tuple[InputLayout, bool], int] = collections.defaultdict(int)
-    rng = np.random.default_rng(0)
-    too_few: set[InputLayout] = set()
-    written = contextlib.nullcontext(source) if source is not None else SerializedModel(model)
-    with written as source:
-        groups = _input_groups(source, [layout.input for layout in layouts], feeds[0])
-        steps = len(groups) * len(feeds)
-        with progress.task("measuring layer inputs for GPTQ", total=steps) as advance:
-            for names in groups:
-                probe = ProbeSession(source, names, threads=1, prune=True)
-                readers = [layout for layout in layouts if layout.input in names]
-                for start in range(0, len(feeds), cores()):
-                    # Samples run one per core; their columns are added in order.
-                    outputs = concurrently(probe.run, feeds[start : start + cores()])
-                    for index, arrays in enumerate(outputs, start):
-                        held = len(feeds) >= CHECK_EVERY and index % CHECK_EVERY == CHECK_EVERY - 1
-                        for layout in readers:
-                            if layout in too_few:
-                                continue
-                            positions = -(-ROWS_PER_COLUMN * columns[layout] // len(feeds))
-                            array = arrays.get(layout.input)
-                            _accumulate((layout, held), array, positions, sums, counts, rng)
-                            if index == 0 and counts[(layout, held)] * len(feeds) < (
-                                MIN_ROWS_PER_COLUMN * columns[layout]
-                            ):
-                                too_few.add(layout)
-                                sums.pop((layout, held), None)
-                        advance(1)
-                del probe
-                release_freed_memory()
-    moments = {}
-    for layout, node_names in layouts.items():
-        fit, check = (_mean(sums, counts, (layout, held)) for held in (False, True))
-        if fit is not None:
-            moments.update(dict.fromkeys(node_names, InputMoments(fit, check)))
-    return moments
-
-
-def _mean(
-    sums: dict[tuple[InputLayout, bool], np.ndarray],
-    counts: dict[tuple[InputLayout, bool], int],
-    key: tuple[InputLayout, bool],
-) -> np.ndarray | None:
-    if key not in sums or not counts[key]:
-        return None
-    total = sums.pop(key)
-    total /= counts[key]
-    return total
-
-
-def _accumulate(
-    key: tuple[InputLayout, bool],
-    array: np.ndarray | None,
-    positions: int,
-    sums: dict[tuple[InputLayout, bool], np.ndarray],
-    counts: dict[tuple[InputLayout, bool], int],
-    rng: np.random.Generator,
-) -> None:
-    """Add one sample's ``X X^T`` (at most ``positions`` of its rows) to the layout's sum; inputs of an unexpected type or rank
-    (a layer whose H cannot be measured keeps rounding to nearest) are skipped."""
-    layout = key[0]
-    expected_rank = len(layout.kernel) + 2 if layout.kernel else None
-    if array is None or array.dtype.kind != "f" or array.ndim == 0:
-        return
-    if expected_rank is not None and array.ndim != expected_rank:
-        return
-    for part in layout.columns(np.asarray(array), positions, rng):
-        if part.shape[1] == 1:
-            flat = part[:, 0, :]
-            product = (flat.T @ flat)[None]  # numpy computes X^T X as one symmetric update
-        else:
-            product = np.matmul(part.transpose(1, 2, 0), part.transpose(1, 0, 2))
-        if key in sums:
-            if sums[key].shape != product.shape:
-                return
-            sums[key] += product
-        else:
-            sums[key] = product
-        counts[key] += part.shape[0]
-
-
-class LayerBatches:
-    """Measures the input moments of a model's layers a batch at a time, as they are asked
-    for: the quantizer asks in graph order, so H of at most one batch (HESSIAN_BATCH_BYTES)
-    is held at once (EfficientNet-Lite0's layers take 96 MB in all). Close it to delete the
-    written model.
-
-    Args:
-        model: the float model; not changed.
-        feeds: the samples to measure on.
-        batch_bytes: H held at once, at most (a larger layer is a batch alone).
-        max_bytes: H measured in all, layers in graph order; the others are not measured.
-        progress: shows each batch's runs.
-    """
-
-    def __init__(
-        self,
-        model: ir.Model,
-        feeds: Sequence[Feed],
-        *,
-        batch_bytes: int = HESSIAN_BATCH_BYTES,
-        max_bytes: int = MAX_HESSIAN_BYTES,
-        progress: Progress = QUIET,
-    ):
-        self.model = model
-        self.feeds = list(feeds)
-        self.batch_bytes = batch_bytes
-        self.max_bytes = max_bytes
-        self.progress = progress
-        # Each layer with the bytes of its H; layers that share a layout share their H.
-        self.layers: list[tuple[ir.Node, int]] = []
-        seen: set[InputLayout] = set()
-        budget = max_bytes
-        for node in model.graph:
-            layout = input_layout(node)
-            if layout is None:
-                continue
-            size = 0 if layout in seen else _hessian_bytes(node, layout)
-            if size > budget:
-                continue
-            budget -= size
-            seen.add(layout)
-            self.layers.append((node, size))
-        self.positions = {node.name: index for index, (node, _) in enumerate(self.layers)}
-        self.measured: set[str] = set()
-        self.batches = 0
-        self._source: SerializedModel | None = None
-
-    def moments_for(self, name: str) -> dict[str, InputMoments]:
-        """The moments of the batch of layers not yet measured that starts with layer
-        ``name``, by node name; empty when that layer was measured already or cannot be."""
-        index = self.positions.get(name)
-        if index is None or name in self.measured or not self.feeds:
-            return {}
-        batch: list[ir.Node] = []
-        total = 0
-        for node, size in self.layers[index:]:
-            if node.name in self.measured:
-                continue
-            if batch and total + size > self.batch_bytes:
-                break
-            batch.append(node)
-            total += size
-        self.measured.update(node.name for node in batch)
-        if self._source is None:
-            self._source = SerializedModel(self.model)
-        self.batches += 1
-        return collect_hessians(
-            self.model,
-            batch,
-            self.feeds,
-            max_bytes=self.max_bytes,
-            progress=self.progress,
-            source=self._source,
-        )
-
-    def close(self) -> None:
-        if self._source is not None:
-            self._source.close()
-            self._source = None
-
-
-def _input_groups(source: SerializedModel, names: Sequence[str], feed: Feed) -> list[list[str]]:
-    """The input names in groups of at most PROBE_BYTES on ``feed``."""
-    unique = list(dict.fromkeys(names))
-    sizes = tensor_bytes(source, unique, feed)
-    return groups_within(((name, sizes.get(name, 0)) for name in unique), PROBE_BYTES)
 
 
 def gptq_integers(
@@ -579,7 +183,7 @@ class GptqRounding:
             return None
         if axis is not None and axis != (1 if layout.transposed else 0):
             return None
-        rows, restore = _as_rows(weight, layout, moments.fit.shape[0])
+        rows, restore = weight_rows(weight, layout, moments.fit.shape[0])
         if moments.fit.shape != (rows.shape[0], rows.shape[2], rows.shape[2]):
             return None
         grid = np.broadcast_to(
@@ -627,23 +231,3 @@ def _output_error(
     """Mean squared output error of the rounded weights on the rows ``hessian`` measured."""
     difference = rows.astype(np.float32) - integers.astype(np.float32) * grid[..., None]
     return float(np.sum(np.matmul(difference, hessian) * difference, dtype=np.float64))
-
-
-def _as_rows(weight: np.ndarray, layout: InputLayout, groups: int):
-    """The weight as (groups, rows per group, columns) in the order ``InputLayout.columns``
-    gives the inputs, and how to put integers back in the weight's shape."""
-    shape = weight.shape
-    if layout.transposed:
-        rows = weight.T.reshape(1, shape[1], shape[0])
-        return rows, lambda integers: np.ascontiguousarray(integers.reshape(shape[1], shape[0]).T)
-    if not layout.kernel:
-        return weight.reshape(1, shape[0], shape[1]), lambda integers: integers.reshape(shape)
-    # (out, channels, *kernel) -> (groups, out per group, taps x channels), tap by tap.
-    by_tap = weight.reshape(shape[0], shape[1], -1).transpose(0, 2, 1)
-    rows = by_tap.reshape(groups, shape[0] // groups, -1)
-
-    def restore(integers: np.ndarray) -> np.ndarray:
-        by_channel = integers.reshape(shape[0], -1, shape[1]).transpose(0, 2, 1)
-        return np.ascontiguousarray(by_channel).reshape(shape)
-
-    return rows, restore

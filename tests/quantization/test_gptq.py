@@ -3,12 +3,14 @@ import pytest
 from onnx import helper
 
 from onnxopt import runtime
+from onnxopt.calibration import moments as layer_moments
+from onnxopt.calibration.moments import collect_hessians
 from onnxopt.context import Context
 from onnxopt.data import open_data
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.quantization import gptq, numerics
 from onnxopt.quantization.fallback import QuantizedFrom
-from onnxopt.quantization.gptq import GptqRounding, collect_hessians, gptq_integers
+from onnxopt.quantization.gptq import GptqRounding, gptq_integers
 
 from .helpers import build, calibrated, feeds, random_weights, run
 
@@ -47,9 +49,9 @@ def output_energy(model, samples):
 
 def energy_from_hessian(model, hessian):
     node = next(iter(model.graph))
-    layout = gptq.input_layout(node)
+    layout = layer_moments.input_layout(node)
     weight = node.inputs[1].const_value.numpy().astype(np.float64)
-    rows, _ = gptq._as_rows(weight, layout, hessian.shape[0])
+    rows, _ = layer_moments.weight_rows(weight, layout, hessian.shape[0])
     return float(np.einsum("grk,gkl,grl->", rows, hessian.astype(np.float64), rows))
 
 
@@ -57,7 +59,7 @@ def energy_from_hessian(model, hessian):
 def test_hessian_of_a_convolution_measures_what_it_reads(case, monkeypatch):
     """With every position kept, w H w^T is the layer's mean squared output: H's columns are the
     patches the convolution multiplies, in the order of the weight's rows."""
-    monkeypatch.setattr(gptq, "ROWS_PER_COLUMN", 10**6)
+    monkeypatch.setattr(layer_moments, "ROWS_PER_COLUMN", 10**6)
     shape, attributes, input_shape = CONVOLUTIONS[case]
     weight = random_weights(**{"w": shape})["w"]
     model = single_layer("Conv", weight, input_shape, **attributes)
@@ -73,7 +75,7 @@ def test_hessian_of_a_convolution_measures_what_it_reads(case, monkeypatch):
     [("MatMul", (8, 5), {}), ("Gemm", (5, 8), {"transB": 1}), ("Gemm", (8, 5), {})],
 )
 def test_hessian_of_a_matmul_measures_what_it_reads(op_type, weight_shape, attributes, monkeypatch):
-    monkeypatch.setattr(gptq, "ROWS_PER_COLUMN", 10**6)
+    monkeypatch.setattr(layer_moments, "ROWS_PER_COLUMN", 10**6)
     weight = random_weights(w=weight_shape)["w"]
     input_shape = [3, 4, 8] if op_type == "MatMul" else [4, 8]
     model = single_layer(op_type, weight, input_shape, **attributes)
@@ -255,7 +257,7 @@ def test_a_layer_that_sees_too_few_rows_is_not_overfitted():
     weight = rng.standard_normal((16, columns)).astype(np.float32)
     moments = GptqRounding(
         {
-            "layer": gptq.InputMoments(
+            "layer": layer_moments.InputMoments(
                 (fit_rows.T @ fit_rows / 12)[None].astype(np.float32),
                 (check_rows.T @ check_rows / 4000)[None].astype(np.float32),
             )
@@ -295,7 +297,7 @@ def test_moments_that_do_not_fit_the_weight_round_to_nearest():
     model = single_layer("Gemm", weight, [4, 8], transB=1)
     node = next(iter(model.graph))
     wrong = np.eye(6, dtype=np.float32)[None]
-    rounding = GptqRounding({"layer": gptq.InputMoments(wrong, wrong)})
+    rounding = GptqRounding({"layer": layer_moments.InputMoments(wrong, wrong)})
     assert rounding.integers(node, weight, np.full(5, 0.01, np.float32), 0, 127) is None
 
 
@@ -318,22 +320,22 @@ def test_layer_inputs_are_measured_a_batch_at_a_time_within_the_budget():
     model = two_convolutions()
     samples = correlated_samples(8, seed=0)
     conv1_bytes = 2 * (8 * 9) ** 2 * 4
-    batches = gptq.LayerBatches(model, samples, batch_bytes=conv1_bytes)
+    batches = layer_moments.LayerBatches(model, samples, batch_bytes=conv1_bytes)
     assert set(batches.moments_for("conv1")) == {"conv1"}
     assert batches.moments_for("conv1") == {}
     assert set(batches.moments_for("conv2")) == {"conv2"}
     assert set(batches.moments_for("conv3")) == {"conv3"} and batches.batches == 3
     batches.close()
-    together = gptq.LayerBatches(model, samples)
+    together = layer_moments.LayerBatches(model, samples)
     assert set(together.moments_for("conv1")) == {"conv1", "conv2", "conv3"}
     together.close()
-    within_total = gptq.LayerBatches(model, samples, max_bytes=conv1_bytes + 2 * 8**2 * 4)
+    within_total = layer_moments.LayerBatches(model, samples, max_bytes=conv1_bytes + 2 * 8**2 * 4)
     assert within_total.moments_for("conv2") == {}
     assert set(within_total.moments_for("conv1")) == {"conv1", "conv3"}
     within_total.close()
 
     at_once = GptqRounding(collect_hessians(model, list(model.graph), samples))
-    lazily = GptqRounding({}, gptq.LayerBatches(model, samples, batch_bytes=conv1_bytes))
+    lazily = GptqRounding({}, layer_moments.LayerBatches(model, samples, batch_bytes=conv1_bytes))
     for node in list(model.graph)[:3:2]:
         weight = node.inputs[1].const_value.numpy()
         scales = numerics.weight_scales(weight, 0, True)
