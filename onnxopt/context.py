@@ -12,6 +12,7 @@ from onnxopt.data import DataSource
 from onnxopt.errors import ProcessingError
 from onnxopt.fidelity import ReferenceComparison, reference_comparison
 from onnxopt.progress import QUIET, Progress
+from onnxopt.pruning import SparsityReport
 from onnxopt.quantization.speed_check import SpeedCheck
 from onnxopt.quantization.state import QuantizationState
 from onnxopt.validation import ValidationResult
@@ -47,6 +48,7 @@ class Context:
         speed_check: how fast int8 ran against float before calibration, when it was checked;
             when int8 cannot beat ``min_speedup``, the passes that quantize are skipped.
         quantization: what the quantizer did, for the repairs after it and the report.
+        sparsity: what the sparsify pass pruned, for the report.
         validation: the result of the last validation.
         report: one row per pass, filled in by the pipeline.
         progress: where long-running passes report progress.
@@ -61,6 +63,7 @@ class Context:
     calibration: CalibrationResult | None = None
     speed_check: SpeedCheck | None = None
     quantization: QuantizationState | None = None
+    sparsity: SparsityReport | None = None
     validation: ValidationResult | None = None
     report: list[ReportRow] = dataclasses.field(default_factory=list)
     progress: Progress = QUIET

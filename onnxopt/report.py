@@ -6,6 +6,7 @@ pass rows) becomes JSON here and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from onnxopt.calibration import CalibrationResult
 from onnxopt.compare import SpeedReport
 from onnxopt.context import Context, ReportRow
 from onnxopt.errors import ValidationFailed
+from onnxopt.pruning import SparsityReport
 from onnxopt.quantization.speed_check import SpeedCheck
 from onnxopt.quantization.state import QuantizationState
 from onnxopt.recipe import Recipe
@@ -50,9 +52,20 @@ def report_document(
         "calibration": calibration_json(context.calibration),
         "validation": validation_json(context.validation),
         "quantization": quantization_json(context.quantization, context.speed_check),
+        "sparsity": sparsity_json(context.sparsity),
         "speed": speed_json(speed),
         "passed": failure is None,
         "failure": failure.render() if failure else None,
+    }
+
+
+def sparsity_json(report: SparsityReport | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {
+        "sparsity": report.sparsity,
+        "layers": [dataclasses.asdict(layer) for layer in report.layers],
+        "dense": report.dense,
     }
 
 

@@ -17,6 +17,7 @@ from onnxopt.passes.infer_shapes import InferShapesPass
 from onnxopt.passes.lift_constants import LiftConstantsPass
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.passes.remove_dead_code import RemoveDeadCodePass
+from onnxopt.passes.sparsify import SparsifyPass
 from onnxopt.passes.upgrade_ir_version import UpgradeIrVersionPass
 from onnxopt.passes.upgrade_opset import UpgradeOpsetPass
 from onnxopt.passes.validate import ValidatePass
@@ -36,6 +37,7 @@ PASSES: dict[str, type[OnnxoptPass]] = {
     "lift-constants": LiftConstantsPass,
     "quantize": QuantizePass,
     "remove-dead-code": RemoveDeadCodePass,
+    "sparsify": SparsifyPass,
     "upgrade-ir-version": UpgradeIrVersionPass,
     "upgrade-opset": UpgradeOpsetPass,
     "validate": ValidatePass,

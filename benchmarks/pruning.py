@@ -1,0 +1,106 @@
+"""Sparsity on real pretrained models: magnitude pruning (the baseline every tool has), Wanda,
+and onnxopt's sparsify (SparseGPT with a least-squares refit), side by side in one run.
+
+For EfficientNet-Lite0 (top-1 agreement with FP32) and the MiniLM sentence encoder (cosine of
+the embeddings with FP32), one-shot, 50% unstructured and 2:4 on every Conv, Gemm and MatMul
+but the first and last, measured on the held-back eval samples. Build the models first
+(benchmarks/README.md).
+
+    .venv/bin/python benchmarks/pruning.py [--samples 32]
+
+writes the table to its section of benchmarks/RESULTS.md as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from results_sections import write_section
+
+from onnxopt.pruning import SparsitySettings, parse_pattern, sparsify_model
+
+MODELS = Path(__file__).resolve().parent / "models"
+SECTION = "## Sparsity"
+METHODS = [
+    ("magnitude", "magnitude", False, "unstructured"),
+    ("wanda", "wanda", False, "unstructured"),
+    ("onnxopt sparsify", "sparsegpt", True, "unstructured"),
+    ("magnitude 2:4", "magnitude", False, "2:4"),
+    ("wanda 2:4", "wanda", False, "2:4"),
+    ("onnxopt sparsify 2:4", "sparsegpt", True, "2:4"),
+]
+
+
+def samples(path: Path, names: list[str], count: int) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as data:
+        arrays = {name: data[name][:count] for name in names}  # each read loads the whole array
+    total = len(arrays[names[0]])
+    return [{name: arrays[name][index].copy() for name in names} for index in range(total)]
+
+
+def score(name: str, outputs: list[np.ndarray], reference: list[np.ndarray]) -> str:
+    if name == "efficientnet_lite0":
+        agreement = np.mean(
+            [a.argmax(-1) == b.argmax(-1) for a, b in zip(outputs, reference, strict=True)]
+        )
+        return f"top-1 agreement {agreement:.3f}"
+    cosines = [
+        float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+        for a, b in zip(outputs, reference, strict=True)
+    ]
+    return f"cosine {np.mean(cosines):.4f}"
+
+
+def main(arguments: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32, help="calibration samples")
+    options = parser.parse_args(arguments)
+    lines = [f"{'model':<20} {'method':<22} {'sparsity':>8} {'seconds':>8}  fidelity with FP32"]
+    for name in ("efficientnet_lite0", "minilm"):
+        path = MODELS / f"{name}.onnx"
+        if not path.exists():
+            lines.append(f"{name:<20} not built (benchmarks/README.md)")
+            continue
+        reference_session = ort.InferenceSession(str(path))
+        names = [spec.name for spec in reference_session.get_inputs()]
+        calibration = samples(MODELS / f"{name}_calibration.npz", names, options.samples)
+        evaluation = samples(MODELS / f"{name}_eval.npz", names, 64)
+        reference = [reference_session.run(None, feed)[0] for feed in evaluation]
+        for label, importance, reconstruct, pattern in METHODS:
+            model = ir.load(path)
+            settings = SparsitySettings(
+                ratio=0.5,
+                pattern=parse_pattern(pattern),
+                importance=importance,
+                reconstruct=reconstruct,
+            )
+            start = time.perf_counter()
+            report = sparsify_model(model, calibration, settings)
+            seconds = time.perf_counter() - start
+            session = ort.InferenceSession(ir.to_proto(model).SerializeToString())
+            outputs = [session.run(None, feed)[0] for feed in evaluation]
+            lines.append(
+                f"{name:<20} {label:<22} {report.sparsity:>8.3f} {seconds:>8.1f}  "
+                f"{score(name, outputs, reference)}"
+            )
+            print(lines[-1], flush=True)
+    command = " ".join(["benchmarks/pruning.py", *arguments])
+    write_section(
+        SECTION,
+        f"Command: `.venv/bin/python {command}`, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; one-shot, 50% of every Conv, "
+        f"Gemm and MatMul weight but the first and last layers (2:4: layers whose input columns "
+        f"divide into 4), {options.samples} calibration samples, fidelity on 64 held-back eval "
+        "samples; 'sparsity' is over the pruned layers.\n\n```\n" + "\n".join(lines) + "\n```",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

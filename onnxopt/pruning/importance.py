@@ -1,0 +1,89 @@
+"""How much each weight matters, by one of ``IMPORTANCES``.
+
+- ``sparsegpt``: the output error zeroing the weight causes, ``w^2 / [H^-1]_jj^2``, chosen as
+  the weights are visited (``sparsegpt``); needs calibration data.
+- ``magnitude``: ``|w|``, the baseline every tool has; needs nothing.
+- ``wanda``: ``|w| * ||x_j||``, the weight times the norm of the input it reads (Sun et al.
+  2023, compared within each output row); needs calibration data.
+- ``gradient``: ``(1/n) sum_n |dL/dw|`` over the samples, through the torch bridge.
+- ``taylor``: ``|w| * (1/n) sum_n |dL/dw|``, the first-order change of the loss.
+
+Without labels the loss is the cross-entropy of every float output (over its last axis)
+against the model's own predictions: its gradient is not zero at the original weights, where a
+distillation loss against the model itself would be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.errors import InputError
+from onnxopt.progress import QUIET, Progress
+from onnxopt.runtime import Feed
+
+Importance = Literal["sparsegpt", "magnitude", "wanda", "gradient", "taylor"]
+IMPORTANCES: tuple[str, ...] = ("sparsegpt", "magnitude", "wanda", "gradient", "taylor")
+NEEDS_MOMENTS = frozenset({"sparsegpt", "wanda"})
+NEEDS_GRADIENTS = frozenset({"gradient", "taylor"})
+
+
+def magnitude_scores(rows: np.ndarray) -> np.ndarray:
+    return np.abs(rows)
+
+
+def wanda_scores(rows: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """``|w| * ||x_j||``: H's diagonal is the mean square of each input column."""
+    return np.abs(rows) * np.sqrt(np.clip(np.diag(hessian), 0, None))[None, :]
+
+
+def gradient_magnitudes(
+    model: ir.Model, feeds: Sequence[Feed], names: Iterable[str], progress: Progress = QUIET
+) -> dict[str, np.ndarray]:
+    """``(1/n) sum_n |dL/dw|`` of the initializers ``names`` over ``feeds``, in their shapes,
+    with L the self-prediction cross-entropy (module docstring). Needs the torch extra."""
+    import torch
+
+    from onnxopt.bridge import to_module
+    from onnxopt.bridge.training import as_tensors
+
+    if not feeds:
+        raise InputError(
+            "the gradient importance needs calibration data",
+            fix="pass --calib DATA, or use importance = 'magnitude'",
+        )
+    module = to_module(model)
+    parameters = module.onnx_parameters()
+    wanted = {name: parameters[name] for name in names if name in parameters}
+    sums = {name: torch.zeros_like(parameter) for name, parameter in wanted.items()}
+    with progress.task("gradients for importance", total=len(feeds)) as advance:
+        for feed in feeds:
+            loss = self_prediction_loss(module(*as_tensors(module, feed)))
+            gradients = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
+            for name, gradient in zip(wanted, gradients, strict=True):
+                if gradient is not None:
+                    sums[name] += gradient.abs()
+            advance(1)
+    return {name: (total / len(feeds)).detach().numpy() for name, total in sums.items()}
+
+
+def self_prediction_loss(outputs):
+    """Cross-entropy of each float output's last axis against its own argmax, summed."""
+    import torch
+    import torch.nn.functional as F
+
+    loss = torch.zeros((), dtype=torch.float32)
+    for output in outputs:
+        if not output.dtype.is_floating_point or output.dim() == 0 or output.shape[-1] < 2:
+            continue
+        logits = output.reshape(-1, output.shape[-1]).float()
+        loss = loss + F.cross_entropy(logits, logits.argmax(-1).detach())
+    if not loss.requires_grad:
+        raise InputError(
+            "the gradient importance needs a float output with a last axis of 2 or more",
+            fix="use importance = 'sparsegpt', 'wanda' or 'magnitude'",
+        )
+    return loss

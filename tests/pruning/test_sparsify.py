@@ -1,0 +1,214 @@
+"""Sparsity: masks by pattern, SparseGPT's reconstruction, the model-level driver, the pass,
+and the errors a user reads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from onnxopt.cli import main
+from onnxopt.errors import InputError
+from onnxopt.pruning import SparsitySettings, parse_pattern, sparsify_model
+from onnxopt.pruning.patterns import n_m_mask, smallest_mask
+from onnxopt.pruning.sparsegpt import refit, sparsegpt
+from tests.quantization.helpers import build, cosine, feeds, random_weights, run
+
+
+def correlated_inputs(columns: int, count: int, seed: int = 0) -> np.ndarray:
+    """Inputs whose columns correlate, as real activations do: where reconstruction pays."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((columns, columns)) * 0.5 + np.eye(columns)
+    return rng.standard_normal((count, columns)) @ mixing
+
+
+def test_patterns_parse_and_refuse_with_the_fix():
+    assert parse_pattern("unstructured").structured is False
+    pattern = parse_pattern("2:4")
+    assert (pattern.keep, pattern.group, pattern.ratio) == (2, 4, 0.5)
+    for bad in ("4:2", "0:4", "half", "2-4"):
+        with pytest.raises(InputError, match="N:M with 0 < N < M"):
+            parse_pattern(bad)
+
+
+def test_masks_prune_the_lowest_scores_by_row_by_matrix_and_by_group():
+    scores = np.random.default_rng(1).random((6, 16))
+    per_row = smallest_mask(scores, 0.25, per_row=True)
+    assert (per_row.sum(axis=1) == 4).all()
+    assert (scores[per_row].max() <= scores[~per_row].max()) and per_row.dtype == bool
+    whole = smallest_mask(scores, 0.5, per_row=False)
+    assert whole.sum() == 48 and scores[whole].max() < scores[~whole].min()
+    grouped = n_m_mask(scores, parse_pattern("2:4"))
+    assert (grouped.reshape(6, 4, 4).sum(axis=2) == 2).all()
+    kept = np.where(grouped, np.inf, scores).reshape(6, 4, 4).min(axis=2)
+    pruned = np.where(grouped, scores, -np.inf).reshape(6, 4, 4).max(axis=2)
+    assert (pruned <= kept).all()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "1:8"])
+def test_sparsegpt_keeps_the_output_closer_than_masking_alone(pattern):
+    rng = np.random.default_rng(2)
+    inputs = correlated_inputs(64, 512)
+    hessian = inputs.T @ inputs / len(inputs)
+    rows = rng.standard_normal((24, 64))
+    parsed = parse_pattern(pattern)
+    pruned = sparsegpt(rows, hessian, parsed, 0.5)
+    zeros = pruned == 0
+    if parsed.structured:
+        kept = (~zeros).reshape(24, -1, parsed.group).sum(axis=2)
+        assert (kept == parsed.keep).all()
+    else:
+        assert zeros.mean() == pytest.approx(0.5, abs=0.01)
+    masked = np.where(zeros, 0.0, rows)
+
+    def error(weights):
+        return float(np.linalg.norm(inputs @ (weights - rows).T))
+
+    # The least-squares optimum for the same zeros bounds what any update can reach; SparseGPT
+    # (which moves only the columns after each zero) gets most of the way there.
+    optimal = rows.copy()
+    for row in range(len(rows)):
+        kept, dropped = ~zeros[row], zeros[row]
+        optimal[row, dropped] = 0.0
+        optimal[row, kept] += np.linalg.solve(
+            hessian[np.ix_(kept, kept)], hessian[np.ix_(kept, dropped)] @ rows[row, dropped]
+        )
+    assert error(optimal) <= error(pruned) < error(masked)
+    assert error(pruned) - error(optimal) < 0.6 * (error(masked) - error(optimal))
+    # The refit lets every kept weight move: most of the rest of the way, the zeros kept.
+    refitted = refit(pruned, rows, hessian, steps=30, damping=0.0)
+    assert ((refitted == 0) == zeros).all()
+    assert error(refitted) - error(optimal) < 0.2 * (error(pruned) - error(optimal))
+    # A mask chosen by another importance is kept exactly, and reconstruction still helps.
+    given = smallest_mask(np.abs(rows), 0.5, per_row=True)
+    reconstructed = sparsegpt(rows, hessian, parse_pattern("unstructured"), 0.5, mask=given)
+    assert ((reconstructed == 0) == given).all()
+    assert error(reconstructed) < error(np.where(given, 0.0, rows))
+
+
+def conv_net() -> ir.Model:
+    """Conv -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> Gemm."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="stem"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="body"),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], name="pointwise"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w4", "b4"], ["g"], transB=1, name="hidden"),
+        helper.make_node("Gemm", ["g", "w5"], ["y"], transB=1, name="head"),
+    ]
+    weights = random_weights(
+        3,
+        w1=(16, 3, 3, 3),
+        b1=(16,),
+        w2=(16, 16, 3, 3),
+        b2=(16,),
+        w3=(32, 16, 1, 1),
+        w4=(32, 32),
+        b4=(32,),
+        w5=(10, 32),
+    )
+    return build(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 10]}, weights)
+
+
+def test_sparsify_model_zeros_half_of_every_inner_layer_and_reconstruction_keeps_it_close():
+    samples = feeds(conv_net(), count=48)
+    reference = run(conv_net(), samples)
+    results = {}
+    for importance, reconstruct in [("magnitude", False), ("sparsegpt", True)]:
+        model = conv_net()
+        settings = SparsitySettings(ratio=0.5, importance=importance, reconstruct=reconstruct)
+        report = sparsify_model(model, samples[:32], settings)
+        assert [layer.node for layer in report.layers] == ["body", "pointwise", "hidden"]
+        assert set(report.dense) == {"stem", "head"}
+        for layer in report.layers:
+            assert layer.sparsity == pytest.approx(0.5, abs=0.01)
+            weight = model.graph.initializers[layer.weight].const_value.numpy()
+            assert np.mean(weight == 0) == pytest.approx(0.5, abs=0.01)
+        stem = model.graph.initializers["w1"].const_value.numpy()
+        assert not (stem == 0).any()
+        results[importance] = cosine(run(model, samples[32:]), reference[-16 * 10 :])
+    assert results["sparsegpt"] > results["magnitude"]
+    assert results["sparsegpt"] > 0.95
+
+
+@pytest.mark.parametrize("importance", ["wanda", "gradient", "taylor"])
+def test_other_importances_prune_the_same_share(importance):
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    model = conv_net()
+    settings = SparsitySettings(ratio=0.3, importance=importance, reconstruct=False)
+    report = sparsify_model(model, feeds(model, count=8), settings)
+    assert all(layer.method == importance for layer in report.layers)
+    assert report.sparsity == pytest.approx(0.3, abs=0.01)
+
+
+def test_n_m_leaves_layers_it_cannot_divide_dense_and_says_why():
+    model = conv_net()
+    settings = SparsitySettings(pattern=parse_pattern("2:4"), protect_first_last=False)
+    report = sparsify_model(model, feeds(model, count=16), settings)
+    assert report.dense == {"stem": "27 input columns do not divide into 2:4"}
+    assert {layer.node for layer in report.layers} == {"body", "pointwise", "hidden", "head"}
+
+
+def test_bad_settings_are_input_errors_naming_the_fix():
+    model = conv_net()
+    with pytest.raises(InputError, match="needs calibration data"):
+        sparsify_model(model, [], SparsitySettings())
+    with pytest.raises(InputError, match=r"outside \[0, 1\)"):
+        sparsify_model(model, feeds(model), SparsitySettings(ratio=1.0))
+    with pytest.raises(InputError, match="no layer to prune"):
+        sparsify_model(model, feeds(model), SparsitySettings(exclude=(".*",)))
+    untouched = conv_net()
+    assert all(
+        np.array_equal(
+            value.const_value.numpy(), untouched.graph.initializers[name].const_value.numpy()
+        )
+        for name, value in model.graph.initializers.items()
+    )
+
+
+def test_the_sparsify_preset_writes_a_sparse_model_and_reports_each_layer(tmp_path):
+    model = conv_net()
+    source, output, report = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    ir.save(model, source)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.stack([sample["x"] for sample in feeds(model, count=96)]))
+    arguments = ["optimize", source, "-o", output, "--recipe", "sparsify", "--calib", data]
+    assert main([str(a) for a in [*arguments, "--report", report]]) == 0
+    document = json.loads(report.read_text())
+    assert document["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert {layer["node"] for layer in document["sparsity"]["layers"]} == {
+        "body",
+        "pointwise",
+        "hidden",
+    }
+    written = ir.load(output)
+    assert np.mean(written.graph.initializers["w2"].const_value.numpy() == 0) == pytest.approx(
+        0.5, abs=0.01
+    )
+
+
+@pytest.mark.parametrize(
+    "option", ["sparsify.ratio=1.5", "sparsify.pattern=4:2", "sparsify.importance=random"]
+)
+def test_bad_sparsify_options_exit_2_and_write_nothing(tmp_path, option, capsys):
+    source, output = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    ir.save(conv_net(), source)
+    code = main(
+        ["optimize", str(source), "-o", str(output), "--recipe", "sparsify", "--set", option]
+    )
+    assert code == 2 and not output.exists()
+    assert "sparsify" in capsys.readouterr().err
+
+
+def test_without_data_the_preset_says_how_to_give_it(tmp_path, capsys):
+    source, output = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    ir.save(conv_net(), source)
+    assert main(["optimize", str(source), "-o", str(output), "--recipe", "sparsify"]) == 2
+    assert not output.exists()
+    assert "--calib" in capsys.readouterr().err
