@@ -64,6 +64,8 @@ def sparsity_json(report: SparsityReport | None) -> dict[str, Any] | None:
         return None
     return {
         "sparsity": report.sparsity,
+        "allocation": report.allocation,
+        "candidate_closeness": report.candidate_closeness,
         "layers": [dataclasses.asdict(layer) for layer in report.layers],
         "dense": report.dense,
     }

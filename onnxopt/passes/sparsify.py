@@ -34,6 +34,9 @@ class SparsifyPass(OnnxoptPass):
             ``taylor`` (``pruning.importance``; the last two need the torch extra).
         reconstruct: update the remaining weights (needs calibration data).
         refit_steps: conjugate-gradient steps of the least-squares refit after SparseGPT.
+        allocation: how ``ratio`` is shared among layers (unstructured SparseGPT): ``auto``
+            (whichever of uniform, global and halfway keeps the outputs closest on the
+            calibration samples), ``uniform``, or ``global`` (by saliency model-wide).
         samples: calibration samples the layer inputs (and gradients) are measured on.
         exclude: regular expressions on node names; matching layers stay dense.
         protect_first_last: keep the first and last prunable layers dense.
@@ -48,6 +51,7 @@ class SparsifyPass(OnnxoptPass):
         importance: Literal["sparsegpt", "magnitude", "wanda", "gradient", "taylor"] = "sparsegpt",
         reconstruct: bool = True,
         refit_steps: Annotated[int, Range(low=0)] = 30,
+        allocation: Literal["auto", "uniform", "global"] = "auto",
         samples: Annotated[int, Range(low=1)] = 32,
         exclude: list[str] | None = None,
         protect_first_last: bool = True,
@@ -59,6 +63,7 @@ class SparsifyPass(OnnxoptPass):
             importance=importance,
             reconstruct=reconstruct,
             refit_steps=refit_steps,
+            allocation=allocation,
             exclude=tuple(exclude or []),
             protect_first_last=protect_first_last,
         )
@@ -76,6 +81,8 @@ class SparsifyPass(OnnxoptPass):
         }
         if report.dense:
             details["layers dense"] = len(report.dense)
+        if report.candidate_closeness:
+            details["allocation"] = report.allocation
         return PassResult(
             model, modified=bool(report.layers), changes=len(report.layers), details=details
         )

@@ -5,15 +5,31 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.calibration.moments import InputMoments, LayerBatches, input_layout, weight_rows
+from onnxopt import runtime
+from onnxopt.calibration.moments import (
+    InputMoments,
+    collect_hessians,
+    input_layout,
+    weight_rows,
+)
 from onnxopt.errors import InputError
+from onnxopt.metrics import class_score_outputs, compare_outputs
 from onnxopt.progress import QUIET, Progress
+from onnxopt.pruning.allocation import (
+    BLENDS,
+    candidate_ratios,
+    global_ratios,
+    output_power,
+    saliencies,
+)
 from onnxopt.pruning.importance import (
     NEEDS_GRADIENTS,
     NEEDS_MOMENTS,
@@ -28,6 +44,9 @@ from onnxopt.runtime import Feed
 
 logger = logging.getLogger(__name__)
 
+# Calibration samples candidate allocations are compared on, at most.
+EVALUATION_SAMPLES = 32
+
 
 @dataclasses.dataclass(frozen=True)
 class SparsitySettings:
@@ -41,6 +60,10 @@ class SparsitySettings:
             samples moves least (SparseGPT, then ``refit_steps`` of a least-squares refit);
             False zeros them and changes nothing else.
         refit_steps: conjugate-gradient steps of the refit after SparseGPT (0: none).
+        allocation: how ``ratio`` is shared among layers (unstructured SparseGPT only; the
+            others prune every layer alike): ``uniform``, ``global`` (by saliency model-wide,
+            ``allocation``), or ``auto``, whichever of uniform, global and halfway between
+            keeps the outputs closest to the original's on the calibration samples.
         exclude: regular expressions; layers whose node name matches one stay dense.
         protect_first_last: the first and last prunable layers stay dense (the input stem and
             the classifier or projection head, which small models depend on most).
@@ -51,6 +74,7 @@ class SparsitySettings:
     importance: Importance = "sparsegpt"
     reconstruct: bool = True
     refit_steps: int = 30
+    allocation: Literal["auto", "uniform", "global"] = "auto"
     exclude: tuple[str, ...] = ()
     protect_first_last: bool = True
 
@@ -76,10 +100,14 @@ class LayerSparsity:
 
 @dataclasses.dataclass
 class SparsityReport:
-    """Every pruned layer and every layer left dense with the reason."""
+    """Every pruned layer, every layer left dense with the reason, the allocation chosen and
+    how close each candidate allocation stayed to the original (``_closeness``: expected
+    top-1 agreement in % for class scores, else SQNR in dB)."""
 
     layers: list[LayerSparsity] = dataclasses.field(default_factory=list)
     dense: dict[str, str] = dataclasses.field(default_factory=dict)
+    allocation: str = "uniform"
+    candidate_closeness: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -132,7 +160,6 @@ def sparsify_model(
 ) -> SparsityReport:
     """Prune ``model``'s layers in place as ``settings`` say; the report of what was done.
 
-    Input moments are measured on the float model as it was, a batch of layers at a time.
     Raises InputError when nothing can be pruned, or when the importance or the
     reconstruction needs data and ``feeds`` is empty.
     """
@@ -142,7 +169,6 @@ def sparsify_model(
             fix="give the share of weights to zero, such as 0.5",
         )
     layers, dense = prunable_layers(model, settings)
-    report = SparsityReport(dense=dense)
     if not layers:
         raise InputError(
             "the model has no layer to prune: "
@@ -165,21 +191,120 @@ def sparsify_model(
     if settings.importance in NEEDS_GRADIENTS:
         names = [node.inputs[1].name for node in layers]
         gradients = gradient_magnitudes(model, feeds, names, progress)
-    batches = LayerBatches(model.clone(), feeds, progress=progress) if needs_moments else None
-    moments: dict[str, InputMoments] = {}
-    try:
-        with progress.task("pruning layers", total=len(layers)) as advance:
+    moments = collect_hessians(model, layers, feeds, progress=progress) if needs_moments else {}
+    candidates = _candidates(layers, moments, settings)
+    chosen, scores = _best_candidate(
+        model, layers, moments, gradients, settings, candidates, feeds, progress
+    )
+    report = SparsityReport(dense=dense, allocation=chosen.label, candidate_closeness=scores)
+    for node in layers:
+        weight, layer = chosen.layers[node.name]
+        value = node.inputs[1]
+        value.const_value = ir.tensor(weight, name=value.name)
+        report.layers.append(layer)
+    return report
+
+
+@dataclasses.dataclass
+class _Pruned:
+    """One candidate's new weights and per-layer report, by node name."""
+
+    label: str
+    layers: dict[str, tuple[np.ndarray, LayerSparsity]]
+
+
+def _candidates(
+    layers: list[ir.Node], moments: dict[str, InputMoments], settings: SparsitySettings
+) -> list[tuple[str, dict[str, float]]]:
+    """The per-layer shares to try, labelled: uniform alone, or (unstructured SparseGPT with
+    every layer's inputs measured) the allocations ``settings.allocation`` asks for."""
+    uniform = {node.name: settings.share for node in layers}
+    allocates = (
+        settings.allocation != "uniform"
+        and not settings.pattern.structured
+        and settings.importance == "sparsegpt"
+        and all(node.name in moments for node in layers)
+    )
+    if not allocates:
+        return [("uniform", uniform)]
+    layer_saliencies = {}
+    for node in layers:
+        layout = input_layout(node)
+        weight = node.inputs[1].const_value.numpy().astype(np.float32)
+        rows, _ = weight_rows(weight, layout, layout.groups)
+        layer_saliencies[node.name] = saliencies(rows, moments[node.name].fit)
+    if settings.allocation == "global":
+        return [("global", global_ratios(layer_saliencies, settings.ratio))]
+    labels = {0.0: "uniform", 1.0: "global"}
+    return [
+        (labels.get(blend, f"{blend:g} of the way to global"), ratios)
+        for blend, ratios in zip(
+            BLENDS, candidate_ratios(layer_saliencies, settings.ratio), strict=True
+        )
+    ]
+
+
+def _best_candidate(
+    model: ir.Model,
+    layers: list[ir.Node],
+    moments: dict[str, InputMoments],
+    gradients: dict[str, np.ndarray],
+    settings: SparsitySettings,
+    candidates: list[tuple[str, dict[str, float]]],
+    feeds: Sequence[Feed],
+    progress: Progress,
+) -> tuple[_Pruned, dict[str, float]]:
+    """Each candidate pruned; with more than one, the one whose outputs are closest to the
+    original's on the samples (``_closeness``), and the closeness of each by label."""
+    held = list(feeds[:EVALUATION_SAMPLES])
+    reference = None
+    if len(candidates) > 1:
+        reference = runtime.run(runtime.sample_session(model), held)
+    best, best_score, scores = None, -math.inf, {}
+    for label, ratios in candidates:
+        pruned = _Pruned(label, {})
+        with progress.task(f"pruning layers ({label})", total=len(layers)) as advance:
             for node in layers:
-                if batches is not None and node.name not in moments:
-                    moments.update(batches.moments_for(node.name))
-                report.layers.append(
-                    _prune_layer(node, moments.pop(node.name, None), gradients, settings)
+                pruned.layers[node.name] = _prune_layer(
+                    node, moments.get(node.name), gradients, settings, ratios[node.name]
                 )
                 advance(1)
-    finally:
-        if batches is not None:
-            batches.close()
-    return report
+        if reference is None:
+            return pruned, scores
+        score = _closeness(model, pruned, held, reference)
+        scores[label] = score
+        if score > best_score:
+            best, best_score = pruned, score
+    return best, scores
+
+
+def _closeness(
+    model: ir.Model, pruned: _Pruned, feeds: list[Feed], reference: list[list[np.ndarray]]
+) -> float:
+    """How close ``model`` with ``pruned``'s weights stays to the original: the expected top-1
+    agreement (in %) of outputs that hold class scores, as a classifier's user counts flipped
+    decisions; else the mean SQNR (dB) of the float outputs."""
+    candidate = model.clone()
+    by_name = {node.name: node for node in candidate.graph}
+    for name, (weight, _) in pruned.layers.items():
+        value = by_name[name].inputs[1]
+        value.const_value = ir.tensor(weight, name=value.name)
+    outputs = runtime.run(runtime.sample_session(candidate), feeds)
+    names = [value.name for value in model.graph.outputs]
+    fidelities = compare_outputs(
+        names, reference, outputs, class_outputs=class_score_outputs(model)
+    )
+    agreements = [
+        fidelity.expected_top1_agreement
+        for fidelity in fidelities
+        if fidelity.expected_top1_agreement is not None
+    ]
+    if agreements:
+        return 100.0 * float(np.mean(agreements))
+    ratios = [
+        min(fidelity.sqnr_db, 200.0) for fidelity in fidelities if fidelity.mismatched is None
+    ]
+    return float(np.mean(ratios)) if ratios else 0.0
 
 
 def _prune_layer(
@@ -187,7 +312,9 @@ def _prune_layer(
     moments: InputMoments | None,
     gradients: dict[str, np.ndarray],
     settings: SparsitySettings,
-) -> LayerSparsity:
+    ratio: float,
+) -> tuple[np.ndarray, LayerSparsity]:
+    """The layer's pruned weight (the model is not changed) and its report line."""
     weight_value = node.inputs[1]
     weight = weight_value.const_value.numpy()
     layout = input_layout(node)
@@ -215,28 +342,27 @@ def _prune_layer(
                 scores = wanda_scores(rows[group], hessians[group])
             else:
                 scores = score_rows[group]
-            mask = _mask(scores, settings, per_row=importance == "wanda")
+            mask = _mask(scores, settings.pattern, ratio, per_row=importance == "wanda")
         result = None
         if reconstructed:
-            result = sparsegpt(rows[group], hessians[group], settings.pattern, settings.share, mask)
+            result = sparsegpt(rows[group], hessians[group], settings.pattern, ratio, mask)
             if result is not None and settings.refit_steps:
                 result = refit(result, rows[group], hessians[group], settings.refit_steps)
         if result is None:
             if mask is None:
-                mask = _mask(magnitude_scores(rows[group]), settings, per_row=False)
+                mask = _mask(magnitude_scores(rows[group]), settings.pattern, ratio, per_row=False)
             result = np.where(mask, 0.0, rows[group])
             reconstructed = False
         pruned[group] = result
     error = None
     if hessians is not None:
         difference = pruned - rows
-        change = np.einsum("grc,gcd,grd->", difference, hessians, difference)
-        signal = np.einsum("grc,gcd,grd->", rows, hessians, rows)
+        change = output_power(difference, hessians)
+        signal = output_power(rows, hessians)
         error = float(change / signal) if signal > 0 else None
     new_weight = restore(pruned.astype(np.float32)).astype(weight.dtype)
-    weight_value.const_value = ir.tensor(new_weight, name=weight_value.name)
     method = importance + (" + reconstruction" if reconstructed else "")
-    return LayerSparsity(
+    layer = LayerSparsity(
         node.name,
         weight_value.name,
         node.op_type,
@@ -245,9 +371,10 @@ def _prune_layer(
         method,
         error,
     )
+    return new_weight, layer
 
 
-def _mask(scores: np.ndarray, settings: SparsitySettings, per_row: bool) -> np.ndarray:
-    if settings.pattern.structured:
-        return n_m_mask(scores, settings.pattern)
-    return smallest_mask(scores, settings.ratio, per_row)
+def _mask(scores: np.ndarray, pattern: SparsityPattern, ratio: float, per_row: bool) -> np.ndarray:
+    if pattern.structured:
+        return n_m_mask(scores, pattern)
+    return smallest_mask(scores, ratio, per_row)

@@ -13,6 +13,7 @@ from onnx import helper
 from onnxopt.cli import main
 from onnxopt.errors import InputError
 from onnxopt.pruning import SparsitySettings, parse_pattern, sparsify_model
+from onnxopt.pruning.allocation import MAX_LAYER_RATIO, candidate_ratios, global_ratios
 from onnxopt.pruning.patterns import n_m_mask, smallest_mask
 from onnxopt.pruning.sparsegpt import refit, sparsegpt
 from tests.quantization.helpers import build, cosine, feeds, random_weights, run
@@ -117,12 +118,15 @@ def conv_net() -> ir.Model:
 
 
 def test_sparsify_model_zeros_half_of_every_inner_layer_and_reconstruction_keeps_it_close():
+    """Uniform allocation: every pruned layer loses the same share."""
     samples = feeds(conv_net(), count=48)
     reference = run(conv_net(), samples)
     results = {}
     for importance, reconstruct in [("magnitude", False), ("sparsegpt", True)]:
         model = conv_net()
-        settings = SparsitySettings(ratio=0.5, importance=importance, reconstruct=reconstruct)
+        settings = SparsitySettings(
+            ratio=0.5, importance=importance, reconstruct=reconstruct, allocation="uniform"
+        )
         report = sparsify_model(model, samples[:32], settings)
         assert [layer.node for layer in report.layers] == ["body", "pointwise", "hidden"]
         assert set(report.dense) == {"stem", "head"}
@@ -135,6 +139,40 @@ def test_sparsify_model_zeros_half_of_every_inner_layer_and_reconstruction_keeps
         results[importance] = cosine(run(model, samples[32:]), reference[-16 * 10 :])
     assert results["sparsegpt"] > results["magnitude"]
     assert results["sparsegpt"] > 0.95
+
+
+def test_global_allocation_prunes_the_least_salient_layers_most_at_the_same_total():
+    rng = np.random.default_rng(4)
+    layer_saliencies = {
+        "robust": rng.random(1000) * 0.01,
+        "sensitive": rng.random(3000),
+        "middling": rng.random(2000) * 0.5,
+    }
+    ratios = global_ratios(layer_saliencies, 0.5)
+    pruned = sum(ratios[name] * values.size for name, values in layer_saliencies.items())
+    assert pruned == pytest.approx(3000, rel=0.01)
+    assert ratios["robust"] == MAX_LAYER_RATIO
+    assert ratios["robust"] > ratios["middling"] > ratios["sensitive"]
+    blends = candidate_ratios(layer_saliencies, 0.5)
+    assert blends[0] == dict.fromkeys(layer_saliencies, 0.5) and blends[-1] == ratios
+
+
+def test_auto_allocation_keeps_the_candidate_closest_to_the_original():
+    samples = feeds(conv_net(), count=48)
+    reference = run(conv_net(), samples[32:])
+    model = conv_net()
+    report = sparsify_model(model, samples[:32], SparsitySettings(ratio=0.6))
+    assert set(report.candidate_closeness) == {"uniform", "0.5 of the way to global", "global"}
+    assert report.allocation == max(report.candidate_closeness, key=report.candidate_closeness.get)
+    assert report.sparsity == pytest.approx(0.6, abs=0.02)
+    uniform = conv_net()
+    sparsify_model(uniform, samples[:32], SparsitySettings(ratio=0.6, allocation="uniform"))
+    if report.allocation != "uniform":
+        assert len({round(layer.sparsity, 2) for layer in report.layers}) > 1
+    assert (
+        cosine(run(model, samples[32:]), reference)
+        >= cosine(run(uniform, samples[32:]), reference) - 0.01
+    )
 
 
 @pytest.mark.parametrize("importance", ["wanda", "gradient", "taylor"])
@@ -181,15 +219,22 @@ def test_the_sparsify_preset_writes_a_sparse_model_and_reports_each_layer(tmp_pa
     arguments = ["optimize", source, "-o", output, "--recipe", "sparsify", "--calib", data]
     assert main([str(a) for a in [*arguments, "--report", report]]) == 0
     document = json.loads(report.read_text())
-    assert document["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert document["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert document["sparsity"]["allocation"] in document["sparsity"]["candidate_closeness"]
     assert {layer["node"] for layer in document["sparsity"]["layers"]} == {
         "body",
         "pointwise",
         "hidden",
     }
     written = ir.load(output)
-    assert np.mean(written.graph.initializers["w2"].const_value.numpy() == 0) == pytest.approx(
-        0.5, abs=0.01
+    zeros = {
+        layer["weight"]: np.mean(
+            written.graph.initializers[layer["weight"]].const_value.numpy() == 0
+        )
+        for layer in document["sparsity"]["layers"]
+    }
+    assert zeros == pytest.approx(
+        {layer["weight"]: layer["sparsity"] for layer in document["sparsity"]["layers"]}
     )
 
 
