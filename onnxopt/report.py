@@ -68,6 +68,9 @@ def sparsity_json(report: SparsityReport | None) -> dict[str, Any] | None:
         "candidate_closeness": report.candidate_closeness,
         "layers": [dataclasses.asdict(layer) for layer in report.layers],
         "dense": report.dense,
+        "budget": report.budget,
+        "budget_met": report.budget_met,
+        "trials": [dataclasses.asdict(trial) for trial in report.trials],
     }
 
 

@@ -10,6 +10,8 @@ import onnx_ir as ir
 from onnxopt.options import Range, Rule
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.pruning import SparsitySettings, parse_pattern, sparsify_model
+from onnxopt.pruning.budget import sparsify_to_budget
+from onnxopt.validation import Thresholds
 
 
 def _pattern_problem(value: Any) -> str | None:
@@ -20,16 +22,29 @@ def _pattern_problem(value: Any) -> str | None:
     return "must be 'unstructured' or N:M with 0 < N < M, such as '2:4'"
 
 
+def _ratio_problem(value: Any) -> str | None:
+    if value == "auto" or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+    ):
+        return None
+    return "must be 'auto' (the highest sparsity meeting the budget) or a share in [0, 1)"
+
+
 class SparsifyPass(OnnxoptPass):
     """Zero a share of every Conv, Gemm and MatMul weight (unstructured or N:M along the input
     columns) and, by default, update the remaining weights so each layer's output on the
     calibration samples moves least (SparseGPT). Zeros make the file compress and feed sparse
     runtimes; onnxruntime's dense kernels run no faster on them.
 
+    With ``ratio = "auto"`` (the default) it finds the highest sparsity whose model meets the
+    budget (``min_cosine``, ``min_sqnr_db``, ``min_top1_agreement``), each candidate measured
+    as the validate pass measures (``pruning.budget``); at worst the model stays dense.
+
     Args:
-        ratio: the share of each layer's weights zeroed, for unstructured patterns.
+        ratio: ``auto``, or the share of the pruned layers' weights zeroed (unstructured).
         pattern: ``unstructured`` or N:M (``2:4``): N of every M consecutive input columns
-            kept; layers whose columns do not divide into groups of M stay dense.
+            kept; layers whose columns do not divide into groups of M stay dense. With
+            ``ratio = "auto"``, the layers that change most stay dense as the budget needs.
         importance: ``sparsegpt`` (default), ``magnitude``, ``wanda``, ``gradient`` or
             ``taylor`` (``pruning.importance``; the last two need the torch extra).
         reconstruct: update the remaining weights (needs calibration data).
@@ -40,13 +55,17 @@ class SparsifyPass(OnnxoptPass):
         samples: calibration samples the layer inputs (and gradients) are measured on.
         exclude: regular expressions on node names; matching layers stay dense.
         protect_first_last: keep the first and last prunable layers dense.
+        min_cosine: with ``ratio = "auto"``: every output's cosine with the original, at least.
+        min_sqnr_db: with ``ratio = "auto"``: every output's SQNR, at least.
+        min_top1_agreement: with ``ratio = "auto"``: outputs that hold class scores are
+            expected to agree on the top class this often.
     """
 
     name = "sparsify"
 
     def __init__(
         self,
-        ratio: Annotated[float, Range(low=0.0, high=1.0, high_open=True)] = 0.5,
+        ratio: Annotated[float | Literal["auto"], Rule(_ratio_problem)] = "auto",
         pattern: Annotated[str, Rule(_pattern_problem)] = "unstructured",
         importance: Literal["sparsegpt", "magnitude", "wanda", "gradient", "taylor"] = "sparsegpt",
         reconstruct: bool = True,
@@ -55,10 +74,17 @@ class SparsifyPass(OnnxoptPass):
         samples: Annotated[int, Range(low=1)] = 32,
         exclude: list[str] | None = None,
         protect_first_last: bool = True,
+        min_cosine: Annotated[float | None, Range(-1.0, 1.0)] = 0.99,
+        min_sqnr_db: float | None = None,
+        min_top1_agreement: Annotated[float | None, Range(0.0, 1.0)] = 0.97,
     ):
         super().__init__()
+        self.ratio = ratio
+        self.budget = Thresholds(
+            min_cosine=min_cosine, min_sqnr_db=min_sqnr_db, min_top1_agreement=min_top1_agreement
+        )
         self.settings = SparsitySettings(
-            ratio=ratio,
+            ratio=0.5 if ratio == "auto" else ratio,
             pattern=parse_pattern(pattern),
             importance=importance,
             reconstruct=reconstruct,
@@ -72,7 +98,14 @@ class SparsifyPass(OnnxoptPass):
     def call(self, model: ir.Model) -> PassResult:
         data = self.context.data
         feeds = data.take(self.samples) if data is not None else []
-        report = sparsify_model(model, feeds, self.settings, self.context.progress)
+        progress = self.context.progress
+        if self.ratio == "auto":
+            comparison = self.context.reference_comparison()
+            report = sparsify_to_budget(
+                model, feeds, self.settings, comparison, self.budget, progress
+            )
+        else:
+            report = sparsify_model(model, feeds, self.settings, progress)
         self.context.sparsity = report
         details = {
             "sparsity": round(report.sparsity, 4),
@@ -83,6 +116,9 @@ class SparsifyPass(OnnxoptPass):
             details["layers dense"] = len(report.dense)
         if report.candidate_closeness:
             details["allocation"] = report.allocation
+        if report.budget is not None:
+            details["budget"] = report.budget
+            details["trials"] = len(report.trials)
         return PassResult(
             model, modified=bool(report.layers), changes=len(report.layers), details=details
         )

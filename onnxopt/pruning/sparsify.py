@@ -21,7 +21,7 @@ from onnxopt.calibration.moments import (
     weight_rows,
 )
 from onnxopt.errors import InputError
-from onnxopt.metrics import class_score_outputs, compare_outputs
+from onnxopt.metrics import OutputFidelity, class_score_outputs, compare_outputs
 from onnxopt.progress import QUIET, Progress
 from onnxopt.pruning.allocation import (
     BLENDS,
@@ -98,16 +98,35 @@ class LayerSparsity:
     output_error: float | None
 
 
+@dataclasses.dataclass(frozen=True)
+class SparsityTrial:
+    """One model the budget search measured: the share of zeros asked of the pruned layers,
+    the allocation, how many prunable layers it left dense, whether it met the budget and
+    its worst figures (lowest cosine; lowest expected top-1 agreement of class scores)."""
+
+    ratio: float
+    allocation: str
+    dense_layers: int
+    budget_met: bool
+    cosine: float
+    top1_agreement: float | None
+
+
 @dataclasses.dataclass
 class SparsityReport:
     """Every pruned layer, every layer left dense with the reason, the allocation chosen and
     how close each candidate allocation stayed to the original (``_closeness``: expected
-    top-1 agreement in % for class scores, else SQNR in dB)."""
+    top-1 agreement in % for class scores, else SQNR in dB). A budget-driven run
+    (``budget.sparsify_to_budget``) adds the budget, each model it measured, and whether the
+    result met the budget."""
 
     layers: list[LayerSparsity] = dataclasses.field(default_factory=list)
     dense: dict[str, str] = dataclasses.field(default_factory=dict)
     allocation: str = "uniform"
     candidate_closeness: dict[str, float] = dataclasses.field(default_factory=dict)
+    budget: str | None = None
+    trials: list[SparsityTrial] = dataclasses.field(default_factory=list)
+    budget_met: bool | None = None
 
     @property
     def sparsity(self) -> float:
@@ -152,13 +171,49 @@ def prunable_layers(
     return candidates, dense
 
 
-def sparsify_model(
+@dataclasses.dataclass
+class PreparedLayers:
+    """What pruning needs, measured once on the calibration samples: the layers to prune, the
+    layers left dense with the reason, each layer's input moments and weight gradients."""
+
+    model: ir.Model
+    settings: SparsitySettings
+    layers: list[ir.Node]
+    dense: dict[str, str]
+    moments: dict[str, InputMoments]
+    gradients: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class PrunedLayers:
+    """One candidate's new weights and per-layer report, by node name; the model is unchanged
+    until ``apply``."""
+
+    label: str
+    layers: dict[str, tuple[np.ndarray, LayerSparsity]]
+
+    def apply(self, model: ir.Model) -> list[LayerSparsity]:
+        """Write the new weights into ``model`` (the one pruned, or a clone of it)."""
+        by_name = {node.name: node for node in model.graph}
+        for name, (weight, _) in self.layers.items():
+            value = by_name[name].inputs[1]
+            value.const_value = ir.tensor(weight, name=value.name)
+        return [layer for _, layer in self.layers.values()]
+
+    def without(self, dense: set[str]) -> PrunedLayers:
+        """The same candidate with the layers in ``dense`` left as they were."""
+        return PrunedLayers(
+            self.label, {name: item for name, item in self.layers.items() if name not in dense}
+        )
+
+
+def prepare_layers(
     model: ir.Model,
     feeds: Sequence[Feed],
     settings: SparsitySettings,
     progress: Progress = QUIET,
-) -> SparsityReport:
-    """Prune ``model``'s layers in place as ``settings`` say; the report of what was done.
+) -> PreparedLayers:
+    """The layers ``settings`` lets be pruned, measured on ``feeds``.
 
     Raises InputError when nothing can be pruned, or when the importance or the
     reconstruction needs data and ``feeds`` is empty.
@@ -192,33 +247,36 @@ def sparsify_model(
         names = [node.inputs[1].name for node in layers]
         gradients = gradient_magnitudes(model, feeds, names, progress)
     moments = collect_hessians(model, layers, feeds, progress=progress) if needs_moments else {}
-    candidates = _candidates(layers, moments, settings)
-    chosen, scores = _best_candidate(
-        model, layers, moments, gradients, settings, candidates, feeds, progress
+    return PreparedLayers(model, settings, layers, dense, moments, gradients)
+
+
+def sparsify_model(
+    model: ir.Model,
+    feeds: Sequence[Feed],
+    settings: SparsitySettings,
+    progress: Progress = QUIET,
+) -> SparsityReport:
+    """Prune ``model``'s layers in place as ``settings`` say; the report of what was done.
+
+    Raises InputError when nothing can be pruned, or when the importance or the
+    reconstruction needs data and ``feeds`` is empty.
+    """
+    prepared = prepare_layers(model, feeds, settings, progress)
+    candidates = allocations(prepared, settings.share)
+    chosen, scores = _best_candidate(prepared, candidates, feeds, progress)
+    report = SparsityReport(
+        dense=prepared.dense, allocation=chosen.label, candidate_closeness=scores
     )
-    report = SparsityReport(dense=dense, allocation=chosen.label, candidate_closeness=scores)
-    for node in layers:
-        weight, layer = chosen.layers[node.name]
-        value = node.inputs[1]
-        value.const_value = ir.tensor(weight, name=value.name)
-        report.layers.append(layer)
+    report.layers = chosen.apply(model)
     return report
 
 
-@dataclasses.dataclass
-class _Pruned:
-    """One candidate's new weights and per-layer report, by node name."""
-
-    label: str
-    layers: dict[str, tuple[np.ndarray, LayerSparsity]]
-
-
-def _candidates(
-    layers: list[ir.Node], moments: dict[str, InputMoments], settings: SparsitySettings
-) -> list[tuple[str, dict[str, float]]]:
-    """The per-layer shares to try, labelled: uniform alone, or (unstructured SparseGPT with
-    every layer's inputs measured) the allocations ``settings.allocation`` asks for."""
-    uniform = {node.name: settings.share for node in layers}
+def allocations(prepared: PreparedLayers, share: float) -> list[tuple[str, dict[str, float]]]:
+    """The per-layer shares to try for ``share`` overall, labelled: uniform alone, or
+    (unstructured SparseGPT with every layer's inputs measured) the allocations
+    ``settings.allocation`` asks for."""
+    settings, layers, moments = prepared.settings, prepared.layers, prepared.moments
+    uniform = {node.name: share for node in layers}
     allocates = (
         settings.allocation != "uniform"
         and not settings.pattern.structured
@@ -234,44 +292,49 @@ def _candidates(
         rows, _ = weight_rows(weight, layout, layout.groups)
         layer_saliencies[node.name] = saliencies(rows, moments[node.name].fit)
     if settings.allocation == "global":
-        return [("global", global_ratios(layer_saliencies, settings.ratio))]
+        return [("global", global_ratios(layer_saliencies, share))]
     labels = {0.0: "uniform", 1.0: "global"}
     return [
         (labels.get(blend, f"{blend:g} of the way to global"), ratios)
-        for blend, ratios in zip(
-            BLENDS, candidate_ratios(layer_saliencies, settings.ratio), strict=True
-        )
+        for blend, ratios in zip(BLENDS, candidate_ratios(layer_saliencies, share), strict=True)
     ]
 
 
+def prune_layers(
+    prepared: PreparedLayers, label: str, ratios: dict[str, float], progress: Progress = QUIET
+) -> PrunedLayers:
+    """Every prepared layer pruned to its share in ``ratios``; the model is not changed."""
+    pruned = PrunedLayers(label, {})
+    with progress.task(f"pruning layers ({label})", total=len(prepared.layers)) as advance:
+        for node in prepared.layers:
+            pruned.layers[node.name] = _prune_layer(
+                node,
+                prepared.moments.get(node.name),
+                prepared.gradients,
+                prepared.settings,
+                ratios[node.name],
+            )
+            advance(1)
+    return pruned
+
+
 def _best_candidate(
-    model: ir.Model,
-    layers: list[ir.Node],
-    moments: dict[str, InputMoments],
-    gradients: dict[str, np.ndarray],
-    settings: SparsitySettings,
+    prepared: PreparedLayers,
     candidates: list[tuple[str, dict[str, float]]],
     feeds: Sequence[Feed],
     progress: Progress,
-) -> tuple[_Pruned, dict[str, float]]:
+) -> tuple[PrunedLayers, dict[str, float]]:
     """Each candidate pruned; with more than one, the one whose outputs are closest to the
     original's on the samples (``_closeness``), and the closeness of each by label."""
     held = list(feeds[:EVALUATION_SAMPLES])
-    reference = None
-    if len(candidates) > 1:
-        reference = runtime.run(runtime.sample_session(model), held)
+    if len(candidates) == 1:
+        label, ratios = candidates[0]
+        return prune_layers(prepared, label, ratios, progress), {}
+    reference = runtime.run(runtime.sample_session(prepared.model), held)
     best, best_score, scores = None, -math.inf, {}
     for label, ratios in candidates:
-        pruned = _Pruned(label, {})
-        with progress.task(f"pruning layers ({label})", total=len(layers)) as advance:
-            for node in layers:
-                pruned.layers[node.name] = _prune_layer(
-                    node, moments.get(node.name), gradients, settings, ratios[node.name]
-                )
-                advance(1)
-        if reference is None:
-            return pruned, scores
-        score = _closeness(model, pruned, held, reference)
+        pruned = prune_layers(prepared, label, ratios, progress)
+        score = _closeness(prepared.model, pruned, held, reference)
         scores[label] = score
         if score > best_score:
             best, best_score = pruned, score
@@ -279,21 +342,23 @@ def _best_candidate(
 
 
 def _closeness(
-    model: ir.Model, pruned: _Pruned, feeds: list[Feed], reference: list[list[np.ndarray]]
+    model: ir.Model, pruned: PrunedLayers, feeds: list[Feed], reference: list[list[np.ndarray]]
 ) -> float:
-    """How close ``model`` with ``pruned``'s weights stays to the original: the expected top-1
-    agreement (in %) of outputs that hold class scores, as a classifier's user counts flipped
-    decisions; else the mean SQNR (dB) of the float outputs."""
+    """How close ``model`` with ``pruned``'s weights stays to the original (``closeness``)."""
     candidate = model.clone()
-    by_name = {node.name: node for node in candidate.graph}
-    for name, (weight, _) in pruned.layers.items():
-        value = by_name[name].inputs[1]
-        value.const_value = ir.tensor(weight, name=value.name)
+    pruned.apply(candidate)
     outputs = runtime.run(runtime.sample_session(candidate), feeds)
     names = [value.name for value in model.graph.outputs]
     fidelities = compare_outputs(
         names, reference, outputs, class_outputs=class_score_outputs(model)
     )
+    return closeness(fidelities)
+
+
+def closeness(fidelities: Sequence[OutputFidelity]) -> float:
+    """How close outputs stay to the original's, comparable across candidates: the expected
+    top-1 agreement (in %) of outputs that hold class scores, as a classifier's user counts
+    flipped decisions; else the mean SQNR (dB, at most 200) of the float outputs."""
     agreements = [
         fidelity.expected_top1_agreement
         for fidelity in fidelities

@@ -217,7 +217,9 @@ def test_the_sparsify_preset_writes_a_sparse_model_and_reports_each_layer(tmp_pa
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.stack([sample["x"] for sample in feeds(model, count=96)]))
     arguments = ["optimize", source, "-o", output, "--recipe", "sparsify", "--calib", data]
-    assert main([str(a) for a in [*arguments, "--report", report]]) == 0
+    ratio = ["--set", "sparsify.ratio=0.5", "--set", "validate.min_cosine=0.9"]
+    ratio += ["--set", "validate.min_top1_agreement=none"]
+    assert main([str(a) for a in [*arguments, *ratio, "--report", report]]) == 0
     document = json.loads(report.read_text())
     assert document["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert document["sparsity"]["allocation"] in document["sparsity"]["candidate_closeness"]
@@ -239,7 +241,13 @@ def test_the_sparsify_preset_writes_a_sparse_model_and_reports_each_layer(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "option", ["sparsify.ratio=1.5", "sparsify.pattern=4:2", "sparsify.importance=random"]
+    "option",
+    [
+        "sparsify.ratio=1.5",
+        "sparsify.ratio=most",
+        "sparsify.pattern=4:2",
+        "sparsify.importance=random",
+    ],
 )
 def test_bad_sparsify_options_exit_2_and_write_nothing(tmp_path, option, capsys):
     source, output = tmp_path / "m.onnx", tmp_path / "out.onnx"
