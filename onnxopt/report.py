@@ -21,6 +21,7 @@ from onnxopt.compare import SpeedReport
 from onnxopt.context import Context, ReportRow
 from onnxopt.errors import ValidationFailed
 from onnxopt.pruning import SparsityReport
+from onnxopt.pruning.structured import StructuredReport
 from onnxopt.quantization.speed_check import SpeedCheck
 from onnxopt.quantization.state import QuantizationState
 from onnxopt.recipe import Recipe
@@ -53,6 +54,7 @@ def report_document(
         "validation": validation_json(context.validation),
         "quantization": quantization_json(context.quantization, context.speed_check),
         "sparsity": sparsity_json(context.sparsity),
+        "pruning": pruning_json(context.pruning),
         "speed": speed_json(speed),
         "passed": failure is None,
         "failure": failure.render() if failure else None,
@@ -71,6 +73,32 @@ def sparsity_json(report: SparsityReport | None) -> dict[str, Any] | None:
         "budget": report.budget,
         "budget_met": report.budget_met,
         "trials": [dataclasses.asdict(trial) for trial in report.trials],
+    }
+
+
+def pruning_json(report: StructuredReport | None) -> dict[str, Any] | None:
+    """Structured pruning: each group's keep indices (what weight transfer reads), the layers
+    left whole and why, and the size and multiply-accumulates before and after."""
+    if report is None:
+        return None
+    return {
+        "importance": report.importance,
+        "removed_channels": report.removed,
+        "parameters": {"before": report.parameters_before, "after": report.parameters_after},
+        "macs": {"before": report.macs_before, "after": report.macs_after},
+        "groups": [
+            {
+                "name": group.name,
+                "kind": group.kind,
+                "channels": group.channels,
+                "kept": group.kept,
+                "keep": list(group.keep),
+            }
+            for group in report.groups
+        ],
+        "unprunable": [dataclasses.asdict(item) for item in report.unprunable],
+        "refitted": report.refitted,
+        "seconds": report.seconds,
     }
 
 

@@ -15,6 +15,7 @@ from onnxopt.passes.fold_conv_affine import FoldConvAffinePass
 from onnxopt.passes.fuse_pad import FusePadIntoConvPass
 from onnxopt.passes.infer_shapes import InferShapesPass
 from onnxopt.passes.lift_constants import LiftConstantsPass
+from onnxopt.passes.prune import PrunePass
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.passes.remove_dead_code import RemoveDeadCodePass
 from onnxopt.passes.sparsify import SparsifyPass
@@ -35,6 +36,7 @@ PASSES: dict[str, type[OnnxoptPass]] = {
     "fuse-pad": FusePadIntoConvPass,
     "infer-shapes": InferShapesPass,
     "lift-constants": LiftConstantsPass,
+    "prune": PrunePass,
     "quantize": QuantizePass,
     "remove-dead-code": RemoveDeadCodePass,
     "sparsify": SparsifyPass,

@@ -1,0 +1,82 @@
+"""Structured pruning: whole channels removed from Conv, Gemm and MatMul chains."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import onnx_ir as ir
+
+from onnxopt.errors import InputError
+from onnxopt.options import Range
+from onnxopt.passes.base import OnnxoptPass, PassResult
+from onnxopt.pruning.structured import StructuredSettings, prune_structured
+
+
+class PrunePass(OnnxoptPass):
+    """Remove whole channels (convolution filters, dense neurons) with everything that reads
+    or writes them, so the model gets smaller and faster on any runtime; by default the layers
+    that read the cut channels are refitted by least squares on the calibration samples.
+    Channels whose removal the analysis cannot follow stay (listed in the report with why).
+
+    Args:
+        ratio: the share of the prunable channels removed (or set ``flops``).
+        flops: the share of the model's multiply-accumulates removed (or set ``ratio``).
+        importance: ``activation`` (default: output energy carried into the next layers),
+            ``magnitude``, ``taylor`` or ``gradient`` (the last two need the torch extra).
+        recover: refit the layers that read cut channels (needs calibration data).
+        finetune_steps: distillation steps after pruning (not available yet: 0).
+        exclude: regular expressions on node names; channels those layers write stay.
+        protect_first_last: the first layer's output channels and the last layer's input
+            channels stay.
+        round_to: each group keeps a multiple of this many channels (8 suits int8 kernels).
+        samples: calibration samples importance and recovery are measured on.
+    """
+
+    name = "prune"
+
+    def __init__(
+        self,
+        ratio: Annotated[float | None, Range(low=0.0, high=1.0, high_open=True)] = None,
+        flops: Annotated[float | None, Range(low=0.0, high=1.0, high_open=True)] = None,
+        importance: Literal["activation", "magnitude", "taylor", "gradient"] = "activation",
+        recover: bool = True,
+        finetune_steps: Annotated[int, Range(low=0)] = 0,
+        exclude: list[str] | None = None,
+        protect_first_last: bool = True,
+        round_to: Annotated[int, Range(low=1)] = 1,
+        samples: Annotated[int, Range(low=1)] = 32,
+    ):
+        super().__init__()
+        if finetune_steps:
+            raise InputError(
+                "prune.finetune_steps is not available yet",
+                fix="leave prune.finetune_steps = 0; prune.recover refits the layers instead",
+            )
+        self.settings = StructuredSettings(
+            ratio=ratio,
+            flops=flops,
+            importance=importance,
+            recover=recover,
+            exclude=tuple(exclude or []),
+            protect_first_last=protect_first_last,
+            round_to=round_to,
+        )
+        self.samples = samples
+
+    def call(self, model: ir.Model) -> PassResult:
+        data = self.context.data
+        feeds = data.take(self.samples) if data is not None else []
+        report = prune_structured(model, feeds, self.settings, self.context.progress)
+        self.context.pruning = report
+        details = {
+            "channels removed": report.removed,
+            "groups": len(report.groups),
+            "groups whole": len(report.unprunable),
+            "MACs": f"{report.macs_before:,} -> {report.macs_after:,}",
+            "parameters": f"{report.parameters_before:,} -> {report.parameters_after:,}",
+        }
+        if report.refitted:
+            details["layers refitted"] = len(report.refitted)
+        return PassResult(
+            model, modified=bool(report.removed), changes=report.removed, details=details
+        )

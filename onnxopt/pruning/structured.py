@@ -1,0 +1,570 @@
+"""Structured pruning: whole channels removed, so the model gets smaller and faster on any
+runtime (unlike zeros, which dense kernels multiply all the same).
+
+``prune_structured`` finds the channel groups (``channels``), scores every channel by one of
+``CHANNEL_IMPORTANCES``, removes the lowest-scored ones model-wide until a share of channels
+or of multiply-accumulates is gone (never a whole group: each keeps ``min_keep`` of its
+channels, rounded up to ``round_to``), cuts them (``shrink``) and, by default, refits the
+layers that read the cut channels so their outputs on calibration samples stay as close as
+possible to the original's (least squares, ``refit``).
+
+Importances (scores are compared across groups after dividing by each group's mean):
+- ``activation`` (default): per channel, the mean square of its activation where each next
+  layer reads it, times the squared norm of that layer's weights on it: the output energy
+  the channel carries into the next layers. Needs calibration data.
+- ``magnitude``: the L2 norm of the channel's weights in the layers that write it.
+- ``taylor``: sum of ``|w| * mean|dL/dw|`` over the channel's weights (producers and
+  consumers), through the torch bridge (``importance.gradient_magnitudes``).
+- ``gradient``: sum of ``mean|dL/dw|`` over the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.calibration.moments import input_layout, weight_rows
+from onnxopt.errors import InputError
+from onnxopt.graph import add_initializer, set_constant
+from onnxopt.progress import QUIET, Progress
+from onnxopt.pruning.channels import find_channel_groups
+from onnxopt.pruning.groups import ChannelGroup, Unprunable
+from onnxopt.pruning.importance import gradient_magnitudes
+from onnxopt.pruning.shrink import apply_keeps, layer_macs, model_statistics, removed_positions
+from onnxopt.runtime import Feed, ProbeSession, SerializedModel
+from onnxopt.shapes import infer_shapes
+
+logger = logging.getLogger(__name__)
+
+ChannelImportance = Literal["activation", "magnitude", "taylor", "gradient"]
+CHANNEL_IMPORTANCES: tuple[str, ...] = ("activation", "magnitude", "taylor", "gradient")
+NEEDS_DATA = frozenset({"activation", "taylor", "gradient"})
+
+# Calibration samples the activation importance is measured on, at most.
+ACTIVATION_SAMPLES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredSettings:
+    """What ``prune_structured`` does.
+
+    Attributes:
+        ratio: the share of the prunable channels removed (set this or ``flops``).
+        flops: the share of the model's multiply-accumulates removed (set this or ``ratio``).
+        importance: how channels are scored (``CHANNEL_IMPORTANCES``).
+        recover: refit the layers that read cut channels by least squares on calibration
+            samples (``refit``).
+        exclude: regular expressions on node names; groups written by a matching layer stay.
+        protect_first_last: the groups the first layer writes and the last layer reads stay
+            whole (the stem sees the raw input, the head decides the outputs).
+        round_to: each group keeps a multiple of this many channels (8 suits int8 kernels),
+            or all of them where it has fewer.
+        min_keep: the share of each group's channels always kept.
+    """
+
+    ratio: float | None = None
+    flops: float | None = None
+    importance: ChannelImportance = "activation"
+    recover: bool = True
+    exclude: tuple[str, ...] = ()
+    protect_first_last: bool = True
+    round_to: int = 1
+    min_keep: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPruning:
+    """One group cut: its channels before and the ones kept (original indices, sorted)."""
+
+    name: str
+    kind: str
+    channels: int
+    keep: tuple[int, ...]
+
+    @property
+    def kept(self) -> int:
+        return len(self.keep)
+
+
+@dataclasses.dataclass
+class StructuredReport:
+    """What ``prune_structured`` did: every group with its keep set, the layers left whole
+    and why, parameters and multiply-accumulates per sample before and after, and the
+    layers recovery refitted."""
+
+    groups: list[GroupPruning] = dataclasses.field(default_factory=list)
+    unprunable: list[Unprunable] = dataclasses.field(default_factory=list)
+    importance: str = "activation"
+    parameters_before: int = 0
+    parameters_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    refitted: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def removed(self) -> int:
+        """Channels removed in all."""
+        return sum(group.channels - group.kept for group in self.groups)
+
+
+def prune_structured(
+    model: ir.Model,
+    feeds: Sequence[Feed],
+    settings: StructuredSettings,
+    progress: Progress = QUIET,
+) -> StructuredReport:
+    """Remove channels from ``model`` in place as ``settings`` say; the report of what was
+    done. Raises InputError for a target out of range or out of reach, a model with nothing
+    to prune, or an importance or recovery that needs data without ``feeds``."""
+    start = time.perf_counter()
+    _check_settings(settings, feeds)
+    infer_shapes(model)
+    parameters, macs = model_statistics(model)
+    found, unprunable = find_channel_groups(model)
+    groups, left = _selectable(model, found, settings)
+    unprunable.extend(left)
+    if not groups:
+        raise InputError(
+            "the model has no channels to prune: "
+            + ("; ".join(f"{item.node}: {item.reason}" for item in unprunable) or "no layers"),
+            fix="relax prune.exclude or prune.protect_first_last",
+        )
+    original = model.clone() if settings.recover else None
+    scores = _scores(model, groups, feeds, settings.importance, progress)
+    keeps = _select(model, groups, scores, settings, macs)
+    cut = [
+        (group, keep)
+        for group, keep in zip(groups, keeps, strict=True)
+        if len(keep) < group.channels
+    ]
+    apply_keeps(model, cut)
+    refitted: list[str] = []
+    if original is not None and cut:
+        consumers = list(dict.fromkeys(name for group, _ in cut for name in group.consumer_nodes))
+        refitted = _refit_consumers(model, original, consumers, feeds, progress)
+    parameters_after, macs_after = model_statistics(model)
+    report = StructuredReport(
+        groups=[
+            GroupPruning(group.name, group.kind, group.channels, tuple(int(i) for i in keep))
+            for group, keep in zip(groups, keeps, strict=True)
+        ],
+        unprunable=unprunable,
+        importance=settings.importance,
+        parameters_before=parameters,
+        parameters_after=parameters_after,
+        macs_before=macs,
+        macs_after=macs_after,
+        refitted=refitted,
+        seconds=time.perf_counter() - start,
+    )
+    logger.info(
+        "removed %d channels: %d -> %d multiply-accumulates per sample",
+        report.removed,
+        macs,
+        macs_after,
+    )
+    return report
+
+
+def _check_settings(settings: StructuredSettings, feeds: Sequence[Feed]) -> None:
+    if (settings.ratio is None) == (settings.flops is None):
+        raise InputError(
+            "prune needs exactly one target: ratio (share of channels) or flops (share of "
+            "multiply-accumulates)",
+            fix="set one of them and the other to none, e.g. --set prune.ratio=0.5 --set prune.flops=none",
+        )
+    name, target = (
+        ("ratio", settings.ratio)
+        if settings.ratio is not None
+        else (
+            "flops",
+            settings.flops,
+        )
+    )
+    if not 0 <= target < 1:
+        raise InputError(
+            f"prune.{name} = {target} is outside [0, 1)",
+            fix=f"give the share to remove, such as prune.{name} = 0.3",
+        )
+    if not 0 < settings.min_keep <= 1 or settings.round_to < 1:
+        raise InputError(
+            "prune.min_keep must be in (0, 1] and prune.round_to at least 1",
+            fix="use the defaults: min_keep = 0.1, round_to = 1",
+        )
+    if settings.importance not in CHANNEL_IMPORTANCES:
+        raise InputError(
+            f"unknown channel importance '{settings.importance}'",
+            fix="use one of " + ", ".join(CHANNEL_IMPORTANCES),
+        )
+    needs = [f"importance = '{settings.importance}'"] if settings.importance in NEEDS_DATA else []
+    needs += ["recovery"] if settings.recover else []
+    if needs and not feeds:
+        raise InputError(
+            "prune with " + " and ".join(needs) + " needs calibration data",
+            fix="pass --calib DATA, or set prune.importance = 'magnitude' and "
+            "prune.recover = false",
+        )
+
+
+def _selectable(
+    model: ir.Model, groups: list[ChannelGroup], settings: StructuredSettings
+) -> tuple[list[ChannelGroup], list[Unprunable]]:
+    """The groups settings let be cut, and the others with the reason."""
+    patterns = [re.compile(expression) for expression in settings.exclude]
+    layers = [node.name for node in model.graph if node.op_type in LAYER_OPS]
+    chosen, left = [], []
+    for group in groups:
+        if any(pattern.search(name) for pattern in patterns for name in group.producer_nodes):
+            left.append(Unprunable(group.name, "excluded"))
+        elif (
+            settings.protect_first_last
+            and layers
+            and (layers[0] in group.producer_nodes or layers[-1] in group.consumer_nodes)
+        ):
+            left.append(Unprunable(group.name, "first or last layer (protect_first_last)"))
+        else:
+            chosen.append(group)
+    return chosen, left
+
+
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+# -- importance ---------------------------------------------------------------------------
+
+
+def _per_channel(array: np.ndarray, axis: int, offset: int, width: int, channels: int):
+    """The slice of ``array`` a group covers, as (channels, everything else)."""
+    part = np.take(array, np.arange(offset, offset + channels * width), axis=axis)
+    part = np.moveaxis(part, axis, 0).reshape(channels, width, -1)
+    return part.reshape(channels, -1)
+
+
+def _scores(
+    model: ir.Model,
+    groups: list[ChannelGroup],
+    feeds: Sequence[Feed],
+    importance: str,
+    progress: Progress,
+) -> list[np.ndarray]:
+    """Each group's channel scores (in the order of ``groups``), higher mattering more."""
+    initializers = model.graph.initializers
+    if importance == "activation":
+        return _activation_scores(model, groups, feeds, progress)
+    if importance == "magnitude":
+        weights = {node.inputs[1].name for node in model.graph if node.op_type in LAYER_OPS}
+        scores = []
+        for group in groups:
+            total = np.zeros(group.channels)
+            for piece in group.producers:
+                if piece.tensor in weights:
+                    array = initializers[piece.tensor].const_value.numpy().astype(np.float64)
+                    rows = _per_channel(
+                        array, piece.axis, piece.offset, piece.width, group.channels
+                    )
+                    norms = np.sum(rows**2, axis=1)
+                    total += norms / max(norms.mean(), 1e-30)
+            scores.append(np.sqrt(total))
+        return scores
+    names = {piece.tensor for group in groups for piece in (*group.producers, *group.consumers)}
+    gradients = gradient_magnitudes(model, feeds, sorted(names), progress)
+    scores = []
+    for group in groups:
+        total = np.zeros(group.channels)
+        for piece in dict.fromkeys((*group.producers, *group.consumers)):
+            if piece.tensor not in gradients:
+                continue
+            gradient = gradients[piece.tensor].astype(np.float64)
+            if importance == "taylor":
+                gradient = gradient * np.abs(initializers[piece.tensor].const_value.numpy())
+            args = (piece.axis, piece.offset, piece.width, group.channels)
+            total += _per_channel(gradient, *args).sum(axis=1)
+        scores.append(total)
+    return scores
+
+
+def _activation_scores(
+    model: ir.Model, groups: list[ChannelGroup], feeds: Sequence[Feed], progress: Progress
+) -> list[np.ndarray]:
+    nodes = {node.name: node for node in model.graph}
+    initializers = model.graph.initializers
+    # Each consumer's input, with the axis its channels lie on.
+    axes = {}
+    for group in groups:
+        for name in group.consumer_nodes:
+            node = nodes[name]
+            axes[node.inputs[0].name] = 1 if node.op_type.startswith("Conv") else -1
+    energy: dict[str, np.ndarray] = {}
+    samples = list(feeds[:ACTIVATION_SAMPLES])
+    with SerializedModel(model) as source:
+        probe = ProbeSession(source, sorted(axes), threads=1, prune=True)
+        with progress.task("channel activations", total=len(samples)) as advance:
+            for feed in samples:
+                for name, array in probe.run(feed).items():
+                    if name in axes:
+                        energy[name] = energy.get(name, 0) + _mean_square(array, axes[name])
+                advance(1)
+    scores = []
+    for group in groups:
+        total = np.zeros(group.channels)
+        by_tensor = {piece.tensor: piece for piece in group.consumers}
+        for name in group.consumer_nodes:
+            node = nodes[name]
+            piece = by_tensor.get(node.inputs[1].name)
+            power = energy.get(node.inputs[0].name)
+            if piece is None or power is None:
+                continue
+            weight = initializers[piece.tensor].const_value.numpy().astype(np.float64)
+            positions = group.channels * piece.width
+            norms = _per_channel(weight**2, piece.axis, piece.offset, 1, positions).sum(axis=1)
+            reads = power[piece.offset : piece.offset + positions] * norms
+            total += reads.reshape(group.channels, piece.width).sum(axis=1)
+        scores.append(total)
+    return scores
+
+
+def _mean_square(array: np.ndarray, axis: int) -> np.ndarray:
+    """Mean square of each position along ``axis`` (a layer input's channels)."""
+    moved = np.moveaxis(np.asarray(array, dtype=np.float64), axis, -1)
+    return np.mean(moved.reshape(-1, moved.shape[-1]) ** 2, axis=0)
+
+
+# -- selection ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """A layer's multiply-accumulates and the groups that shrink its input or output."""
+
+    macs: int
+    inputs: int
+    outputs: int
+    sides: tuple[tuple[int, int, bool], ...]  # (group index, positions a channel, is input)
+
+
+def _layers(model: ir.Model, groups: list[ChannelGroup]) -> list[_Layer]:
+    weights = {node.inputs[1].name: node for node in model.graph if node.op_type in LAYER_OPS}
+    sides: dict[str, list[tuple[int, int, bool]]] = {}
+    for index, group in enumerate(groups):
+        for pieces, is_input in ((group.producers, False), (group.consumers, True)):
+            for piece in dict.fromkeys(pieces):
+                if piece.tensor in weights:
+                    sides.setdefault(piece.tensor, []).append((index, piece.width, is_input))
+    layers = []
+    for name, entries in sides.items():
+        node = weights[name]
+        macs = layer_macs(node)
+        in_axis, out_axis = _weight_axes(node)
+        shape = node.inputs[1].const_value.shape
+        if macs:
+            layers.append(_Layer(macs, shape[in_axis], shape[out_axis], tuple(entries)))
+    return layers
+
+
+def _weight_axes(node: ir.Node) -> tuple[int, int]:
+    """(input-channel axis, output-channel axis) of a layer's weight."""
+    if node.op_type == "Conv":
+        return 1, 0
+    if node.op_type == "ConvTranspose":
+        return 0, 1
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return 1, 0
+    return 0, 1
+
+
+def _select(
+    model: ir.Model,
+    groups: list[ChannelGroup],
+    scores: list[np.ndarray],
+    settings: StructuredSettings,
+    macs: int,
+) -> list[np.ndarray]:
+    """The channels each group keeps (sorted, in the order of ``groups``): the lowest scores
+    relative to their group's mean go first, model-wide, until the target is met. Weighing
+    scores by each channel's multiply-accumulates cut early, wide layers first and kept less
+    (EfficientNet-Lite0 at 30% fewer MACs, refitted: 58% top-1 agreement against 77%)."""
+    orders = [np.argsort(score, kind="stable") for score in scores]
+    candidates = []
+    for index, (group, order) in enumerate(zip(groups, orders, strict=True)):
+        relative = scores[index] / max(float(np.mean(scores[index])), 1e-30)
+        for rank in range(group.channels - _least_kept(group.channels, settings)):
+            candidates.append((float(relative[order[rank]]), index, rank))
+    candidates.sort()
+    layers = _layers(model, groups)
+    total_channels = sum(group.channels for group in groups)
+
+    def removed_after(count: int) -> np.ndarray:
+        removed = np.zeros(len(groups), dtype=np.int64)
+        for _, index, _ in candidates[:count]:
+            removed[index] += 1
+        for index, group in enumerate(groups):
+            kept = _round_up(group.channels - removed[index], settings.round_to, group.channels)
+            removed[index] = group.channels - kept
+        return removed
+
+    def achieved(removed: np.ndarray) -> float:
+        if settings.ratio is not None:
+            return removed.sum() / total_channels
+        saved = 0.0
+        for layer in layers:
+            shares = {True: 1.0, False: 1.0}
+            for index, width, is_input in layer.sides:
+                size = layer.inputs if is_input else layer.outputs
+                shares[is_input] -= removed[index] * width / size
+            saved += layer.macs * (1 - shares[True] * shares[False])
+        return saved / macs if macs else 0.0
+
+    target = settings.ratio if settings.ratio is not None else settings.flops
+    best = achieved(removed_after(len(candidates)))
+    if best + 1e-9 < target:
+        what = "channels" if settings.ratio is not None else "multiply-accumulates"
+        raise InputError(
+            f"prune cannot remove {target:.0%} of the {what}: at most {best:.1%} with "
+            f"{len(groups)} prunable groups, each keeping {settings.min_keep:.0%}",
+            fix="lower the target, lower prune.min_keep, or relax prune.exclude and "
+            "prune.protect_first_last",
+        )
+    low, high = 0, len(candidates)
+    while low < high:
+        middle = (low + high) // 2
+        if achieved(removed_after(middle)) + 1e-9 >= target:
+            high = middle
+        else:
+            low = middle + 1
+    removed = removed_after(low)
+    return [np.sort(order[count:]) for order, count in zip(orders, removed, strict=True)]
+
+
+def _least_kept(channels: int, settings: StructuredSettings) -> int:
+    least = max(1, math.ceil(settings.min_keep * channels))
+    return _round_up(least, settings.round_to, channels)
+
+
+def _round_up(count: int, multiple: int, limit: int) -> int:
+    return min(limit, -(-count // multiple) * multiple)
+
+
+# -- recovery -----------------------------------------------------------------------------
+
+# Rows (output positions) the refit of a layer sees per column of its input, over all samples.
+REFIT_ROWS_PER_COLUMN = 16
+
+# Ridge damping relative to the mean of the inputs' second moments (as SparseGPT's 1%).
+DAMPING = 0.01
+
+
+def _refit_consumers(
+    model: ir.Model,
+    original: ir.Model,
+    names: list[str],
+    feeds: Sequence[Feed],
+    progress: Progress,
+) -> list[str]:
+    """Refit each named layer, in graph order, so its output on the samples (its input
+    measured in the pruned model, earlier refits included) stays closest to the original
+    layer's output on the original model's input:
+    ``V = argmin ||X' V^T - X W^T||^2 + damping ||V - W_kept||^2``, a bias column in both
+    (one is added where the layer had none). The damping pulls towards the original weights
+    of the kept channels, so a layer with few rows (a classifier reads one a sample) stays
+    near them. Returns the layers refitted."""
+    wanted = set(names)
+    layers = [node for node in model.graph if node.name in wanted]
+    originals = {node.name: node for node in original.graph if node.name in wanted}
+    refitted = []
+    with (
+        SerializedModel(original) as source,
+        progress.task("refitting layers", total=len(layers)) as advance,
+    ):
+        for node in layers:
+            if _refit(model, source, node, originals[node.name], feeds):
+                refitted.append(node.name)
+            advance(1)
+    return refitted
+
+
+def _refit(
+    model: ir.Model,
+    source: SerializedModel,
+    node: ir.Node,
+    original: ir.Node,
+    feeds: Sequence[Feed],
+) -> bool:
+    layout, original_layout = input_layout(node), input_layout(original)
+    if layout is None or original_layout is None or layout.groups != 1:
+        return False
+    weight = node.inputs[1]
+    rows, restore = weight_rows(weight.const_value.numpy(), layout, 1)
+    full, _ = weight_rows(original.inputs[1].const_value.numpy(), original_layout, 1)
+    in_axis, out_axis = _weight_axes(node)
+    full = np.delete(full[0], removed_positions(weight, out_axis), axis=0).astype(np.float64)
+    has_bias = node.op_type != "MatMul"
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if bias is not None and (bias.const_value is None or bias.const_value.size != rows.shape[1]):
+        return False
+    channels = original.inputs[1].const_value.shape[in_axis]
+    kept_in = np.setdiff1d(np.arange(channels), removed_positions(weight, in_axis))
+    near = full.reshape(len(full), -1, channels)[:, :, kept_in].reshape(len(full), -1)
+    if has_bias:
+        # The bias is already cut to the kept outputs; the refit starts from it.
+        old = bias.const_value.numpy() if bias is not None else np.zeros(len(full))
+        full = np.concatenate([full, old.reshape(-1, 1)], axis=1)
+        near = np.concatenate([near, old.reshape(-1, 1)], axis=1)
+    columns = rows.shape[2]
+    positions = max(1, -(-REFIT_ROWS_PER_COLUMN * columns // len(feeds)))
+    pruned_probe = ProbeSession(model, [layout.input], threads=1, prune=True)
+    original_probe = ProbeSession(source, [original_layout.input], threads=1, prune=True)
+    gram = np.zeros((columns + has_bias,) * 2)
+    cross = np.zeros((columns + has_bias, full.shape[1]))
+    count = 0
+    for index, feed in enumerate(feeds):
+        pruned_in = pruned_probe.run(feed).get(layout.input)
+        original_in = original_probe.run(feed).get(original_layout.input)
+        if pruned_in is None or original_in is None:
+            return False
+        x = _columns(layout, pruned_in, positions, index, has_bias)
+        y = _columns(original_layout, original_in, positions, index, has_bias)
+        gram += x.T @ x
+        cross += x.T @ y
+        count += len(x)
+    damping = DAMPING * float(np.mean(np.diag(gram))) * max(1.0, (columns + has_bias) / count)
+    gram[np.diag_indices_from(gram)] += damping
+    try:
+        solved = np.linalg.solve(gram, cross @ full.T + damping * near.T).T
+    except np.linalg.LinAlgError:
+        return False
+    dtype = weight.const_value.dtype.numpy()
+    set_constant(weight, restore(solved[None, :, :columns].astype(dtype)))
+    if has_bias:
+        new_bias = solved[:, columns].astype(dtype)
+        if bias is not None:
+            set_constant(bias, new_bias)
+        else:
+            _add_bias(model, node, new_bias)
+    return True
+
+
+def _columns(layout, array: np.ndarray, positions: int, seed: int, bias: bool) -> np.ndarray:
+    """A sample's input as rows of columns (the same positions for the same seed), with a
+    column of ones for the bias."""
+    rng = np.random.default_rng(seed)
+    parts = [part[:, 0, :] for part in layout.columns(np.asarray(array), positions, rng)]
+    flat = np.concatenate(parts).astype(np.float64)
+    return np.concatenate([flat, np.ones((len(flat), 1))], axis=1) if bias else flat
+
+
+def _add_bias(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
+    name = f"{node.inputs[1].name}_bias"
+    while name in model.graph.initializers:
+        name += "_"
+    value = add_initializer(model.graph, name, bias)
+    node.resize_inputs(3)
+    node.replace_input_with(2, value)

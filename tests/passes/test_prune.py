@@ -1,0 +1,63 @@
+"""The prune pass through the presets a user runs: a smaller model written, the keep indices
+in the report, int8 quantization on the pruned graph, and options refused with the fix."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxopt.cli import main
+from onnxopt.pruning.shrink import model_statistics
+from tests.pruning.test_structured import branchy_net
+from tests.quantization.helpers import feeds
+
+
+def optimize(tmp_path, recipe: str, *options: str) -> tuple[int, dict | None]:
+    model = branchy_net()
+    source, output, report = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    ir.save(model, source)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.stack([sample["x"] for sample in feeds(model, count=48)]))
+    arguments = ["optimize", source, "-o", output, "--recipe", recipe, "--calib", data]
+    settings = [part for option in options for part in ("--set", option)]
+    code = main([str(a) for a in [*arguments, *settings, "--report", report]])
+    return code, json.loads(report.read_text()) if report.exists() else None
+
+
+def test_the_prune_preset_writes_a_smaller_model_and_reports_the_keep_indices(tmp_path):
+    code, document = optimize(tmp_path, "prune", "prune.round_to=1")
+    assert code == 0
+    pruning = document["pruning"]
+    assert pruning["macs"]["after"] <= 0.7 * pruning["macs"]["before"]
+    assert {group["name"] for group in pruning["groups"]} == {"conv2", "conv3a", "conv3b"}
+    for group in pruning["groups"]:
+        assert isinstance(group["keep"], list) and len(group["keep"]) == group["kept"]
+    assert {"node": "fc", "reason": "reaches the model output"} in pruning["unprunable"]
+    written = ir.load(tmp_path / "out.onnx")
+    assert model_statistics(written)[0] == pruning["parameters"]["after"]
+
+
+def test_the_prune_int8_preset_quantizes_the_pruned_graph(tmp_path):
+    options = ("prune.round_to=1", "check-speed.min_speedup=none")
+    code, document = optimize(tmp_path, "prune-int8", *options)
+    assert code == 0
+    assert document["pruning"]["removed_channels"] > 0
+    ops = ir.load(tmp_path / "out.onnx").graph
+    assert any(node.op_type == "QuantizeLinear" for node in ops)
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ("prune.ratio=1.5", "prune"),
+        ("prune.importance=random", "prune"),
+        ("prune.finetune_steps=10", "not available yet"),
+    ],
+)
+def test_bad_prune_options_exit_2_and_write_nothing(tmp_path, option, says, capsys):
+    code, _ = optimize(tmp_path, "prune", option)
+    assert code == 2 and not (tmp_path / "out.onnx").exists()
+    assert says in capsys.readouterr().err

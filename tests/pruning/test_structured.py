@@ -1,0 +1,144 @@
+"""Structured pruning: the model gets smaller and still runs, cutting a channel is the same as
+never reading it, recovery brings the outputs back closer, and bad targets are input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from onnxopt.errors import InputError
+from onnxopt.pruning.channels import find_channel_groups
+from onnxopt.pruning.shrink import model_statistics
+from onnxopt.pruning.structured import StructuredSettings, prune_structured
+from tests.pruning.test_channels import residual_net
+from tests.quantization.helpers import build, feeds, random_weights, run
+
+
+def branchy_net() -> ir.Model:
+    """conv1 -> Relu -> conv2 -> BatchNorm -> Relu -> (conv3a, conv3b) -> Concat -> Relu
+    -> conv4 -> GlobalAveragePool -> Flatten -> fc."""
+    weights = random_weights(
+        c1=(16, 3, 3, 3), c2=(16, 16, 3, 3), c2_b=(16,), c3a=(8, 16, 1, 1), c3b=(8, 16, 3, 3),
+        c4=(8, 16, 1, 1), c4_b=(8,), fc=(5, 8), fc_b=(5,),
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    weights.update(
+        scale=rng.uniform(0.5, 1.5, 16).astype(np.float32),
+        shift=rng.standard_normal(16).astype(np.float32) * 0.1,
+        mean=rng.standard_normal(16).astype(np.float32) * 0.1,
+        var=rng.uniform(0.5, 1.5, 16).astype(np.float32),
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "c1"], ["y1"], name="conv1", pads=[1] * 4),
+        helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "c2", "c2_b"], ["y2"], name="conv2", pads=[1] * 4),
+        helper.make_node(
+            "BatchNormalization", ["y2", "scale", "shift", "mean", "var"], ["n2"], name="bn"
+        ),
+        helper.make_node("Relu", ["n2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "c3a"], ["a"], name="conv3a"),
+        helper.make_node("Conv", ["r2", "c3b"], ["b"], name="conv3b", pads=[1] * 4),
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="cat", axis=1),
+        helper.make_node("Relu", ["cat"], ["r3"], name="relu3"),
+        helper.make_node("Conv", ["r3", "c4", "c4_b"], ["y4"], name="conv4"),
+        helper.make_node("GlobalAveragePool", ["y4"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["y"], name="fc", transB=1),
+    ]
+    return build(nodes, {"x": ["N", 3, 12, 12]}, {"y": ["N", 5]}, weights)
+
+
+def error(model: ir.Model, reference: ir.Model, samples) -> float:
+    expected = run(reference, samples)
+    return float(np.linalg.norm(run(model, samples) - expected) / np.linalg.norm(expected))
+
+
+def test_pruned_model_is_smaller_valid_and_records_what_it_kept():
+    model = branchy_net()
+    samples = feeds(model, count=16)
+    report = prune_structured(model, samples, StructuredSettings(ratio=0.5, recover=False))
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    assert run(model, samples[:2]).shape == (10,)
+    assert {group.name for group in report.groups} == {"conv2", "conv3a", "conv3b"}
+    assert report.removed == 16
+    for group in report.groups:
+        assert list(group.keep) == sorted(group.keep) and 0 < group.kept < group.channels
+    assert {item.node: item.reason for item in report.unprunable} == {
+        "conv1": "first or last layer (protect_first_last)",
+        "conv4": "first or last layer (protect_first_last)",
+        "fc": "reaches the model output",
+    }
+    assert report.parameters_after < report.parameters_before
+    assert report.macs_after < report.macs_before
+    assert (report.parameters_after, report.macs_after) == model_statistics(model)
+    assert model.graph.initializers["c4"].const_value.shape[1] == 8
+
+
+def test_cutting_a_channel_is_the_same_as_never_reading_it():
+    model, untouched = branchy_net(), branchy_net()
+    groups = {group.name: group for group in find_channel_groups(untouched)[0]}
+    samples = feeds(model, count=4)
+    settings = StructuredSettings(ratio=0.5, importance="magnitude", recover=False)
+    report = prune_structured(model, [], settings)
+    for pruned in report.groups:
+        group = groups[pruned.name]
+        removed = np.setdiff1d(np.arange(group.channels), pruned.keep)
+        for piece in group.consumers:
+            value = untouched.graph.initializers[piece.tensor]
+            array = value.const_value.numpy().copy()
+            index = [slice(None)] * array.ndim
+            index[piece.axis] = piece.offset + removed
+            array[tuple(index)] = 0
+            value.const_value = ir.tensor(array)
+    np.testing.assert_allclose(run(model, samples), run(untouched, samples), atol=1e-4)
+
+
+def test_recovery_brings_the_output_closer_to_the_original():
+    original = branchy_net()
+    calibration, held = feeds(original, count=32), feeds(original, count=8, seed=7)
+    errors = {}
+    for recover in (False, True):
+        model = branchy_net()
+        prune_structured(model, calibration, StructuredSettings(ratio=0.5, recover=recover))
+        errors[recover] = error(model, original, held)
+    assert errors[True] < 0.8 * errors[False]
+
+
+def test_a_flops_target_is_met_and_residual_groups_prune_together():
+    model = residual_net()
+    before = model_statistics(model)[1]
+    settings = StructuredSettings(flops=0.2, protect_first_last=False, round_to=2)
+    report = prune_structured(model, feeds(model, count=8), settings)
+    assert report.macs_after <= 0.8 * before
+    assert all(group.kept % 2 == 0 for group in report.groups)
+    run(model, feeds(model, count=1))
+    assert model.graph.node(4).attributes.get_int("group") == report.groups[0].kept
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (StructuredSettings(ratio=1.0), "outside"),
+        (StructuredSettings(), "exactly one target"),
+        (StructuredSettings(ratio=0.3, flops=0.3), "exactly one target"),
+        (StructuredSettings(flops=0.95, importance="magnitude", recover=False), "cannot remove"),
+        (StructuredSettings(ratio=0.5, importance="taylor", recover=False), "calibration data"),
+        (StructuredSettings(ratio=0.5), "calibration data"),
+    ],
+)
+def test_bad_targets_are_input_errors_with_a_fix(settings, message):
+    model = branchy_net()
+    samples = []
+    with pytest.raises(InputError, match=message) as raised:
+        prune_structured(model, samples, settings)
+    assert raised.value.fix
+
+
+def test_nothing_to_prune_names_the_reasons():
+    model = residual_net()
+    settings = StructuredSettings(ratio=0.5, importance="magnitude", recover=False)
+    with pytest.raises(InputError, match="protect_first_last"):
+        prune_structured(model, [], settings)
