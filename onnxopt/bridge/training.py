@@ -26,6 +26,9 @@ BATCH_TOLERANCE = 1e-4
 
 Loss = Callable[[tuple[torch.Tensor, ...], list[torch.Tensor]], torch.Tensor]
 
+# Called after each epoch with its number (from 0) and its mean loss; True stops training.
+EpochHook = Callable[[int, float], bool]
+
 
 @dataclasses.dataclass
 class TrainingSettings:
@@ -38,6 +41,8 @@ class TrainingSettings:
         weight_decay: AdamW's or SGD's decay.
         batch_size: samples per step where the graph runs batches; else one at a time.
         seed: makes the order of samples and torch's random numbers repeatable.
+        schedule: "constant" learning rate, or "cosine": decayed to zero over the run (the
+            last steps settle rather than jump, which matters when few samples are seen).
     """
 
     epochs: int = 1
@@ -46,6 +51,7 @@ class TrainingSettings:
     weight_decay: float = 0.0
     batch_size: int = 8
     seed: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
 
 
 @dataclasses.dataclass
@@ -121,12 +127,16 @@ def fine_tune(
     loss: Loss,
     settings: TrainingSettings | None = None,
     progress: Progress = QUIET,
+    after_step: Callable[[], None] | None = None,
+    after_epoch: EpochHook | None = None,
 ) -> TrainingResult:
     """Train the module's parameters to lower ``loss(outputs, inputs)`` over ``data``.
 
     ``data`` is any of the project's data sources (an ``open_data`` source, a list of feed
     dicts); samples run stacked in batches of ``settings.batch_size`` where ``runs_batches``
-    says the graph allows it, else one at a time.
+    says the graph allows it, else one at a time. ``after_step`` runs after every optimizer
+    step (to re-apply a constraint such as a sparsity mask); ``after_epoch`` after every epoch,
+    the module in eval mode, and stops training when it returns True.
     """
     settings = settings or TrainingSettings()
     torch.manual_seed(settings.seed)
@@ -136,10 +146,15 @@ def fine_tune(
     batched = settings.batch_size > 1 and runs_batches(module, feeds)
     size = settings.batch_size if batched else 1
     optimizer = _optimizer(module, settings)
+    per_epoch = -(-len(feeds) // size)
+    scheduler = None
+    if settings.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, settings.epochs * per_epoch
+        )
     rng = np.random.default_rng(settings.seed)
     losses, steps = [], 0
     module.train()
-    per_epoch = -(-len(feeds) // size)
     with progress.task("fine-tuning", settings.epochs * per_epoch) as advance:
         for epoch in range(settings.epochs):
             order = rng.permutation(len(feeds))
@@ -155,11 +170,20 @@ def fine_tune(
                 value = loss(module(*inputs), inputs)
                 value.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                if after_step is not None:
+                    after_step()
                 total += float(value.detach())
                 steps += 1
                 advance(1)
             losses.append(total / per_epoch)
             logger.info("epoch %d: mean loss %.6g", epoch + 1, losses[-1])
+            if after_epoch is not None:
+                module.eval()
+                if after_epoch(epoch, losses[-1]):
+                    break
+                module.train()
     module.eval()
     return TrainingResult(losses, steps, batched)
 

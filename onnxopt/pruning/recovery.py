@@ -1,0 +1,320 @@
+"""Recovery after pruning: distil the pruned model towards the original through the torch bridge,
+zeros kept where pruning put them.
+
+The student learns the original's outputs (KL divergence at a temperature for class scores,
+mean squared error relative to the output's power otherwise) and, layer by layer, the output
+of every pruned layer (the same relative error, so each layer counts alike whatever its
+scale): more signal per sample than the final outputs alone, which matters with a few hundred
+unlabelled samples. A slice of the samples is held out; the weights kept are those of the
+epoch that reproduced the original's outputs best on it, and the one-shot weights when no
+epoch did better than they do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.errors import InputError
+from onnxopt.metrics import class_score_outputs
+from onnxopt.progress import QUIET, Progress
+from onnxopt.runtime import Feed
+
+logger = logging.getLogger(__name__)
+
+# Guards the normalized errors of outputs that are all zeros.
+EPSILON = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoverySettings:
+    """How ``recover`` fine-tunes.
+
+    Attributes:
+        epochs: passes over the training samples, at most (the learning rate decays to zero
+            over them, cosine).
+        learning_rate: AdamW's, no weight decay: pretrained weights need small steps.
+        batch_size: samples per step where the graph runs batches.
+        held_out: the share of the samples held out to choose the epoch whose weights are kept
+            (at least one sample); the rest are trained on.
+        features: also match the output of every pruned layer to the original's.
+        temperature: softens class scores in their KL divergence (distillation's T); the
+            held-out loss always compares them at 1.
+        patience: epochs without a better held-out loss before training stops early.
+        seed: the held-out split, the order of samples and torch's random numbers.
+    """
+
+    epochs: int = 4
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    held_out: float = 0.125
+    features: bool = True
+    temperature: float = 2.0
+    patience: int = 2
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryResult:
+    """How the fine-tune went.
+
+    Attributes:
+        losses: the mean training loss of each epoch.
+        held_out_losses: the loss on the held-out samples after each epoch.
+        held_out_before: that loss with the one-shot weights.
+        held_out_after: that loss with the weights kept.
+        kept: whether fine-tuned weights were kept (False: no epoch beat the one-shot weights,
+            which the model keeps).
+        best_epoch: the epoch whose weights were kept, from 1 (0: the one-shot weights).
+        steps: optimizer steps taken.
+        features: pruned layers whose outputs were matched.
+        train_samples: samples trained on.
+        seconds: the time it took.
+    """
+
+    losses: list[float]
+    held_out_losses: list[float]
+    held_out_before: float
+    held_out_after: float
+    kept: bool
+    best_epoch: int
+    steps: int
+    features: int
+    train_samples: int
+    seconds: float
+
+
+def recover(
+    model: ir.Model,
+    original: ir.Model,
+    feeds: Sequence[Feed],
+    zeros: Mapping[str, np.ndarray],
+    settings: RecoverySettings | None = None,
+    progress: Progress = QUIET,
+) -> RecoveryResult:
+    """Fine-tune ``model`` in place to reproduce ``original``'s outputs on ``feeds``, every
+    weight in ``zeros`` (by initializer name, True where pruned) kept at zero. ``original``
+    must be the model before pruning, with the same value names. Needs the torch extra.
+
+    Raises InputError with fewer than two samples (one must be held out).
+    """
+    import torch
+
+    from onnxopt.bridge import write_back
+    from onnxopt.bridge.training import TrainingSettings, fine_tune
+
+    settings = settings or RecoverySettings()
+    start = time.perf_counter()
+    train, held = _split(feeds, settings)
+    matched = _matched_layers(model, original, zeros) if settings.features else []
+    pair = _Distillation(model, original, matched, zeros, settings.temperature)
+    held_batches = _batches(pair.student, held, settings.batch_size)
+    pair.apply_masks()
+    before = pair.held_out_loss(held_batches)
+    logger.info("one-shot weights: held-out loss %.6g", before)
+    best_loss, best_epoch, best_weights = before, 0, None
+    history: list[float] = []
+
+    def after_epoch(epoch: int, _: float) -> bool:
+        nonlocal best_loss, best_epoch, best_weights
+        history.append(pair.held_out_loss(held_batches))
+        logger.info("epoch %d: held-out loss %.6g", epoch + 1, history[-1])
+        if history[-1] < best_loss:
+            best_loss, best_epoch = history[-1], epoch + 1
+            best_weights = {name: p.detach().clone() for name, p in pair.parameters.items()}
+        return epoch + 1 - best_epoch >= settings.patience
+
+    training = TrainingSettings(
+        epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        schedule="cosine",
+    )
+    result = fine_tune(
+        pair.student, train, pair.loss, training, progress, pair.apply_masks, after_epoch
+    )
+    if best_weights is not None:
+        with torch.no_grad():
+            for name, weight in best_weights.items():
+                pair.parameters[name].copy_(weight)
+        write_back(pair.student, model)
+    else:
+        logger.info("no epoch beat the one-shot weights on the held-out samples: kept them")
+    return RecoveryResult(
+        losses=result.losses,
+        held_out_losses=history,
+        held_out_before=before,
+        held_out_after=best_loss,
+        kept=best_weights is not None,
+        best_epoch=best_epoch,
+        steps=result.steps,
+        features=len(matched),
+        train_samples=len(train),
+        seconds=time.perf_counter() - start,
+    )
+
+
+class _Distillation:
+    """The pruned model (student, trainable, its zeros masked) beside the original (teacher,
+    frozen), both also giving the ``matched`` layer outputs after their own outputs."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        original: ir.Model,
+        matched: Sequence[str],
+        zeros: Mapping[str, np.ndarray],
+        temperature: float,
+    ):
+        import torch
+
+        from onnxopt.bridge import to_module
+
+        self.student = to_module(_with_outputs(model, matched))
+        self.teacher = to_module(_with_outputs(original, matched))
+        self.teacher.eval()
+        for parameter in self.teacher.parameters():
+            parameter.requires_grad_(False)
+        classes = class_score_outputs(model)
+        self.is_class = [value.name in classes for value in model.graph.outputs]
+        self.count = len(self.is_class)
+        self.temperature = temperature
+        self.parameters = self.student.onnx_parameters()
+        self.keeps = {
+            name: torch.from_numpy(~np.asarray(mask, dtype=bool)).to(self.parameters[name].dtype)
+            for name, mask in zeros.items()
+            if name in self.parameters
+        }
+        # Pruned weights get no gradient, so Adam's moments for them stay zero too.
+        for name, keep in self.keeps.items():
+            self.parameters[name].register_hook(lambda gradient, keep=keep: gradient * keep)
+
+    def apply_masks(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, keep in self.keeps.items():
+                self.parameters[name].mul_(keep)
+
+    def loss(self, results, inputs):
+        """The outputs' loss plus the mean relative error of the matched layers."""
+        import torch
+
+        with torch.no_grad():
+            targets = self.teacher(*inputs)
+        count = self.count
+        value = output_loss(results[:count], targets[:count], self.is_class, self.temperature)
+        if len(results) > count:
+            layers = zip(results[count:], targets[count:], strict=True)
+            value = value + sum(_relative_error(*pair) for pair in layers) / (len(results) - count)
+        return value
+
+    def held_out_loss(self, batches: Sequence[tuple[list, int]]) -> float:
+        """The outputs' loss (class scores at temperature 1) per sample over ``batches``."""
+        import torch
+
+        total, samples = 0.0, 0
+        with torch.no_grad():
+            for inputs, size in batches:
+                results = self.student(*inputs)[: self.count]
+                targets = self.teacher(*inputs)[: self.count]
+                total += float(output_loss(results, targets, self.is_class, 1.0)) * size
+                samples += size
+        return total / samples
+
+
+def output_loss(outputs, targets, is_class: Sequence[bool], temperature: float):
+    """How far ``outputs`` are from the original's ``targets``, summed over the float outputs:
+    the KL divergence of softened class scores (times T², distillation's scale), else the mean
+    squared error relative to the target's mean square (each output counts alike whatever its
+    scale)."""
+    import torch
+    import torch.nn.functional as F
+
+    total = torch.zeros(())
+    for output, target, classes in zip(outputs, targets, is_class, strict=True):
+        if not output.dtype.is_floating_point:
+            continue
+        if classes:
+            scores, reference = output.flatten(0, -2), target.flatten(0, -2)
+            total = total + temperature**2 * F.kl_div(
+                F.log_softmax(scores / temperature, -1),
+                F.log_softmax(reference / temperature, -1),
+                reduction="batchmean",
+                log_target=True,
+            )
+        else:
+            total = total + _relative_error(output, target)
+    return total
+
+
+def _relative_error(output, target):
+    return (output - target).pow(2).mean() / target.pow(2).mean().clamp_min(EPSILON)
+
+
+def _split(feeds: Sequence[Feed], settings: RecoverySettings) -> tuple[list[Feed], list[Feed]]:
+    """The samples to train on and those held out, chosen at random by the seed."""
+    feeds = list(feeds)
+    if len(feeds) < 2:
+        raise InputError(
+            f"recovery needs at least 2 calibration samples, got {len(feeds)}",
+            fix="give more samples: some train, at least one is held out to check the result",
+        )
+    count = min(len(feeds) - 1, max(1, round(len(feeds) * settings.held_out)))
+    order = np.random.default_rng(settings.seed).permutation(len(feeds))
+    return [feeds[i] for i in order[count:]], [feeds[i] for i in order[:count]]
+
+
+def _matched_layers(
+    model: ir.Model, original: ir.Model, zeros: Mapping[str, np.ndarray]
+) -> list[str]:
+    """The float outputs of the nodes that read a pruned weight, where the original computes a
+    value of the same name (not graph outputs: those are matched anyway)."""
+    in_original = {
+        output.name for node in original.graph for output in node.outputs if output is not None
+    }
+    graph_outputs = {value.name for value in model.graph.outputs}
+    names: list[str] = []
+    for node in model.graph:
+        if not any(value is not None and value.name in zeros for value in node.inputs):
+            continue
+        value = node.outputs[0]
+        if (
+            value.name in in_original
+            and value.name not in graph_outputs
+            and value.name not in names
+            and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, None)
+        ):
+            names.append(value.name)
+    return names
+
+
+def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of ``model`` that also outputs the values ``names``, after its own outputs."""
+    if not names:
+        return model
+    copy = model.clone()
+    values = {output.name: output for node in copy.graph for output in node.outputs}
+    copy.graph.outputs.extend(values[name] for name in names)
+    return copy
+
+
+def _batches(module, feeds: Sequence[Feed], size: int) -> list[tuple[list, int]]:
+    """The feeds as input tensors, stacked by ``size`` where the graph runs batches, each with
+    its number of samples."""
+    import torch
+
+    from onnxopt.bridge.training import as_tensors, runs_batches
+
+    size = size if runs_batches(module, feeds[:2]) else 1
+    batches = []
+    for first in range(0, len(feeds), size):
+        group = [as_tensors(module, feed) for feed in feeds[first : first + size]]
+        batches.append(([torch.cat(parts) for parts in zip(*group, strict=True)], len(group)))
+    return batches
