@@ -9,7 +9,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 # The headings of the sections other benchmarks own.
-OWNED_HEADINGS = ("## Calibration cost", "## Torch bridge fidelity", "## Sparsity")
+OWNED_HEADINGS = (
+    "## Calibration cost",
+    "## Torch bridge fidelity",
+    "## Sparsity",
+    "## Structured pruning",
+)
 
 
 def _split(text: str) -> tuple[str, dict[str, str]]:

@@ -129,7 +129,7 @@ def optimize(
     if data is not None:
         source = open_data(data, loaded)
         # Calibration needs the samples more: then validation holds back at most a quarter of them.
-        calibrating = any(pass_.needs_data for pass_ in pipeline.passes)
+        calibrating = any(pass_.needs_data or pass_.reads_data for pass_ in pipeline.passes)
         context.data, context.validation_data = source.split(holdout, 0.25 if calibrating else 1.0)
     before = summarize(loaded, str(input_path) if input_path else None)
     failure = None

@@ -13,6 +13,7 @@ from onnxopt.errors import ProcessingError
 from onnxopt.fidelity import ReferenceComparison, reference_comparison
 from onnxopt.progress import QUIET, Progress
 from onnxopt.pruning import SparsityReport
+from onnxopt.pruning.recovery import RecoveryResult
 from onnxopt.pruning.structured import StructuredReport
 from onnxopt.quantization.speed_check import SpeedCheck
 from onnxopt.quantization.state import QuantizationState
@@ -50,6 +51,7 @@ class Context:
             when int8 cannot beat ``min_speedup``, the passes that quantize are skipped.
         quantization: what the quantizer did, for the repairs after it and the report.
         sparsity: what the sparsify pass pruned, for the report.
+        recovery: how the fine-tune after pruning went (``finetune_steps``), for the report.
         pruning: the channels the prune pass removed (keep indices per group), for the report
             and for weight transfer.
         validation: the result of the last validation.
@@ -67,6 +69,7 @@ class Context:
     speed_check: SpeedCheck | None = None
     quantization: QuantizationState | None = None
     sparsity: SparsityReport | None = None
+    recovery: RecoveryResult | None = None
     pruning: StructuredReport | None = None
     validation: ValidationResult | None = None
     report: list[ReportRow] = dataclasses.field(default_factory=list)

@@ -54,6 +54,7 @@ def report_document(
         "validation": validation_json(context.validation),
         "quantization": quantization_json(context.quantization, context.speed_check),
         "sparsity": sparsity_json(context.sparsity),
+        "finetune": dataclasses.asdict(context.recovery) if context.recovery else None,
         "pruning": pruning_json(context.pruning),
         "speed": speed_json(speed),
         "passed": failure is None,

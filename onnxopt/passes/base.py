@@ -39,6 +39,8 @@ class OnnxoptPass(ir.passes.InPlacePass):
     Attributes:
         name: the name a recipe uses for this pass.
         needs_data: the pass cannot run without calibration data.
+        reads_data: the pass measures on calibration data when there is some (validation
+            then holds back at most a quarter of the samples, as for ``needs_data``).
         needs_calibration: the pass reads ``context.calibration``.
         provides_calibration: the pass fills ``context.calibration`` for the passes after it.
         min_opset: the lowest default-domain opset the pass supports, or None.
@@ -48,6 +50,7 @@ class OnnxoptPass(ir.passes.InPlacePass):
 
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False
+    reads_data: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False
     provides_calibration: ClassVar[bool] = False
     min_opset: ClassVar[int | None] = None

@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 
 import onnx_ir as ir
 
-from onnxopt.errors import InputError
 from onnxopt.options import Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
+from onnxopt.pruning.recovery import recover_steps
 from onnxopt.pruning.structured import StructuredSettings, prune_structured
 
 
@@ -24,7 +24,10 @@ class PrunePass(OnnxoptPass):
         importance: ``activation`` (default: output energy carried into the next layers),
             ``magnitude``, ``taylor`` or ``gradient`` (the last two need the torch extra).
         recover: refit the layers that read cut channels (needs calibration data).
-        finetune_steps: distillation steps after pruning (not available yet: 0).
+        finetune_steps: about this many distillation steps after pruning, through the torch
+            bridge (``pruning.recovery``; needs the torch extra); 0: none.
+        finetune_samples: calibration samples the fine-tune trains on (an eighth held out
+            to keep the best epoch, or the refitted weights when no epoch beats them).
         exclude: regular expressions on node names; channels those layers write stay.
         protect_first_last: the first layer's output channels and the last layer's input
             channels stay.
@@ -33,6 +36,7 @@ class PrunePass(OnnxoptPass):
     """
 
     name = "prune"
+    reads_data = True
 
     def __init__(
         self,
@@ -45,13 +49,11 @@ class PrunePass(OnnxoptPass):
         protect_first_last: bool = True,
         round_to: Annotated[int, Range(low=1)] = 1,
         samples: Annotated[int, Range(low=1)] = 32,
+        finetune_samples: Annotated[int, Range(low=2)] = 512,
     ):
         super().__init__()
-        if finetune_steps:
-            raise InputError(
-                "prune.finetune_steps is not available yet",
-                fix="leave prune.finetune_steps = 0; prune.recover refits the layers instead",
-            )
+        self.finetune_steps = finetune_steps
+        self.finetune_samples = finetune_samples
         self.settings = StructuredSettings(
             ratio=ratio,
             flops=flops,
@@ -66,8 +68,17 @@ class PrunePass(OnnxoptPass):
     def call(self, model: ir.Model) -> PassResult:
         data = self.context.data
         feeds = data.take(self.samples) if data is not None else []
+        original = model.clone() if self.finetune_steps else None
         report = prune_structured(model, feeds, self.settings, self.context.progress)
         self.context.pruning = report
+        if original is not None and report.removed:
+            self.context.recovery = recover_steps(
+                model,
+                original,
+                data.take(self.finetune_samples) if data is not None else [],
+                self.finetune_steps,
+                progress=self.context.progress,
+            )
         details = {
             "channels removed": report.removed,
             "groups": len(report.groups),

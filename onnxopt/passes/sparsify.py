@@ -11,6 +11,7 @@ from onnxopt.options import Range, Rule
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.pruning import SparsitySettings, parse_pattern, sparsify_model
 from onnxopt.pruning.budget import sparsify_to_budget
+from onnxopt.pruning.recovery import recover_steps
 from onnxopt.validation import Thresholds
 
 
@@ -59,9 +60,14 @@ class SparsifyPass(OnnxoptPass):
         min_sqnr_db: with ``ratio = "auto"``: every output's SQNR, at least.
         min_top1_agreement: with ``ratio = "auto"``: outputs that hold class scores are
             expected to agree on the top class this often.
+        finetune_steps: about this many distillation steps after pruning, through the torch
+            bridge (``pruning.recovery``; needs the torch extra), zeros kept; 0: none.
+        finetune_samples: calibration samples the fine-tune trains on (an eighth held out
+            to keep the best epoch, or the one-shot weights when no epoch beats them).
     """
 
     name = "sparsify"
+    reads_data = True
 
     def __init__(
         self,
@@ -77,8 +83,12 @@ class SparsifyPass(OnnxoptPass):
         min_cosine: Annotated[float | None, Range(-1.0, 1.0)] = 0.99,
         min_sqnr_db: float | None = None,
         min_top1_agreement: Annotated[float | None, Range(0.0, 1.0)] = 0.97,
+        finetune_steps: Annotated[int, Range(low=0)] = 0,
+        finetune_samples: Annotated[int, Range(low=2)] = 512,
     ):
         super().__init__()
+        self.finetune_steps = finetune_steps
+        self.finetune_samples = finetune_samples
         self.ratio = ratio
         self.budget = Thresholds(
             min_cosine=min_cosine, min_sqnr_db=min_sqnr_db, min_top1_agreement=min_top1_agreement
@@ -99,6 +109,7 @@ class SparsifyPass(OnnxoptPass):
         data = self.context.data
         feeds = data.take(self.samples) if data is not None else []
         progress = self.context.progress
+        original = model.clone() if self.finetune_steps else None
         if self.ratio == "auto":
             comparison = self.context.reference_comparison()
             report = sparsify_to_budget(
@@ -107,6 +118,15 @@ class SparsifyPass(OnnxoptPass):
         else:
             report = sparsify_model(model, feeds, self.settings, progress)
         self.context.sparsity = report
+        if original is not None and report.layers:
+            self.context.recovery = recover_steps(
+                model,
+                original,
+                data.take(self.finetune_samples) if data is not None else [],
+                self.finetune_steps,
+                [layer.weight for layer in report.layers],
+                progress,
+            )
         details = {
             "sparsity": round(report.sparsity, 4),
             "pattern": str(self.settings.pattern),
@@ -116,6 +136,8 @@ class SparsifyPass(OnnxoptPass):
             details["layers dense"] = len(report.dense)
         if report.candidate_closeness:
             details["allocation"] = report.allocation
+        if self.context.recovery is not None and original is not None:
+            details["fine-tune kept"] = self.context.recovery.kept
         if report.budget is not None:
             details["budget"] = report.budget
             details["trials"] = len(report.trials)

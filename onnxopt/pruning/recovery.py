@@ -160,6 +160,26 @@ def recover(
     )
 
 
+def recover_steps(
+    model: ir.Model,
+    original: ir.Model,
+    feeds: Sequence[Feed],
+    steps: int,
+    pruned_weights: Sequence[str] = (),
+    progress: Progress = QUIET,
+) -> RecoveryResult:
+    """``recover`` for about ``steps`` optimizer steps (whole epochs, at least one), the zeros
+    of the ``pruned_weights`` initializers kept. What the ``finetune_steps`` option of the
+    sparsify and prune passes runs."""
+    defaults = RecoverySettings()
+    train = len(feeds) - min(len(feeds) - 1, max(1, round(len(feeds) * defaults.held_out)))
+    per_epoch = max(1, -(-train // defaults.batch_size))
+    settings = dataclasses.replace(defaults, epochs=max(1, round(steps / per_epoch)))
+    initializers = model.graph.initializers
+    zeros = {name: initializers[name].const_value.numpy() == 0 for name in pruned_weights}
+    return recover(model, original, feeds, zeros, settings, progress)
+
+
 class _Distillation:
     """The pruned model (student, trainable, its zeros masked) beside the original (teacher,
     frozen), both also giving the ``matched`` layer outputs after their own outputs."""

@@ -49,12 +49,22 @@ def test_the_prune_int8_preset_quantizes_the_pruned_graph(tmp_path):
     assert any(node.op_type == "QuantizeLinear" for node in ops)
 
 
+def test_finetune_steps_distil_the_pruned_model_and_report_it(tmp_path):
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    code, document = optimize(tmp_path, "prune", "prune.round_to=1", "prune.finetune_steps=12")
+    assert code == 0
+    finetune = document["finetune"]
+    assert finetune["train_samples"] > 0 and finetune["held_out_before"] > 0
+    assert finetune["held_out_after"] <= finetune["held_out_before"]
+    assert finetune["steps"] > 0 and finetune["features"] == 0
+
+
 @pytest.mark.parametrize(
     ("option", "says"),
     [
         ("prune.ratio=1.5", "prune"),
         ("prune.importance=random", "prune"),
-        ("prune.finetune_steps=10", "not available yet"),
+        ("prune.finetune_steps=-1", "prune.finetune_steps"),
     ],
 )
 def test_bad_prune_options_exit_2_and_write_nothing(tmp_path, option, says, capsys):

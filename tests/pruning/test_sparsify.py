@@ -265,3 +265,24 @@ def test_without_data_the_preset_says_how_to_give_it(tmp_path, capsys):
     assert main(["optimize", str(source), "-o", str(output), "--recipe", "sparsify"]) == 2
     assert not output.exists()
     assert "--calib" in capsys.readouterr().err
+
+
+def test_finetune_steps_keep_the_zeros_and_never_end_worse(tmp_path):
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    source, output, report = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    ir.save(conv_net(), source)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.stack([sample["x"] for sample in feeds(conv_net(), count=64)]))
+    arguments = ["optimize", source, "-o", output, "--recipe", "sparsify", "--calib", data]
+    options = ["sparsify.ratio=0.6", "sparsify.finetune_steps=20", "validate.min_cosine=0.8"]
+    options += ["validate.min_top1_agreement=none"]
+    settings = [part for option in options for part in ("--set", option)]
+    assert main([str(a) for a in [*arguments, *settings, "--report", report]]) == 0
+    document = json.loads(report.read_text())
+    finetune = document["finetune"]
+    assert finetune["held_out_after"] <= finetune["held_out_before"]
+    assert finetune["features"] == 3 and finetune["steps"] > 0
+    written = ir.load(output)
+    for layer in document["sparsity"]["layers"]:
+        weight = written.graph.initializers[layer["weight"]].const_value.numpy()
+        assert np.mean(weight == 0) >= layer["sparsity"] - 1e-6

@@ -1,0 +1,195 @@
+"""Structured pruning on real pretrained models: channels, FFN neurons and attention heads
+removed, the tensors physically smaller, timed against the FP32 original in the same run.
+
+EfficientNet-Lite0 (top-1 agreement with FP32) and the MiniLM sentence encoder (embedding
+cosine with FP32), after the cleanup preset, pruned by ``prune_structured`` with recovery (the
+least-squares refit), fidelity on 64 held-back eval samples; then a ResNet-18-shaped CNN (random
+weights: no ResNet ships offline, so it is timed only) with half its channels removed, float and
+through the ``prune-int8`` preset. Latency: onnxruntime, one thread, batch 1, the original and
+the pruned model timed interleaved. Build the models first (benchmarks/README.md).
+
+    .venv/bin/python benchmarks/structured.py
+
+writes the table to its section of benchmarks/RESULTS.md as well.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from pruning import MODELS, samples, score
+from results_sections import write_section
+
+from onnxopt.api import optimize
+from onnxopt.compare import time_models
+from onnxopt.pruning.structured import StructuredSettings, prune_structured
+
+SECTION = "## Structured pruning"
+CALIBRATION_SAMPLES = 64
+SETTINGS = [
+    ("flops 0.3", StructuredSettings(flops=0.3, round_to=8)),
+    ("ratio 0.5", StructuredSettings(ratio=0.5, round_to=8)),
+]
+
+
+def cleaned(path: Path) -> ir.Model:
+    return optimize(path, recipe="cleanup", timing=False).model
+
+
+def resnet18(folder: Path) -> Path:
+    """A ResNet-18-shaped CNN (BatchNorm with random statistics), exported by torch."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    def block(inputs: int, outputs: int, stride: int) -> nn.Module:
+        class Block(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = nn.Sequential(
+                    nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False),
+                    nn.BatchNorm2d(outputs),
+                    nn.ReLU(),
+                    nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False),
+                    nn.BatchNorm2d(outputs),
+                )
+                self.skip = (
+                    nn.Identity()
+                    if stride == 1 and inputs == outputs
+                    else nn.Sequential(
+                        nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs)
+                    )
+                )
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.relu(self.body(x) + self.skip(x))
+
+        return Block()
+
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    width = 64
+    for outputs, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [block(width, outputs, stride), block(outputs, outputs, 1)]
+        width = outputs
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
+    network = nn.Sequential(*layers).eval()
+    for module in network.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.0)
+    path = folder / "resnet18.onnx"
+    torch.onnx.export(
+        network,
+        (torch.randn(1, 3, 224, 224),),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        opset_version=17,
+        dynamo=False,
+    )
+    return path
+
+
+def latency(original: ir.Model | Path, pruned: ir.Model | Path, feed: dict) -> str:
+    timing = time_models(original, pruned, feed, threads=1, seconds=3.0)
+    return (
+        f"{timing.latency_a.median_ms:.1f} -> {timing.latency_b.median_ms:.1f} ms "
+        f"({timing.speedup:.2f}x)"
+    )
+
+
+def main() -> int:
+    lines = [
+        f"{'model':<20} {'setting':<26} {'MACs':>16} {'params':>16} {'s':>6}  "
+        "fidelity with FP32; latency 1 thread"
+    ]
+    for name in ("efficientnet_lite0", "minilm"):
+        path = MODELS / f"{name}.onnx"
+        if not path.exists():
+            lines.append(f"{name:<20} not built (benchmarks/README.md)")
+            continue
+        reference_session = ort.InferenceSession(str(path))
+        names = [spec.name for spec in reference_session.get_inputs()]
+        calibration = samples(MODELS / f"{name}_calibration.npz", names, CALIBRATION_SAMPLES)
+        evaluation = samples(MODELS / f"{name}_eval.npz", names, 64)
+        reference = [reference_session.run(None, feed)[0] for feed in evaluation]
+        original = cleaned(path)
+        for label, settings in SETTINGS:
+            model = original.clone()
+            start = time.perf_counter()
+            report = prune_structured(model, calibration, settings)
+            seconds = time.perf_counter() - start
+            session = ort.InferenceSession(ir.to_proto(model).SerializeToString())
+            outputs = [session.run(None, feed)[0] for feed in evaluation]
+            lines.append(
+                f"{name:<20} {label + ', refit':<26} "
+                f"{report.macs_before / 1e6:>7.0f}M->{report.macs_after / 1e6:.0f}M "
+                f"{report.parameters_before / 1e6:>6.2f}M->{report.parameters_after / 1e6:.2f}M "
+                f"{seconds:>6.1f}  {score(name, outputs, reference)}; "
+                f"{latency(original, model, evaluation[0])}"
+            )
+            print(lines[-1], flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        path = resnet18(Path(folder))
+        rng = np.random.default_rng(0)
+        data = [
+            {"image": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(32)
+        ]
+        original = cleaned(path)
+        for label, protect in (("ratio 0.5", True), ("ratio 0.5, stem pruned too", False)):
+            model = original.clone()
+            settings = StructuredSettings(ratio=0.5, round_to=8, protect_first_last=protect)
+            start = time.perf_counter()
+            report = prune_structured(model, data, settings)
+            seconds = time.perf_counter() - start
+            lines.append(
+                f"{'resnet18 (random)':<20} {label:<26} "
+                f"{report.macs_before / 1e6:>7.0f}M->{report.macs_after / 1e6:.0f}M "
+                f"{report.parameters_before / 1e6:>6.2f}M->{report.parameters_after / 1e6:.2f}M "
+                f"{seconds:>6.1f}  {latency(original, model, data[0])}"
+            )
+            print(lines[-1], flush=True)
+        output = Path(folder) / "int8.onnx"
+        start = time.perf_counter()
+        result = optimize(
+            path,
+            output,
+            recipe="prune-int8",
+            data=data,
+            settings={"prune.ratio": 0.5, "prune.flops": None},
+            timing=False,
+            raise_on_failure=False,
+        )
+        seconds = time.perf_counter() - start
+        lines.append(
+            f"{'resnet18 (random)':<20} {'prune-int8, ratio 0.5':<26} {'':>16} {'':>16} "
+            f"{seconds:>6.1f}  {latency(original, output, data[0])}"
+            + ("" if result.written else "; not written (validation failed)")
+        )
+        print(lines[-1], flush=True)
+    write_section(
+        SECTION,
+        "Command: `.venv/bin/python benchmarks/structured.py`, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; after the cleanup preset, "
+        f"{CALIBRATION_SAMPLES} calibration samples, importance 'activation', channels kept in "
+        "multiples of 8, first and last layers whole unless said, fidelity on 64 held-back eval "
+        "samples; ResNet-18 has random weights (timed only).\n\n```\n" + "\n".join(lines) + "\n```",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
