@@ -13,6 +13,7 @@ from torch import nn
 from onnxopt.bridge.interpreter import Graph, compile_model, run_graph
 from onnxopt.bridge.types import supported_type, to_numpy, to_tensor, to_torch_dtype
 from onnxopt.errors import InputError
+from onnxopt.metrics import class_score_outputs
 
 # Inputs that hold a layer's weights, by op: their float initializers become parameters.
 WEIGHT_INPUTS: dict[str, frozenset[int]] = {
@@ -66,6 +67,9 @@ class OnnxModule(nn.Module):
         self.graph: Graph = compile_model(model)
         self.input_names = list(self.graph.inputs)
         self.output_names = list(self.graph.outputs)
+        # Outputs that hold class scores, judged on the graph: distillation compares them by
+        # KL divergence, other outputs by squared error.
+        self.class_outputs = frozenset(class_score_outputs(model))
         weights = _weight_names(self.graph)
         self._torch_names: dict[str, str] = {}
         for graph in self.graph.walk():

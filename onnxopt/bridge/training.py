@@ -101,15 +101,21 @@ def runs_batches(module: OnnxModule, feeds: Sequence[Feed]) -> bool:
 
 
 def distillation_loss(
-    outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
+    outputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    class_scores: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """How far ``outputs`` are from the original model's ``targets``, summed over the float
-    outputs: KL divergence for class scores ([N, C] logits), mean squared error otherwise."""
+    outputs: KL divergence for class scores, mean squared error otherwise. ``class_scores``
+    says which outputs hold class scores (``OnnxModule.class_outputs``); without it, every
+    [N, C] output is taken for logits."""
     total = outputs[0].new_zeros(())
-    for output, target in zip(outputs, targets, strict=True):
+    if class_scores is None:
+        class_scores = [output.dim() == 2 and output.shape[1] > 1 for output in outputs]
+    for output, target, is_class in zip(outputs, targets, class_scores, strict=True):
         if not output.dtype.is_floating_point:
             continue
-        if output.dim() == 2 and output.shape[1] > 1:
+        if is_class and output.dim() == 2:
             total = total + F.kl_div(
                 F.log_softmax(output, 1),
                 F.log_softmax(target, 1),
@@ -203,10 +209,12 @@ def distill(
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
 
+    classes = [name in module.class_outputs for name in module.output_names]
+
     def loss(outputs, inputs):
         with torch.no_grad():
             targets = teacher(*inputs)
-        return distillation_loss(outputs, targets)
+        return distillation_loss(outputs, targets, classes)
 
     return fine_tune(module, data, loss, settings, progress)
 

@@ -223,6 +223,7 @@ def prepare_layers(
             f"sparsify.ratio = {settings.ratio} is outside [0, 1)",
             fix="give the share of weights to zero, such as 0.5",
         )
+    _name_unnamed_layers(model)
     layers, dense = prunable_layers(model, settings)
     if not layers:
         raise InputError(
@@ -248,6 +249,19 @@ def prepare_layers(
         gradients = gradient_magnitudes(model, feeds, names, progress)
     moments = collect_hessians(model, layers, feeds, progress=progress) if needs_moments else {}
     return PreparedLayers(model, settings, layers, dense, moments, gradients)
+
+
+def _name_unnamed_layers(model: ir.Model) -> None:
+    """Give every unnamed Conv, Gemm and MatMul a unique name: layers are told apart, and
+    reported, by name."""
+    taken = {node.name for node in model.graph if node.name}
+    for index, node in enumerate(model.graph):
+        if not node.name and input_layout(node) is not None:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
 
 
 def sparsify_model(

@@ -128,3 +128,12 @@ def test_training_on_no_samples_is_a_clear_error():
 
     with pytest.raises(InputError, match="no samples to train on"):
         fine_tune(to_module(conv_head()), [], lambda outputs, inputs: outputs[0].sum())
+
+
+def test_distillation_compares_an_embedding_by_squared_error_not_as_class_scores():
+    embedding = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    moved = embedding + 0.5
+    as_logits = distillation_loss([moved], [embedding])
+    as_embedding = distillation_loss([moved], [embedding], class_scores=[False])
+    assert float(as_logits) == pytest.approx(0.0, abs=1e-6)  # a shift leaves softmax alike
+    assert float(as_embedding) == pytest.approx(0.25)

@@ -286,3 +286,12 @@ def test_finetune_steps_keep_the_zeros_and_never_end_worse(tmp_path):
     for layer in document["sparsity"]["layers"]:
         weight = written.graph.initializers[layer["weight"]].const_value.numpy()
         assert np.mean(weight == 0) >= layer["sparsity"] - 1e-6
+
+
+def test_unnamed_layers_are_named_and_all_pruned():
+    model = conv_net()
+    for node in model.graph:
+        node.name = ""
+    report = sparsify_model(model, feeds(model, count=8), SparsitySettings(ratio=0.5))
+    assert len(report.layers) == 3 and len({layer.node for layer in report.layers}) == 3
+    assert all(layer.sparsity == pytest.approx(0.5, abs=0.02) for layer in report.layers)
