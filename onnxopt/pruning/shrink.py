@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from onnxopt.graph import set_constant
 from onnxopt.pruning.groups import ChannelGroup, ChannelSlice
+from onnxopt.runtime import Feed, ProbeSession
 from onnxopt.shapes import infer_shapes
 from onnxopt.summary import summarize
 
@@ -126,13 +127,18 @@ def _reinfer_shapes(model: ir.Model, changed: list[ir.Value]) -> None:
 def layer_macs(node: ir.Node) -> int | None:
     """Multiply-accumulates of a Conv, ConvTranspose, Gemm or MatMul per sample (the first
     axis of its output is the sample axis); None for other nodes or unknown shapes."""
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
+    if node.op_type not in LAYER_OPS or len(node.inputs) < 2:
         return None
-    data, weight, output = node.inputs[0], node.inputs[1], node.outputs[0]
-    shapes = [_static(value) for value in (data, weight, output)]
+    shapes = [_static(value) for value in (node.inputs[0], node.inputs[1], node.outputs[0])]
     if any(shape is None for shape in shapes):
         return None
-    data_shape, weight_shape, output_shape = shapes
+    return _macs(node, *shapes)
+
+
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def _macs(node: ir.Node, data_shape, weight_shape, output_shape) -> int:
     if node.op_type == "Conv":
         return math.prod(output_shape[1:]) * math.prod(weight_shape[1:])
     if node.op_type == "ConvTranspose":
@@ -157,9 +163,39 @@ def _static(value: ir.Value | None) -> tuple[int, ...] | None:
     return tuple(dim if isinstance(dim, int) else 1 for dim in value.shape)
 
 
-def model_statistics(model: ir.Model) -> tuple[int, int]:
+def model_statistics(model: ir.Model, feed: Feed | None = None) -> tuple[int, int]:
     """(parameters, multiply-accumulates per sample) of the model; layers whose shapes are
-    not known count no multiply-accumulates (run shape inference first)."""
+    not known count no multiply-accumulates (run shape inference first, or give a ``feed``:
+    see ``node_macs``)."""
     parameters = summarize(model, sparsity=False).parameter_count
-    macs = sum(layer_macs(node) or 0 for node in model.graph.all_nodes())
-    return parameters, macs
+    return parameters, sum(node_macs(model, feed).values())
+
+
+def node_macs(model: ir.Model, feed: Feed | None = None) -> dict[str, int]:
+    """Multiply-accumulates per sample of each main-graph layer whose shapes are known, by
+    node name. With a ``feed`` (one calibration sample) the shapes are those the layers
+    see when it is run: a transformer exported with a symbolic sequence length, whose
+    Reshapes hide the length from shape inference, gets its layers and its attention
+    products counted at the feed's length."""
+    layers = [node for node in model.graph if node.op_type in LAYER_OPS and len(node.inputs) > 1]
+    shapes: dict[str, tuple[int, ...]] = {}
+    if feed is not None:
+        names = [
+            value.name
+            for node in layers
+            for value in (node.inputs[0], node.inputs[1], node.outputs[0])
+            if value is not None and value.const_value is None
+        ]
+        probe = ProbeSession(model, names, threads=1, prune=True)
+        shapes = {name: np.shape(array) for name, array in probe.run(feed).items()}
+    macs = {}
+    for node in layers:
+        found = [
+            shapes.get(value.name) or _static(value)
+            for value in (node.inputs[0], node.inputs[1], node.outputs[0])
+        ]
+        if all(shape is not None for shape in found):
+            count = _macs(node, *found)
+            if count:
+                macs[node.name] = count
+    return macs

@@ -13,6 +13,7 @@ from onnxopt.errors import InputError
 from onnxopt.pruning.channels import find_channel_groups
 from onnxopt.pruning.shrink import model_statistics
 from onnxopt.pruning.structured import StructuredSettings, prune_structured
+from tests.pruning.test_attention import D_MODEL, HEAD_DIM, SEQ, _Builder, _weights
 from tests.pruning.test_channels import residual_net
 from tests.quantization.helpers import build, feeds, random_weights, run
 
@@ -142,3 +143,72 @@ def test_nothing_to_prune_names_the_reasons():
     settings = StructuredSettings(ratio=0.5, importance="magnitude", recover=False)
     with pytest.raises(InputError, match="protect_first_last"):
         prune_structured(model, [], settings)
+
+
+FFN = 32
+
+
+def encoder_with_ffn(layers: int = 2) -> ir.Model:
+    """The attention encoder of ``test_attention`` with a feed-forward block (MatMul, Tanh,
+    MatMul, residual) after each attention block."""
+    rng = np.random.default_rng(11)
+    builder = _Builder("computed")
+    x = "x"
+    for index, weights in enumerate(_weights()[:layers]):
+        # The last head and half the neurons add little: the ones to cut.
+        weights = dict(weights, wo=weights["wo"] * np.repeat([1, 1, 1, 0.05], HEAD_DIM)[:, None])
+        x = builder.layer(x, index, {n: w.astype(np.float32) for n, w in weights.items()}, False)
+        up = builder.constant(f"l{index}_w1", rng.standard_normal((D_MODEL, FFN)) * 0.3)
+        up_bias = builder.constant(f"l{index}_b1", rng.standard_normal(FFN) * 0.1)
+        down = rng.standard_normal((FFN, D_MODEL)) * np.repeat([0.3, 0.01], FFN // 2)[:, None]
+        down = builder.constant(f"l{index}_w2", down)
+        hidden = builder.add(
+            "Tanh", [builder.add("Add", [builder.add("MatMul", [x, up]), up_bias])]
+        )
+        x = builder.add("Add", [x, builder.add("MatMul", [hidden, down])])
+    builder.nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
+    graph = helper.make_graph(
+        builder.nodes,
+        "encoder",
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", SEQ, D_MODEL]),
+            helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, ["batch", 1, 1, SEQ]),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", SEQ, D_MODEL])],
+        [
+            onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float32), t.name)
+            if t.data_type == onnx.TensorProto.DOUBLE
+            else t
+            for t in builder.initializers
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto, full_check=True)
+    return ir.from_proto(proto)
+
+
+def token_feeds(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "x": rng.standard_normal((1, SEQ, D_MODEL)).astype(np.float32),
+            "mask": np.zeros((1, 1, 1, SEQ), np.float32),
+        }
+        for _ in range(count)
+    ]
+
+
+def test_a_transformer_loses_heads_and_ffn_neurons_and_recovery_keeps_it_close():
+    original = encoder_with_ffn()
+    calibration, held = token_feeds(64), token_feeds(8, seed=5)
+    errors, reports = {}, {}
+    for recover in (False, True):
+        model = encoder_with_ffn()
+        settings = StructuredSettings(flops=0.3, recover=recover, protect_first_last=False)
+        reports[recover] = report = prune_structured(model, calibration, settings)
+        onnx.checker.check_model(ir.to_proto(model), full_check=True)
+        errors[recover] = error(model, original, held)
+    kinds = {group.kind for group in report.groups if group.kept < group.channels}
+    assert kinds == {"heads", "neurons"}
+    assert report.macs_after <= 0.7 * report.macs_before
+    assert errors[True] < errors[False] and errors[True] < 0.15
