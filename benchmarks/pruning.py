@@ -86,7 +86,7 @@ def finetuned(
     reference = [reference_session.run(None, feed)[0] for feed in evaluation]
     return (
         f"{name:<20} {'+ fine-tune':<22} {report.sparsity:>8.3f} {seconds:>8.1f}  "
-        f"{score(name, outputs, reference)}; {count} samples, {result.steps} steps, "
+        f"{score(name, outputs, reference)}; {len(data)} samples, {result.steps} steps, "
         f"best epoch {result.best_epoch}"
     )
 
