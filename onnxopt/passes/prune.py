@@ -32,6 +32,8 @@ class PrunePass(OnnxoptPass):
         protect_first_last: the first layer's output channels and the last layer's input
             channels stay.
         round_to: each group keeps a multiple of this many channels (8 suits int8 kernels).
+        allocation: ``global`` (lowest scores model-wide first) or ``uniform`` (every group
+            loses the same share).
         samples: calibration samples importance and recovery are measured on.
     """
 
@@ -48,6 +50,7 @@ class PrunePass(OnnxoptPass):
         exclude: list[str] | None = None,
         protect_first_last: bool = True,
         round_to: Annotated[int, Range(low=1)] = 1,
+        allocation: Literal["global", "uniform"] = "global",
         samples: Annotated[int, Range(low=1)] = 32,
         finetune_samples: Annotated[int, Range(low=2)] = 512,
     ):
@@ -62,6 +65,7 @@ class PrunePass(OnnxoptPass):
             exclude=tuple(exclude or []),
             protect_first_last=protect_first_last,
             round_to=round_to,
+            allocation=allocation,
         )
         self.samples = samples
 

@@ -31,7 +31,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -75,6 +75,9 @@ class StructuredSettings:
         round_to: each group keeps a multiple of this many channels (8 suits int8 kernels),
             or all of them where it has fewer; not for heads, which are whole units.
         min_keep: the share of each group's channels always kept.
+        allocation: ``global`` (the lowest-scored channels model-wide go first, so groups
+            lose different shares) or ``uniform`` (every group loses the same share, the
+            lowest-scored channels of each: "half the channels of every layer").
     """
 
     ratio: float | None = None
@@ -85,6 +88,7 @@ class StructuredSettings:
     protect_first_last: bool = True
     round_to: int = 1
     min_keep: float = 0.1
+    allocation: Literal["global", "uniform"] = "global"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -520,6 +524,9 @@ def _select(
             fix="lower the target, lower prune.min_keep, or relax prune.exclude and "
             "prune.protect_first_last",
         )
+    if settings.allocation == "uniform":
+        removed = _uniform_removal(groups, settings, target, achieved)
+        return [np.sort(order[count:]) for order, count in zip(orders, removed, strict=True)]
     low, high = 0, len(candidates)
     while low < high:
         middle = (low + high) // 2
@@ -529,6 +536,33 @@ def _select(
             low = middle + 1
     removed = removed_after(low)
     return [np.sort(order[count:]) for order, count in zip(orders, removed, strict=True)]
+
+
+def _uniform_removal(
+    groups: list[ChannelGroup],
+    settings: StructuredSettings,
+    target: float,
+    achieved: Callable[[np.ndarray], float],
+) -> np.ndarray:
+    """How many channels each group loses when all lose the same share: the smallest share
+    (by bisection) whose cut meets ``target``."""
+
+    def removed_at(share: float) -> np.ndarray:
+        removed = []
+        for group in groups:
+            kept = math.ceil((1 - share) * group.channels - 1e-9)
+            kept = _round_up(kept, _round_to(group, settings), group.channels)
+            removed.append(group.channels - max(kept, _least_kept(group, settings)))
+        return np.array(removed, dtype=np.int64)
+
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        if achieved(removed_at(middle)) + 1e-9 >= target:
+            high = middle
+        else:
+            low = middle
+    return removed_at(high)
 
 
 def _relative_scores(

@@ -212,3 +212,18 @@ def test_a_transformer_loses_heads_and_ffn_neurons_and_recovery_keeps_it_close()
     assert kinds == {"heads", "neurons"}
     assert report.macs_after <= 0.7 * report.macs_before
     assert errors[True] < errors[False] and errors[True] < 0.15
+
+
+@pytest.mark.parametrize("target", [{"ratio": 0.5}, {"flops": 0.4}])
+def test_uniform_allocation_cuts_every_group_by_the_same_share(target):
+    model = branchy_net()
+    samples = feeds(model, count=16)
+    settings = StructuredSettings(allocation="uniform", protect_first_last=False, **target)
+    report = prune_structured(model, samples, settings)
+    shares = {round(1 - group.kept / group.channels, 2) for group in report.groups}
+    assert len(shares) == 1 and shares.pop() > 0
+    if "ratio" in target:
+        assert report.removed >= 0.5 * sum(group.channels for group in report.groups)
+    else:
+        assert report.macs_after <= 0.6 * report.macs_before
+    assert run(model, samples).shape == run(branchy_net(), samples).shape
