@@ -149,9 +149,15 @@ def main() -> int:
             {"image": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(32)
         ]
         original = cleaned(path)
-        for label, protect in (("ratio 0.5", True), ("ratio 0.5, stem pruned too", False)):
+        for label, allocation, protect in (
+            ("ratio 0.5", "global", True),
+            ("half of every layer", "uniform", True),
+            ("half of every layer + stem", "uniform", False),
+        ):
             model = original.clone()
-            settings = StructuredSettings(ratio=0.5, round_to=8, protect_first_last=protect)
+            settings = StructuredSettings(
+                ratio=0.5, round_to=8, protect_first_last=protect, allocation=allocation
+            )
             start = time.perf_counter()
             report = prune_structured(model, data, settings)
             seconds = time.perf_counter() - start
@@ -169,13 +175,18 @@ def main() -> int:
             output,
             recipe="prune-int8",
             data=data,
-            settings={"prune.ratio": 0.5, "prune.flops": None},
+            settings={
+                "prune.ratio": 0.5,
+                "prune.flops": None,
+                "prune.allocation": "uniform",
+                "prune.protect_first_last": False,
+            },
             timing=False,
             raise_on_failure=False,
         )
         seconds = time.perf_counter() - start
         lines.append(
-            f"{'resnet18 (random)':<20} {'prune-int8, ratio 0.5':<26} {'':>16} {'':>16} "
+            f"{'resnet18 (random)':<20} {'prune-int8, half + stem':<26} {'':>16} {'':>16} "
             f"{seconds:>6.1f}  {latency(original, output, data[0])}"
             + ("" if result.written else "; not written (validation failed)")
         )
@@ -186,7 +197,8 @@ def main() -> int:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; after the cleanup preset, "
         f"{CALIBRATION_SAMPLES} calibration samples, importance 'activation', channels kept in "
         "multiples of 8, first and last layers whole unless said, fidelity on 64 held-back eval "
-        "samples; ResNet-18 has random weights (timed only).\n\n```\n" + "\n".join(lines) + "\n```",
+        "samples; 'half of every layer': allocation 'uniform'; ResNet-18 has random weights "
+        "(timed only).\n\n```\n" + "\n".join(lines) + "\n```",
     )
     return 0
 
