@@ -8,13 +8,14 @@ weights: no ResNet ships offline, so it is timed only) with half its channels re
 through the ``prune-int8`` preset. Latency: onnxruntime, one thread, batch 1, the original and
 the pruned model timed interleaved. Build the models first (benchmarks/README.md).
 
-    .venv/bin/python benchmarks/structured.py
+    .venv/bin/python benchmarks/structured.py [--finetune SAMPLES]
 
 writes the table to its section of benchmarks/RESULTS.md as well.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from results_sections import write_section
 
 from onnxopt.api import optimize
 from onnxopt.compare import time_models
+from onnxopt.pruning.recovery import recover
 from onnxopt.pruning.structured import StructuredSettings, prune_structured
 
 SECTION = "## Structured pruning"
@@ -111,7 +113,16 @@ def latency(original: ir.Model | Path, pruned: ir.Model | Path, feed: dict) -> s
     )
 
 
-def main() -> int:
+def main(arguments: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--finetune",
+        type=int,
+        default=0,
+        metavar="SAMPLES",
+        help="also fine-tune the 30%%-FLOPs models on this many calibration samples",
+    )
+    options = parser.parse_args(arguments)
     lines = [
         f"{'model':<20} {'setting':<26} {'MACs':>16} {'params':>16} {'s':>6}  "
         "fidelity with FP32; latency 1 thread"
@@ -142,6 +153,19 @@ def main() -> int:
                 f"{latency(original, model, evaluation[0])}"
             )
             print(lines[-1], flush=True)
+            if options.finetune and settings.flops is not None:
+                data = samples(MODELS / f"{name}_calibration.npz", names, options.finetune)
+                start = time.perf_counter()
+                result = recover(model, original, data, {})
+                seconds = time.perf_counter() - start
+                session = ort.InferenceSession(ir.to_proto(model).SerializeToString())
+                outputs = [session.run(None, feed)[0] for feed in evaluation]
+                lines.append(
+                    f"{name:<20} {label + ', refit + fine-tune':<26} {'':>16} {'':>16} "
+                    f"{seconds:>6.1f}  {score(name, outputs, reference)}; {len(data)} samples, "
+                    f"{result.steps} steps, best epoch {result.best_epoch}"
+                )
+                print(lines[-1], flush=True)
     with tempfile.TemporaryDirectory() as folder:
         path = resnet18(Path(folder))
         rng = np.random.default_rng(0)
@@ -193,7 +217,7 @@ def main() -> int:
         print(lines[-1], flush=True)
     write_section(
         SECTION,
-        "Command: `.venv/bin/python benchmarks/structured.py`, "
+        f"Command: `.venv/bin/python {' '.join(['benchmarks/structured.py', *arguments])}`, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; after the cleanup preset, "
         f"{CALIBRATION_SAMPLES} calibration samples, importance 'activation', channels kept in "
         "multiples of 8, first and last layers whole unless said, fidelity on 64 held-back eval "
@@ -204,4 +228,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
