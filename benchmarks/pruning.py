@@ -48,6 +48,12 @@ def samples(path: Path, names: list[str], count: int) -> list[dict[str, np.ndarr
     return [{name: arrays[name][index].copy() for name in names} for index in range(total)]
 
 
+def model_outputs(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """The model's first output on each feed, in onnxruntime."""
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString())
+    return [session.run(None, feed)[0] for feed in feeds]
+
+
 def score(name: str, outputs: list[np.ndarray], reference: list[np.ndarray]) -> str:
     if name == "efficientnet_lite0":
         agreement = np.mean(
@@ -80,9 +86,8 @@ def finetuned(
     start = time.perf_counter()
     result = recover(model, original, data, zeros)
     seconds = time.perf_counter() - start
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString())
     reference_session = ort.InferenceSession(str(path))
-    outputs = [session.run(None, feed)[0] for feed in evaluation]
+    outputs = model_outputs(model, evaluation)
     reference = [reference_session.run(None, feed)[0] for feed in evaluation]
     return (
         f"{name:<20} {'+ fine-tune':<22} {report.sparsity:>8.3f} {seconds:>8.1f}  "
@@ -127,8 +132,7 @@ def main(arguments: list[str]) -> int:
             start = time.perf_counter()
             report = sparsify_model(model, calibration, settings)
             seconds = time.perf_counter() - start
-            session = ort.InferenceSession(ir.to_proto(model).SerializeToString())
-            outputs = [session.run(None, feed)[0] for feed in evaluation]
+            outputs = model_outputs(model, evaluation)
             lines.append(
                 f"{name:<20} {label:<22} {report.sparsity:>8.3f} {seconds:>8.1f}  "
                 f"{score(name, outputs, reference)}"
@@ -142,8 +146,7 @@ def main(arguments: list[str]) -> int:
         result = optimize(path, recipe="sparsify", data=data, timing=False)
         seconds = time.perf_counter() - start
         report = result.context.sparsity
-        session = ort.InferenceSession(ir.to_proto(result.model).SerializeToString())
-        outputs = [session.run(None, feed)[0] for feed in evaluation]
+        outputs = model_outputs(result.model, evaluation)
         lines.append(
             f"{name:<20} {'preset sparsify (auto)':<22} {report.sparsity:>8.3f} {seconds:>8.1f}  "
             f"{score(name, outputs, reference)}; budget {report.budget} met on "

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-from pruning import MODELS, samples, score
+from pruning import MODELS, model_outputs, samples, score
 from results_sections import write_section
 
 from onnxopt.api import optimize
 from onnxopt.compare import time_models
 from onnxopt.pruning.recovery import recover
-from onnxopt.pruning.structured import StructuredSettings, prune_structured
+from onnxopt.pruning.structured import StructuredReport, StructuredSettings, prune_structured
 
 SECTION = "## Structured pruning"
 CALIBRATION_SAMPLES = 64
@@ -105,6 +105,14 @@ def resnet18(folder: Path) -> Path:
     return path
 
 
+def sizes(report: StructuredReport) -> str:
+    """Multiply-accumulates and parameters before and after, as the table's two columns."""
+    return (
+        f"{report.macs_before / 1e6:>7.0f}M->{report.macs_after / 1e6:.0f}M "
+        f"{report.parameters_before / 1e6:>6.2f}M->{report.parameters_after / 1e6:.2f}M"
+    )
+
+
 def latency(original: ir.Model | Path, pruned: ir.Model | Path, feed: dict) -> str:
     timing = time_models(original, pruned, feed, threads=1, seconds=3.0)
     return (
@@ -143,12 +151,10 @@ def main(arguments: list[str]) -> int:
             start = time.perf_counter()
             report = prune_structured(model, calibration, settings)
             seconds = time.perf_counter() - start
-            session = ort.InferenceSession(ir.to_proto(model).SerializeToString())
-            outputs = [session.run(None, feed)[0] for feed in evaluation]
+            outputs = model_outputs(model, evaluation)
             lines.append(
                 f"{name:<20} {label + ', refit':<26} "
-                f"{report.macs_before / 1e6:>7.0f}M->{report.macs_after / 1e6:.0f}M "
-                f"{report.parameters_before / 1e6:>6.2f}M->{report.parameters_after / 1e6:.2f}M "
+                f"{sizes(report)} "
                 f"{seconds:>6.1f}  {score(name, outputs, reference)}; "
                 f"{latency(original, model, evaluation[0])}"
             )
@@ -158,8 +164,7 @@ def main(arguments: list[str]) -> int:
                 start = time.perf_counter()
                 result = recover(model, original, data, {})
                 seconds = time.perf_counter() - start
-                session = ort.InferenceSession(ir.to_proto(model).SerializeToString())
-                outputs = [session.run(None, feed)[0] for feed in evaluation]
+                outputs = model_outputs(model, evaluation)
                 lines.append(
                     f"{name:<20} {label + ', refit + fine-tune':<26} {'':>16} {'':>16} "
                     f"{seconds:>6.1f}  {score(name, outputs, reference)}; {len(data)} samples, "
@@ -187,8 +192,7 @@ def main(arguments: list[str]) -> int:
             seconds = time.perf_counter() - start
             lines.append(
                 f"{'resnet18 (random)':<20} {label:<26} "
-                f"{report.macs_before / 1e6:>7.0f}M->{report.macs_after / 1e6:.0f}M "
-                f"{report.parameters_before / 1e6:>6.2f}M->{report.parameters_after / 1e6:.2f}M "
+                f"{sizes(report)} "
                 f"{seconds:>6.1f}  {latency(original, model, data[0])}"
             )
             print(lines[-1], flush=True)

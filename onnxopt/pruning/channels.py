@@ -291,7 +291,7 @@ def _layer(finder: _Finder, node: ir.Node) -> None:
             finder.refuse(stream, f"grouped ConvTranspose {node.name}")
         finder.unprunable.append(Unprunable(node.name, "grouped ConvTranspose"))
         return
-    in_axis, out_axis, output_axis = _layer_axes(node, len(shape))
+    in_axis, out_axis, output_axis = layer_axes(node, len(shape))
     if in_axis is None:
         if stream is not None:
             finder.refuse(stream, f"{node.op_type} {node.name} reads it in a way not understood")
@@ -316,7 +316,7 @@ def _layer(finder: _Finder, node: ir.Node) -> None:
     finder.streams[output] = out
 
 
-def _layer_axes(node: ir.Node, weight_rank: int) -> tuple[int | None, int, int]:
+def layer_axes(node: ir.Node, weight_rank: int) -> tuple[int | None, int, int]:
     """(weight's input-channel axis, its output-channel axis, the output's channel axis)."""
     if node.op_type == "Conv":
         return 1, 0, 1

@@ -172,7 +172,7 @@ def recover_steps(
     of the ``pruned_weights`` initializers kept. What the ``finetune_steps`` option of the
     sparsify and prune passes runs."""
     defaults = RecoverySettings()
-    train = len(feeds) - min(len(feeds) - 1, max(1, round(len(feeds) * defaults.held_out)))
+    train = len(feeds) - _held_out_count(len(feeds), defaults)
     per_epoch = max(1, -(-train // defaults.batch_size))
     settings = dataclasses.replace(defaults, epochs=max(1, round(steps / per_epoch)))
     initializers = model.graph.initializers
@@ -278,6 +278,11 @@ def _relative_error(output, target):
     return (output - target).pow(2).mean() / target.pow(2).mean().clamp_min(EPSILON)
 
 
+def _held_out_count(samples: int, settings: RecoverySettings) -> int:
+    """How many of ``samples`` are held out: the share asked, at least one, never all."""
+    return min(samples - 1, max(1, round(samples * settings.held_out)))
+
+
 def _split(feeds: Sequence[Feed], settings: RecoverySettings) -> tuple[list[Feed], list[Feed]]:
     """The samples to train on and those held out, chosen at random by the seed."""
     feeds = list(feeds)
@@ -286,7 +291,7 @@ def _split(feeds: Sequence[Feed], settings: RecoverySettings) -> tuple[list[Feed
             f"recovery needs at least 2 calibration samples, got {len(feeds)}",
             fix="give more samples: some train, at least one is held out to check the result",
         )
-    count = min(len(feeds) - 1, max(1, round(len(feeds) * settings.held_out)))
+    count = _held_out_count(len(feeds), settings)
     order = np.random.default_rng(settings.seed).permutation(len(feeds))
     return [feeds[i] for i in order[count:]], [feeds[i] for i in order[:count]]
 

@@ -42,7 +42,7 @@ from onnxopt.errors import InputError
 from onnxopt.graph import add_initializer, set_constant
 from onnxopt.progress import QUIET, Progress
 from onnxopt.pruning.attention import find_attention_groups
-from onnxopt.pruning.channels import find_channel_groups
+from onnxopt.pruning.channels import find_channel_groups, layer_axes
 from onnxopt.pruning.groups import ChannelGroup, Unprunable
 from onnxopt.pruning.importance import gradient_magnitudes
 from onnxopt.pruning.shrink import apply_keeps, model_statistics, node_macs, removed_positions
@@ -448,22 +448,11 @@ def _layers(
     for name, entries in sides.items():
         node = weights[name]
         macs = macs_by_node.get(node.name)
-        in_axis, out_axis = _weight_axes(node)
         shape = node.inputs[1].const_value.shape
+        in_axis, out_axis, _ = layer_axes(node, len(shape))
         if macs:
             layers.append(_Layer(macs, shape[in_axis], shape[out_axis], tuple(entries)))
     return layers
-
-
-def _weight_axes(node: ir.Node) -> tuple[int, int]:
-    """(input-channel axis, output-channel axis) of a layer's weight."""
-    if node.op_type == "Conv":
-        return 1, 0
-    if node.op_type == "ConvTranspose":
-        return 0, 1
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        return 1, 0
-    return 0, 1
 
 
 def _select(
@@ -679,7 +668,9 @@ def _refit(
     weight = node.inputs[1]
     rows, restore = weight_rows(weight.const_value.numpy(), layout, 1)
     full, _ = weight_rows(original.inputs[1].const_value.numpy(), original_layout, 1)
-    in_axis, out_axis = _weight_axes(node)
+    in_axis, out_axis, _ = layer_axes(node, len(weight.const_value.shape))
+    if in_axis is None:
+        return False
     full = np.delete(full[0], removed_positions(weight, out_axis), axis=0).astype(np.float64)
     has_bias = node.op_type != "MatMul"
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
