@@ -65,6 +65,7 @@ def test_finetune_steps_distil_the_pruned_model_and_report_it(tmp_path):
         ("prune.ratio=1.5", "prune"),
         ("prune.importance=random", "prune"),
         ("prune.finetune_steps=-1", "prune.finetune_steps"),
+        ("prune.allocation=even", "prune.allocation"),
     ],
 )
 def test_bad_prune_options_exit_2_and_write_nothing(tmp_path, option, says, capsys):

@@ -245,6 +245,8 @@ def test_the_sparsify_preset_writes_a_sparse_model_and_reports_each_layer(tmp_pa
     [
         "sparsify.ratio=1.5",
         "sparsify.ratio=most",
+        "sparsify.min_cosine=2",
+        "sparsify.finetune_samples=1",
         "sparsify.pattern=4:2",
         "sparsify.importance=random",
     ],
