@@ -230,7 +230,8 @@ def prepare_layers(
             "the model has no layer to prune: "
             + (
                 "; ".join(f"{name}: {reason}" for name, reason in dense.items())
-                or "no Conv, Gemm or MatMul with a constant weight"
+                or "no Conv, Gemm or MatMul with a constant weight in the main graph (layers "
+                "inside If, Loop and Scan bodies are not pruned)"
             ),
             fix="relax sparsify.exclude or sparsify.protect_first_last, or pick another pattern",
         )

@@ -59,6 +59,13 @@ NEEDS_DATA = frozenset({"activation", "taylor", "gradient"})
 ACTIVATION_SAMPLES = 16
 
 
+# Why nothing can be pruned when the main graph has no layer with a constant weight.
+NO_LAYERS = (
+    "no Conv, ConvTranspose, Gemm or MatMul with a constant weight in the main graph "
+    "(layers inside If, Loop and Scan bodies are not pruned)"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class StructuredSettings:
     """What ``prune_structured`` does.
@@ -147,7 +154,7 @@ def prune_structured(
     if not groups:
         raise InputError(
             "the model has no channels to prune: "
-            + ("; ".join(f"{item.node}: {item.reason}" for item in unprunable) or "no layers"),
+            + ("; ".join(f"{item.node}: {item.reason}" for item in unprunable) or NO_LAYERS),
             fix="relax prune.exclude or prune.protect_first_last",
         )
     original = model.clone() if settings.recover else None

@@ -227,3 +227,9 @@ def test_uniform_allocation_cuts_every_group_by_the_same_share(target):
     else:
         assert report.macs_after <= 0.6 * report.macs_before
     assert run(model, samples).shape == run(branchy_net(), samples).shape
+
+
+def test_a_model_without_layers_says_where_layers_are_looked_for():
+    model = build([helper.make_node("Relu", ["x"], ["y"])], {"x": [1, 4]}, {"y": [1, 4]}, {})
+    with pytest.raises(InputError, match="in the main graph"):
+        prune_structured(model, feeds(model), StructuredSettings(ratio=0.5, recover=False))
