@@ -45,7 +45,7 @@ def samples(path: Path, names: list[str], count: int) -> list[dict[str, np.ndarr
     with np.load(path) as data:
         arrays = {name: data[name][:count] for name in names}  # each read loads the whole array
     total = len(arrays[names[0]])
-    return [{name: arrays[name][index].copy() for name in names} for index in range(total)]
+    return [{name: np.array(arrays[name][index]) for name in names} for index in range(total)]
 
 
 def model_outputs(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ OWNED_HEADINGS = (
     "## Torch bridge fidelity",
     "## Sparsity",
     "## Structured pruning",
+    "## Pruning presets on more models",
 )
 
 

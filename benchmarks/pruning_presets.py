@@ -1,0 +1,102 @@
+"""The ``prune`` and ``sparsify`` presets as a user runs them, on real pretrained models other than
+the two the pruning work was tuned on (EfficientNet-Lite0 and MiniLM): does each write a model,
+does validation pass, how close do the outputs stay.
+
+Each model gets its first 64 calibration samples (the presets hold a quarter back for validation
+and the sparsify budget); the cosine with FP32 is of the first output, per sample, on 32 eval
+samples. A model a preset refuses shows its error. Build the models first (benchmarks/README.md).
+
+    .venv/bin/python benchmarks/pruning_presets.py
+
+writes the table to its section of benchmarks/RESULTS.md as well.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+from pruning import MODELS, model_outputs, samples
+from results_sections import write_section
+
+from onnxopt.api import optimize
+from onnxopt.errors import OnnxoptError
+
+SECTION = "## Pruning presets on more models"
+MODEL_NAMES = (
+    "ppocr_cls",
+    "text_orientation",
+    "ppocr_rec",
+    "silero_vad",
+    "ppocr_det",
+    "picodet_layout",
+    "vit_saliency",
+)
+
+
+def mean_cosine(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    cosines = []
+    for a, b in zip(outputs, reference, strict=True):
+        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        cosines.append(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+    return float(np.mean(cosines))
+
+
+def main() -> int:
+    lines = [f"{'model':<18} {'preset':<9} {'seconds':>7}  result"]
+    for name in MODEL_NAMES:
+        path = MODELS / f"{name}.onnx"
+        if not path.exists():
+            lines.append(f"{name:<18} not built (benchmarks/README.md)")
+            continue
+        reference_session = ort.InferenceSession(str(path))
+        names = [spec.name for spec in reference_session.get_inputs()]
+        data = samples(MODELS / f"{name}_calibration.npz", names, 64)
+        evaluation = samples(MODELS / f"{name}_eval.npz", names, 32)
+        reference = [reference_session.run(None, feed)[0] for feed in evaluation]
+        for recipe in ("prune", "sparsify"):
+            start = time.perf_counter()
+            try:
+                result = optimize(
+                    path, recipe=recipe, data=data, timing=False, raise_on_failure=False
+                )
+            except OnnxoptError as error:
+                lines.append(
+                    f"{name:<18} {recipe:<9} {time.perf_counter() - start:>7.1f}  refused: "
+                    + str(error).splitlines()[0]
+                )
+                print(lines[-1], flush=True)
+                continue
+            seconds = time.perf_counter() - start
+            context = result.context
+            if context.pruning is not None:
+                report = context.pruning
+                what = (
+                    f"MACs {report.macs_before / 1e6:.0f}M -> {report.macs_after / 1e6:.0f}M, "
+                    f"{len(report.groups)} groups cut, {len(report.unprunable)} whole"
+                )
+            else:
+                what = f"sparsity {context.sparsity.sparsity:.2f}"
+            verdict = "validation passed" if result.failure is None else "validation FAILED"
+            cosine = mean_cosine(model_outputs(result.model, evaluation), reference)
+            lines.append(
+                f"{name:<18} {recipe:<9} {seconds:>7.1f}  {what}; cosine {cosine:.4f}; {verdict}"
+            )
+            print(lines[-1], flush=True)
+    write_section(
+        SECTION,
+        "Command: `.venv/bin/python benchmarks/pruning_presets.py`, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; presets with their defaults "
+        "(prune: 30% fewer MACs, channels in multiples of 8, refit; sparsify: the highest "
+        "sparsity meeting cosine >= 0.99 and top-1 agreement >= 0.97), 64 calibration samples, "
+        "cosine of the first output with FP32 on 32 eval samples.\n\n```\n"
+        + "\n".join(lines)
+        + "\n```",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
