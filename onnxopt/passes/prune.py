@@ -22,7 +22,8 @@ class PrunePass(OnnxoptPass):
         ratio: the share of the prunable channels removed (or set ``flops``).
         flops: the share of the model's multiply-accumulates removed (or set ``ratio``).
         importance: ``activation`` (default: output energy carried into the next layers),
-            ``magnitude``, ``taylor`` or ``gradient`` (the last two need the torch extra).
+            ``magnitude``, ``taylor``, ``gradient`` or ``fisher`` (the last three need the
+            torch extra).
         recover: refit the layers that read cut channels (needs calibration data).
         finetune_steps: about this many distillation steps after pruning, through the torch
             bridge (``pruning.recovery``; needs the torch extra); 0: none.
@@ -44,7 +45,9 @@ class PrunePass(OnnxoptPass):
         self,
         ratio: Annotated[float | None, Range(low=0.0, high=1.0, high_open=True)] = None,
         flops: Annotated[float | None, Range(low=0.0, high=1.0, high_open=True)] = None,
-        importance: Literal["activation", "magnitude", "taylor", "gradient"] = "activation",
+        importance: Literal[
+            "activation", "magnitude", "taylor", "gradient", "fisher"
+        ] = "activation",
         recover: bool = True,
         finetune_steps: Annotated[int, Range(low=0)] = 0,
         exclude: list[str] | None = None,

@@ -15,7 +15,7 @@ distillation loss against the model itself would be.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -45,6 +45,23 @@ def gradient_magnitudes(
 ) -> dict[str, np.ndarray]:
     """``(1/n) sum_n |dL/dw|`` of the initializers ``names`` over ``feeds``, in their shapes,
     with L the self-prediction cross-entropy (module docstring). Needs the torch extra."""
+    sums: dict[str, np.ndarray] = {}
+    for gradients in sample_gradients(model, feeds, names, progress):
+        for name, gradient in gradients.items():
+            sums[name] = sums.get(name, 0) + np.abs(gradient)
+    return {name: total / len(feeds) for name, total in sums.items()}
+
+
+def sample_gradients(
+    model: ir.Model,
+    feeds: Sequence[Feed],
+    names: Iterable[str],
+    progress: Progress = QUIET,
+    what: str = "gradients for importance",
+) -> Iterator[dict[str, np.ndarray]]:
+    """Each feed's ``dL/dw`` of the initializers ``names`` (those the loss reaches), with L
+    the self-prediction cross-entropy: per sample, for importances that square or take the
+    magnitude of each sample's gradient before averaging. Needs the torch extra."""
     import torch
 
     from onnxopt.bridge import to_module
@@ -58,16 +75,16 @@ def gradient_magnitudes(
     module = to_module(model)
     parameters = module.onnx_parameters()
     wanted = {name: parameters[name] for name in names if name in parameters}
-    sums = {name: torch.zeros_like(parameter) for name, parameter in wanted.items()}
-    with progress.task("gradients for importance", total=len(feeds)) as advance:
+    with progress.task(what, total=len(feeds)) as advance:
         for feed in feeds:
             loss = self_prediction_loss(module(*as_tensors(module, feed)))
             gradients = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
-            for name, gradient in zip(wanted, gradients, strict=True):
-                if gradient is not None:
-                    sums[name] += gradient.abs()
+            yield {
+                name: gradient.detach().numpy()
+                for name, gradient in zip(wanted, gradients, strict=True)
+                if gradient is not None
+            }
             advance(1)
-    return {name: (total / len(feeds)).detach().numpy() for name, total in sums.items()}
 
 
 def self_prediction_loss(outputs):

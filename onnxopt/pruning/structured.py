@@ -22,6 +22,12 @@ for a FLOPs target):
 - ``taylor``: sum of ``|w| * mean|dL/dw|`` over the channel's weights (producers and
   consumers), through the torch bridge (``importance.gradient_magnitudes``).
 - ``gradient``: sum of ``mean|dL/dw|`` over the same weights.
+- ``fisher``: the Fisher information of a mask on the channel where the next layers read it,
+  ``mean_n (dL_n/dm)^2`` with ``dL/dm = sum w * dL/dw`` over the channel's weights in those
+  layers (Kwon et al. 2022): the loss a removal costs to second order, in the loss's units
+  for every group, so all groups are ranked together. Through the torch bridge.
+
+The gradient importances use the loss ``importance.self_prediction_loss`` says.
 """
 
 from __future__ import annotations
@@ -44,16 +50,16 @@ from onnxopt.progress import QUIET, Progress
 from onnxopt.pruning.attention import find_attention_groups
 from onnxopt.pruning.channels import find_channel_groups, layer_axes
 from onnxopt.pruning.groups import ChannelGroup, Unprunable
-from onnxopt.pruning.importance import gradient_magnitudes
+from onnxopt.pruning.importance import gradient_magnitudes, sample_gradients
 from onnxopt.pruning.shrink import apply_keeps, model_statistics, node_macs, removed_positions
 from onnxopt.runtime import Feed, ProbeSession, SerializedModel
 from onnxopt.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
-ChannelImportance = Literal["activation", "magnitude", "taylor", "gradient"]
-CHANNEL_IMPORTANCES: tuple[str, ...] = ("activation", "magnitude", "taylor", "gradient")
-NEEDS_DATA = frozenset({"activation", "taylor", "gradient"})
+ChannelImportance = Literal["activation", "magnitude", "taylor", "gradient", "fisher"]
+CHANNEL_IMPORTANCES: tuple[str, ...] = ("activation", "magnitude", "taylor", "gradient", "fisher")
+NEEDS_DATA = frozenset({"activation", "taylor", "gradient", "fisher"})
 
 # Calibration samples the activation importance is measured on, at most.
 ACTIVATION_SAMPLES = 16
@@ -331,6 +337,8 @@ def _scores(
                     total += norms / max(norms.mean(), 1e-30)
             scores.append(np.sqrt(total))
         return scores
+    if importance == "fisher":
+        return _fisher_scores(model, groups, feeds, progress)
     names = {piece.tensor for group in groups for piece in (*group.producers, *group.consumers)}
     gradients = gradient_magnitudes(model, feeds, sorted(names), progress)
     scores = []
@@ -346,6 +354,28 @@ def _scores(
             total += _per_channel(gradient, *args).sum(axis=1)
         scores.append(total)
     return scores
+
+
+def _fisher_scores(
+    model: ir.Model, groups: list[ChannelGroup], feeds: Sequence[Feed], progress: Progress
+) -> list[np.ndarray]:
+    """Each channel's ``mean_n (dL_n/dm)^2`` for a mask ``m`` scaling it in every layer that
+    reads it: ``dL/dm`` is the sum of ``w * dL/dw`` over those layers' weights on it."""
+    initializers = model.graph.initializers
+    readers = [list(dict.fromkeys(group.consumers)) for group in groups]
+    names = sorted({piece.tensor for pieces in readers for piece in pieces})
+    weights = {name: initializers[name].const_value.numpy().astype(np.float64) for name in names}
+    totals = [np.zeros(group.channels) for group in groups]
+    for gradients in sample_gradients(model, feeds, names, progress, "Fisher information"):
+        for group, pieces, total in zip(groups, readers, totals, strict=True):
+            mask_gradient = np.zeros(group.channels)
+            for piece in pieces:
+                if piece.tensor in gradients:
+                    product = gradients[piece.tensor] * weights[piece.tensor]
+                    args = (piece.axis, piece.offset, piece.width, group.channels)
+                    mask_gradient += _per_channel(product, *args).sum(axis=1)
+            total += mask_gradient**2
+    return [total / len(feeds) for total in totals]
 
 
 def _activation_scores(
@@ -568,13 +598,18 @@ def _relative_scores(
     settings: StructuredSettings,
 ) -> list[np.ndarray]:
     """Scores made comparable across groups. Convolution channels: divided by their group's
-    mean (layers differ in scale). FFN neurons and heads all write into one residual stream,
+    mean (layers differ in scale), except Fisher scores, in the loss's units everywhere. FFN
+    neurons and heads all write into one residual stream,
     so their scores (output energies for ``activation``) compare as they are: they are
     divided by their pooled mean only, and for a FLOPs target by each channel's
     multiply-accumulates, the value per cost of a greedy knapsack (MiniLM at 30% fewer MACs:
     per-group means cut FFN layer 0 to a tenth, cosine 0.886; pooled 0.91 or 0.90 per MAC,
     the latter also cutting heads)."""
-    pooled = [index for index, group in enumerate(groups) if group.kind in ("neurons", "heads")]
+    pooled = [
+        index
+        for index, group in enumerate(groups)
+        if group.kind in ("neurons", "heads") or settings.importance == "fisher"
+    ]
     scale = max(float(np.mean(np.concatenate([scores[i] for i in pooled]))), 1e-30) if pooled else 1
     unit = max(float(np.mean(cost[pooled])), 1e-30) if pooled else 1.0
     relative = []

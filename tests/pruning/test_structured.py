@@ -10,9 +10,10 @@ import pytest
 from onnx import helper
 
 from onnxopt.errors import InputError
+from onnxopt.progress import QUIET
 from onnxopt.pruning.channels import find_channel_groups
 from onnxopt.pruning.shrink import model_statistics
-from onnxopt.pruning.structured import StructuredSettings, prune_structured
+from onnxopt.pruning.structured import StructuredSettings, _fisher_scores, prune_structured
 from tests.pruning.test_attention import D_MODEL, HEAD_DIM, SEQ, _Builder, _weights
 from tests.pruning.test_channels import residual_net
 from tests.quantization.helpers import build, feeds, random_weights, run
@@ -233,3 +234,45 @@ def test_a_model_without_layers_says_where_layers_are_looked_for():
     model = build([helper.make_node("Relu", ["x"], ["y"])], {"x": [1, 4]}, {"y": [1, 4]}, {})
     with pytest.raises(InputError, match="in the main graph"):
         prune_structured(model, feeds(model), StructuredSettings(ratio=0.5, recover=False))
+
+
+def _self_prediction_loss(model: ir.Model, sample: dict, targets: np.ndarray) -> float:
+    logits = run(model, [sample]).reshape(-1, 5).astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probabilities[np.arange(len(targets)), targets].mean())
+
+
+def test_fisher_scores_are_the_mean_squared_gradient_of_a_channel_mask():
+    pytest.importorskip("torch")
+    model = branchy_net()
+    samples = feeds(model, count=3)
+    group = next(g for g in find_channel_groups(model)[0] if g.name == "conv2")
+    (scores,) = _fisher_scores(model, [group], samples, QUIET)
+    step = 1e-3
+    for channel in (0, 5):
+        squares = []
+        for sample in samples:
+            targets = run(model, [sample]).reshape(-1, 5).argmax(axis=1)
+            losses = []
+            for factor in (1 + step, 1 - step):
+                masked = branchy_net()
+                for piece in group.consumers:  # the channel scaled where conv3a and conv3b read it
+                    value = masked.graph.initializers[piece.tensor]
+                    array = value.const_value.numpy().copy()
+                    index = [slice(None)] * array.ndim
+                    index[piece.axis] = piece.offset + channel
+                    array[tuple(index)] *= factor
+                    value.const_value = ir.tensor(array)
+                losses.append(_self_prediction_loss(masked, sample, targets))
+            squares.append(((losses[0] - losses[1]) / (2 * step)) ** 2)
+        assert scores[channel] == pytest.approx(np.mean(squares), rel=0.02, abs=1e-9)
+
+
+def test_fisher_importance_prunes_a_valid_model():
+    pytest.importorskip("torch")
+    model = branchy_net()
+    samples = feeds(model, count=8)
+    report = prune_structured(model, samples, StructuredSettings(ratio=0.5, importance="fisher"))
+    assert report.importance == "fisher" and report.removed == 16
+    assert run(model, samples).shape == run(branchy_net(), samples).shape
