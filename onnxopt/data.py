@@ -30,6 +30,10 @@ ACCEPTED_SOURCES = (
 
 _END = object()
 
+# An array of this name beside the inputs holds each sample's labels (class indices), for the
+# importances that compute a task loss; feeds never carry it.
+LABELS = "labels"
+
 
 class DataReader(Protocol):
     """What onnxruntime's ``CalibrationDataReader`` offers; ``rewind()`` is optional."""
@@ -105,10 +109,32 @@ class DataSource:
 
     def take(self, count: int) -> list[Feed]:
         """The first ``count`` samples (fewer if the source is shorter), checked."""
+        return list(self._window(self._start, self._stop_after(count)))
+
+    def take_labels(self, count: int) -> list[np.ndarray] | None:
+        """The labels (array ``LABELS``) of the first ``count`` samples, as integer arrays, or
+        None where the samples have none. Raises InputError where only some samples have
+        labels, or labels that are not integers."""
+        labels = []
+        for where, sample in self._samples.read(self._start, self._stop_after(count)):
+            value = sample.get(LABELS) if isinstance(sample, Mapping) else None
+            if value is not None and LABELS not in {spec.name for spec in self.specs}:
+                labels.append(_checked_labels(value, where))
+            elif labels:
+                raise InputError(
+                    f"{where} has no '{LABELS}' array, but the samples before it have",
+                    fix=f"give every sample its '{LABELS}', or none of them",
+                )
+        if labels and len(labels) < min(count, self.count or count):
+            raise InputError(
+                f"only the first {len(labels)} samples have a '{LABELS}' array",
+                fix=f"give every sample its '{LABELS}', or none of them",
+            )
+        return labels or None
+
+    def _stop_after(self, count: int) -> int:
         stop = self._start + max(count, 0)
-        if self._stop is not None:
-            stop = min(stop, self._stop)
-        return list(self._window(self._start, stop))
+        return stop if self._stop is None else min(stop, self._stop)
 
     def split(self, holdout: int, max_share: float = 1.0) -> tuple[DataSource, DataSource]:
         """Split into (calibration, validation): validation measures samples calibration never saw.
@@ -399,7 +425,7 @@ def _count_npz_samples(path: str, specs: list[InputSpec]) -> int:
     """Check an .npz against the model from its headers, and count its samples."""
     headers = _npz_headers(path, specs)
     _check_names(
-        list(headers),
+        [name for name in headers if name != LABELS or _is_input(LABELS, specs)],
         specs,
         f"data file '{path}'",
         fix=f"name one array per model input, e.g. {_savez_example(path, specs)}",
@@ -427,6 +453,10 @@ def _count_npz_samples(path: str, specs: list[InputSpec]) -> int:
             )
         _check_array(spec, dtype, shape[1:], f"each sample of array '{spec.name}' in '{path}'")
         counts[spec.name] = shape[0]
+    if LABELS in headers and not _is_input(LABELS, specs):
+        dtype, shape = headers[LABELS]
+        _checked_labels(np.zeros((), dtype), f"'{path}'")
+        counts[LABELS] = shape[0] if shape else 0
     if len(set(counts.values())) > 1:
         raise InputError(
             f"arrays in '{path}' hold different numbers of samples",
@@ -447,7 +477,7 @@ def _checked_feed(sample: Any, specs: list[InputSpec], where: str) -> Feed:
             + "}",
         )
     _check_names(
-        list(sample),
+        [name for name in sample if name != LABELS or _is_input(LABELS, specs)],
         specs,
         where,
         fix="give every sample one array per model input, keyed by input name",
@@ -470,6 +500,22 @@ def _checked_feed(sample: Any, specs: list[InputSpec], where: str) -> Feed:
         _check_finite(value, subject)
         feed[spec.name] = value
     return feed
+
+
+def _is_input(name: str, specs: list[InputSpec]) -> bool:
+    return any(spec.name == name for spec in specs)
+
+
+def _checked_labels(value: Any, where: str) -> np.ndarray:
+    """A sample's labels as an integer array, or an InputError."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu":
+        raise InputError(
+            f"'{LABELS}' of {where} is {array.dtype}, not integer class indices",
+            fix="store each sample's class index (or one per row of the class scores) as "
+            "integers: numpy.asarray(labels, dtype=numpy.int64)",
+        )
+    return array
 
 
 def _check_names(found: list[str], specs: list[InputSpec], subject: str, fix: str) -> None:

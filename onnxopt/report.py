@@ -74,6 +74,7 @@ def sparsity_json(report: SparsityReport | None) -> dict[str, Any] | None:
         "budget": report.budget,
         "budget_met": report.budget_met,
         "trials": [dataclasses.asdict(trial) for trial in report.trials],
+        "gradient_loss": report.gradient_loss,
     }
 
 
@@ -84,6 +85,7 @@ def pruning_json(report: StructuredReport | None) -> dict[str, Any] | None:
         return None
     return {
         "importance": report.importance,
+        "gradient_loss": report.gradient_loss,
         "removed_channels": report.removed,
         "parameters": {"before": report.parameters_before, "after": report.parameters_after},
         "macs": {"before": report.macs_before, "after": report.macs_after},

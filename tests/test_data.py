@@ -477,3 +477,24 @@ def test_a_dimension_exported_as_minus_one_is_free(tmp_path):
     model = ir.from_proto(helper.make_model(graph))
     np.savez(tmp_path / "calib.npz", x=np.zeros((2, 1, 3), np.float32))
     assert [feed["x"].shape for feed in open_data(tmp_path / "calib.npz", model)] == [(1, 3)] * 2
+
+
+def test_a_labels_array_is_read_apart_from_the_feeds(tmp_path, model):
+    np.savez(tmp_path / "calib.npz", labels=np.array([[2], [0], [1]]), **samples(3))
+    data = open_data(tmp_path / "calib.npz", model)
+    assert [sorted(feed) for feed in data] == [["ids", "x"]] * 3
+    assert [label.tolist() for label in data.take_labels(2)] == [[2], [0]]
+    assert open_data(tmp_path / "calib.npz", model).split(1)[1].take_labels(5)[0].tolist() == [1]
+    assert open_data(feeds(2), model).take_labels(2) is None
+
+
+def test_labels_that_are_not_integers_or_not_on_every_sample_are_input_errors(tmp_path, model):
+    np.savez(tmp_path / "float.npz", labels=np.zeros(3, np.float32), **samples(3))
+    with pytest.raises(InputError, match="not integer class indices"):
+        open_data(tmp_path / "float.npz", model)
+    np.savez(tmp_path / "short.npz", labels=np.zeros(2, np.int64), **samples(3))
+    with pytest.raises(InputError, match="different numbers of samples"):
+        open_data(tmp_path / "short.npz", model)
+    partial = [{**feeds(1)[0], "labels": np.array([1])}, feeds(1)[0]]
+    with pytest.raises(InputError, match="no 'labels' array, but the samples before it have"):
+        open_data(partial, model).take_labels(2)

@@ -75,8 +75,9 @@ class PrunePass(OnnxoptPass):
     def call(self, model: ir.Model) -> PassResult:
         data = self.context.data
         feeds = data.take(self.samples) if data is not None else []
+        labels = data.take_labels(self.samples) if data is not None else None
         original = model.clone() if self.finetune_steps else None
-        report = prune_structured(model, feeds, self.settings, self.context.progress)
+        report = prune_structured(model, feeds, self.settings, self.context.progress, labels)
         self.context.pruning = report
         if original is not None and report.removed:
             self.context.recovery = recover_steps(

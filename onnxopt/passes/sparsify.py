@@ -108,15 +108,16 @@ class SparsifyPass(OnnxoptPass):
     def call(self, model: ir.Model) -> PassResult:
         data = self.context.data
         feeds = data.take(self.samples) if data is not None else []
+        labels = data.take_labels(self.samples) if data is not None else None
         progress = self.context.progress
         original = model.clone() if self.finetune_steps else None
         if self.ratio == "auto":
             comparison = self.context.reference_comparison()
             report = sparsify_to_budget(
-                model, feeds, self.settings, comparison, self.budget, progress
+                model, feeds, self.settings, comparison, self.budget, progress, labels
             )
         else:
-            report = sparsify_model(model, feeds, self.settings, progress)
+            report = sparsify_model(model, feeds, self.settings, progress, labels)
         self.context.sparsity = report
         if original is not None and report.layers:
             self.context.recovery = recover_steps(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import InputError
@@ -67,9 +68,11 @@ def sparsify_to_budget(
     comparison: ReferenceComparison,
     budget: Thresholds,
     progress: Progress = QUIET,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> SparsityReport:
     """Prune ``model`` in place to the highest sparsity that meets ``budget`` on
-    ``comparison``; ``settings.ratio`` is ignored (the search sets it).
+    ``comparison``; ``settings.ratio`` is ignored (the search sets it). ``labels``: the
+    feeds' class indices, for the gradient importances' task loss.
 
     Raises InputError when there is nothing to compare on or nothing to prune.
     """
@@ -79,7 +82,7 @@ def sparsify_to_budget(
             "each candidate: " + (comparison.problem or "there are none"),
             fix="pass --calib DATA, or set sparsify.ratio to a share such as 0.5",
         )
-    prepared = prepare_layers(model, feeds, settings, progress)
+    prepared = prepare_layers(model, feeds, settings, progress, labels)
 
     def judge(pruned: PrunedLayers) -> tuple[bool, list[OutputFidelity]]:
         candidate = model.clone()
@@ -87,7 +90,11 @@ def sparsify_to_budget(
         outputs = comparison.measure(candidate, rtol=budget.rtol)
         return meets(outputs, budget), outputs
 
-    report = SparsityReport(dense=dict(prepared.dense), budget=describe_budget(budget))
+    report = SparsityReport(
+        dense=dict(prepared.dense),
+        budget=describe_budget(budget),
+        gradient_loss=prepared.gradient_loss,
+    )
     if settings.pattern.structured:
         chosen = _fewest_dense_layers(prepared, judge, report, progress)
     else:

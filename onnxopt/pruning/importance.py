@@ -8,9 +8,11 @@
 - ``gradient``: ``(1/n) sum_n |dL/dw|`` over the samples, through the torch bridge.
 - ``taylor``: ``|w| * (1/n) sum_n |dL/dw|``, the first-order change of the loss.
 
-Without labels the loss is the cross-entropy of every float output (over its last axis)
-against the model's own predictions: its gradient is not zero at the original weights, where a
-distillation loss against the model itself would be.
+With labels (an array ``labels`` beside the inputs in the data: each sample's class indices)
+the loss is the task's: the cross-entropy of the model's class scores against them. Without,
+it is the cross-entropy of every float output (over its last axis) against the model's own
+predictions: its gradient is not zero at the original weights, where a distillation loss
+against the model itself would be.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import InputError
+from onnxopt.metrics import class_score_outputs
 from onnxopt.progress import QUIET, Progress
 from onnxopt.runtime import Feed
 
@@ -41,12 +44,16 @@ def wanda_scores(rows: np.ndarray, hessian: np.ndarray) -> np.ndarray:
 
 
 def gradient_magnitudes(
-    model: ir.Model, feeds: Sequence[Feed], names: Iterable[str], progress: Progress = QUIET
+    model: ir.Model,
+    feeds: Sequence[Feed],
+    names: Iterable[str],
+    progress: Progress = QUIET,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """``(1/n) sum_n |dL/dw|`` of the initializers ``names`` over ``feeds``, in their shapes,
-    with L the self-prediction cross-entropy (module docstring). Needs the torch extra."""
+    with L the loss the module docstring says. Needs the torch extra."""
     sums: dict[str, np.ndarray] = {}
-    for gradients in sample_gradients(model, feeds, names, progress):
+    for gradients in sample_gradients(model, feeds, names, progress, labels=labels):
         for name, gradient in gradients.items():
             sums[name] = sums.get(name, 0) + np.abs(gradient)
     return {name: total / len(feeds) for name, total in sums.items()}
@@ -58,10 +65,14 @@ def sample_gradients(
     names: Iterable[str],
     progress: Progress = QUIET,
     what: str = "gradients for importance",
+    labels: Sequence[np.ndarray] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Each feed's ``dL/dw`` of the initializers ``names`` (those the loss reaches), with L
-    the self-prediction cross-entropy: per sample, for importances that square or take the
-    magnitude of each sample's gradient before averaging. Needs the torch extra."""
+    the cross-entropy against ``labels`` (one array per feed) where given, else against the
+    model's own predictions: per sample, for importances that square or take the magnitude
+    of each sample's gradient before averaging. Needs the torch extra.
+
+    Raises InputError with labels but no class-score output, or labels that do not fit it."""
     import torch
 
     from onnxopt.bridge import to_module
@@ -75,9 +86,15 @@ def sample_gradients(
     module = to_module(model)
     parameters = module.onnx_parameters()
     wanted = {name: parameters[name] for name in names if name in parameters}
+    scores = _class_score_position(model) if labels is not None else None
     with progress.task(what, total=len(feeds)) as advance:
-        for feed in feeds:
-            loss = self_prediction_loss(module(*as_tensors(module, feed)))
+        for index, feed in enumerate(feeds):
+            outputs = module(*as_tensors(module, feed))
+            loss = (
+                self_prediction_loss(outputs)
+                if labels is None
+                else label_loss(outputs[scores], labels[index], model.graph.outputs[scores])
+            )
             gradients = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
             yield {
                 name: gradient.detach().numpy()
@@ -85,6 +102,48 @@ def sample_gradients(
                 if gradient is not None
             }
             advance(1)
+
+
+def gradient_loss(labels: Sequence[np.ndarray] | None) -> str:
+    """The loss the gradient importances use, for reports: ``labels`` or ``self-prediction``."""
+    return "self-prediction" if labels is None else "labels"
+
+
+def _class_score_position(model: ir.Model) -> int:
+    """Where the first class-score output is among the model's outputs."""
+    classes = class_score_outputs(model)
+    for position, value in enumerate(model.graph.outputs):
+        if value.name in classes:
+            return position
+    raise InputError(
+        "the data has labels, but no output of the model holds class scores "
+        "([batch, classes] from a classifier head)",
+        fix="remove the 'labels' array from the data: the gradient importances then use the "
+        "model's own predictions",
+    )
+
+
+def label_loss(scores, labels: np.ndarray, output: ir.Value):
+    """Cross-entropy of class ``scores`` (logits, or probabilities from a Softmax, or
+    log-probabilities from a LogSoftmax) against ``labels``, one class index per row."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = scores.reshape(-1, scores.shape[-1]).float()
+    targets = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
+    if len(targets) != len(rows) or targets.min() < 0 or targets.max() >= rows.shape[-1]:
+        raise InputError(
+            f"labels {np.asarray(labels).tolist()} do not fit output '{output.name}' "
+            f"of shape {list(scores.shape)}",
+            fix=f"give one class index in [0, {rows.shape[-1]}) per row of the class scores",
+        )
+    producer = output.producer()
+    kind = producer.op_type if producer is not None else ""
+    if kind == "Softmax":
+        return F.nll_loss(rows.clamp_min(1e-12).log(), targets)
+    if kind == "LogSoftmax":
+        return F.nll_loss(rows, targets)
+    return F.cross_entropy(rows, targets)
 
 
 def self_prediction_loss(outputs):

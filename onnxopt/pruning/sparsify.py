@@ -34,6 +34,7 @@ from onnxopt.pruning.importance import (
     NEEDS_GRADIENTS,
     NEEDS_MOMENTS,
     Importance,
+    gradient_loss,
     gradient_magnitudes,
     magnitude_scores,
     wanda_scores,
@@ -118,7 +119,8 @@ class SparsityReport:
     how close each candidate allocation stayed to the original (``_closeness``: expected
     top-1 agreement in % for class scores, else SQNR in dB). A budget-driven run
     (``budget.sparsify_to_budget``) adds the budget, each model it measured, and whether the
-    result met the budget."""
+    result met the budget. ``gradient_loss``: the loss a gradient importance used
+    (``importance.gradient_loss``), else None."""
 
     layers: list[LayerSparsity] = dataclasses.field(default_factory=list)
     dense: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -127,6 +129,7 @@ class SparsityReport:
     budget: str | None = None
     trials: list[SparsityTrial] = dataclasses.field(default_factory=list)
     budget_met: bool | None = None
+    gradient_loss: str | None = None
 
     @property
     def sparsity(self) -> float:
@@ -174,7 +177,8 @@ def prunable_layers(
 @dataclasses.dataclass
 class PreparedLayers:
     """What pruning needs, measured once on the calibration samples: the layers to prune, the
-    layers left dense with the reason, each layer's input moments and weight gradients."""
+    layers left dense with the reason, each layer's input moments and weight gradients (and
+    the loss they are of, ``importance.gradient_loss``; None without)."""
 
     model: ir.Model
     settings: SparsitySettings
@@ -182,6 +186,7 @@ class PreparedLayers:
     dense: dict[str, str]
     moments: dict[str, InputMoments]
     gradients: dict[str, np.ndarray]
+    gradient_loss: str | None = None
 
 
 @dataclasses.dataclass
@@ -212,8 +217,10 @@ def prepare_layers(
     feeds: Sequence[Feed],
     settings: SparsitySettings,
     progress: Progress = QUIET,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> PreparedLayers:
-    """The layers ``settings`` lets be pruned, measured on ``feeds``.
+    """The layers ``settings`` lets be pruned, measured on ``feeds`` (with their ``labels``
+    where given: the gradient importances then use the task loss).
 
     Raises InputError when nothing can be pruned, or when the importance or the
     reconstruction needs data and ``feeds`` is empty.
@@ -247,9 +254,10 @@ def prepare_layers(
     gradients: dict[str, np.ndarray] = {}
     if settings.importance in NEEDS_GRADIENTS:
         names = [node.inputs[1].name for node in layers]
-        gradients = gradient_magnitudes(model, feeds, names, progress)
+        gradients = gradient_magnitudes(model, feeds, names, progress, labels)
     moments = collect_hessians(model, layers, feeds, progress=progress) if needs_moments else {}
-    return PreparedLayers(model, settings, layers, dense, moments, gradients)
+    loss = gradient_loss(labels) if settings.importance in NEEDS_GRADIENTS else None
+    return PreparedLayers(model, settings, layers, dense, moments, gradients, loss)
 
 
 def _name_unnamed_layers(model: ir.Model) -> None:
@@ -270,17 +278,22 @@ def sparsify_model(
     feeds: Sequence[Feed],
     settings: SparsitySettings,
     progress: Progress = QUIET,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> SparsityReport:
     """Prune ``model``'s layers in place as ``settings`` say; the report of what was done.
+    ``labels``: the feeds' class indices, for the gradient importances' task loss.
 
     Raises InputError when nothing can be pruned, or when the importance or the
     reconstruction needs data and ``feeds`` is empty.
     """
-    prepared = prepare_layers(model, feeds, settings, progress)
+    prepared = prepare_layers(model, feeds, settings, progress, labels)
     candidates = allocations(prepared, settings.share)
     chosen, scores = _best_candidate(prepared, candidates, feeds, progress)
     report = SparsityReport(
-        dense=prepared.dense, allocation=chosen.label, candidate_closeness=scores
+        dense=prepared.dense,
+        allocation=chosen.label,
+        candidate_closeness=scores,
+        gradient_loss=prepared.gradient_loss,
     )
     report.layers = chosen.apply(model)
     return report

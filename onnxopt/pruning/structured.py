@@ -50,7 +50,7 @@ from onnxopt.progress import QUIET, Progress
 from onnxopt.pruning.attention import find_attention_groups
 from onnxopt.pruning.channels import find_channel_groups, layer_axes
 from onnxopt.pruning.groups import ChannelGroup, Unprunable
-from onnxopt.pruning.importance import gradient_magnitudes, sample_gradients
+from onnxopt.pruning.importance import gradient_loss, gradient_magnitudes, sample_gradients
 from onnxopt.pruning.shrink import apply_keeps, model_statistics, node_macs, removed_positions
 from onnxopt.runtime import Feed, ProbeSession, SerializedModel
 from onnxopt.shapes import infer_shapes
@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 ChannelImportance = Literal["activation", "magnitude", "taylor", "gradient", "fisher"]
 CHANNEL_IMPORTANCES: tuple[str, ...] = ("activation", "magnitude", "taylor", "gradient", "fisher")
 NEEDS_DATA = frozenset({"activation", "taylor", "gradient", "fisher"})
+GRADIENT_BASED = frozenset({"taylor", "gradient", "fisher"})
 
 # Calibration samples the activation importance is measured on, at most.
 ACTIVATION_SAMPLES = 16
@@ -127,6 +128,7 @@ class StructuredReport:
     groups: list[GroupPruning] = dataclasses.field(default_factory=list)
     unprunable: list[Unprunable] = dataclasses.field(default_factory=list)
     importance: str = "activation"
+    gradient_loss: str | None = None
     parameters_before: int = 0
     parameters_after: int = 0
     macs_before: int = 0
@@ -145,9 +147,11 @@ def prune_structured(
     feeds: Sequence[Feed],
     settings: StructuredSettings,
     progress: Progress = QUIET,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> StructuredReport:
     """Remove channels from ``model`` in place as ``settings`` say; the report of what was
-    done. Raises InputError for a target out of range or out of reach, a model with nothing
+    done. ``labels``: the feeds' class indices, for the gradient importances' task loss.
+    Raises InputError for a target out of range or out of reach, a model with nothing
     to prune, or an importance or recovery that needs data without ``feeds``."""
     start = time.perf_counter()
     _check_settings(settings, feeds)
@@ -164,7 +168,7 @@ def prune_structured(
             fix="relax prune.exclude or prune.protect_first_last",
         )
     original = model.clone() if settings.recover else None
-    scores = _scores(model, groups, feeds, settings.importance, progress)
+    scores = _scores(model, groups, feeds, settings.importance, progress, labels)
     keeps = _select(model, groups, scores, settings, macs, node_macs(model, sample))
     cut = [
         (group, keep)
@@ -184,6 +188,7 @@ def prune_structured(
         ],
         unprunable=unprunable,
         importance=settings.importance,
+        gradient_loss=gradient_loss(labels) if settings.importance in GRADIENT_BASED else None,
         parameters_before=parameters,
         parameters_after=parameters_after,
         macs_before=macs,
@@ -317,6 +322,7 @@ def _scores(
     feeds: Sequence[Feed],
     importance: str,
     progress: Progress,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Each group's channel scores (in the order of ``groups``), higher mattering more."""
     initializers = model.graph.initializers
@@ -338,9 +344,9 @@ def _scores(
             scores.append(np.sqrt(total))
         return scores
     if importance == "fisher":
-        return _fisher_scores(model, groups, feeds, progress)
+        return _fisher_scores(model, groups, feeds, progress, labels)
     names = {piece.tensor for group in groups for piece in (*group.producers, *group.consumers)}
-    gradients = gradient_magnitudes(model, feeds, sorted(names), progress)
+    gradients = gradient_magnitudes(model, feeds, sorted(names), progress, labels)
     scores = []
     for group in groups:
         total = np.zeros(group.channels)
@@ -357,7 +363,11 @@ def _scores(
 
 
 def _fisher_scores(
-    model: ir.Model, groups: list[ChannelGroup], feeds: Sequence[Feed], progress: Progress
+    model: ir.Model,
+    groups: list[ChannelGroup],
+    feeds: Sequence[Feed],
+    progress: Progress,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Each channel's ``mean_n (dL_n/dm)^2`` for a mask ``m`` scaling it in every layer that
     reads it: ``dL/dm`` is the sum of ``w * dL/dw`` over those layers' weights on it."""
@@ -366,7 +376,8 @@ def _fisher_scores(
     names = sorted({piece.tensor for pieces in readers for piece in pieces})
     weights = {name: initializers[name].const_value.numpy().astype(np.float64) for name in names}
     totals = [np.zeros(group.channels) for group in groups]
-    for gradients in sample_gradients(model, feeds, names, progress, "Fisher information"):
+    information = sample_gradients(model, feeds, names, progress, "Fisher information", labels)
+    for gradients in information:
         for group, pieces, total in zip(groups, readers, totals, strict=True):
             mask_gradient = np.zeros(group.channels)
             for piece in pieces:

@@ -15,12 +15,15 @@ from tests.pruning.test_structured import branchy_net
 from tests.quantization.helpers import feeds
 
 
-def optimize(tmp_path, recipe: str, *options: str) -> tuple[int, dict | None]:
+def optimize(tmp_path, recipe: str, *options: str, labels: bool = False) -> tuple[int, dict | None]:
     model = branchy_net()
     source, output, report = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
     ir.save(model, source)
     data = tmp_path / "calib.npz"
-    np.savez(data, x=np.stack([sample["x"] for sample in feeds(model, count=48)]))
+    arrays = {"x": np.stack([sample["x"] for sample in feeds(model, count=48)])}
+    if labels:
+        arrays["labels"] = np.random.default_rng(0).integers(0, 5, (48, 1))
+    np.savez(data, **arrays)
     arguments = ["optimize", source, "-o", output, "--recipe", recipe, "--calib", data]
     settings = [part for option in options for part in ("--set", option)]
     code = main([str(a) for a in [*arguments, *settings, "--report", report]])
@@ -57,6 +60,16 @@ def test_finetune_steps_distil_the_pruned_model_and_report_it(tmp_path):
     assert finetune["train_samples"] > 0 and finetune["held_out_before"] > 0
     assert finetune["held_out_after"] <= finetune["held_out_before"]
     assert finetune["steps"] > 0 and finetune["features"] == 0
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_gradient_importances_use_the_labels_in_the_data(tmp_path, labels):
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    options = ("prune.round_to=1", "prune.importance=fisher")
+    code, document = optimize(tmp_path, "prune", *options, labels=labels)
+    assert code == 0 and document["validation"]["passed"]
+    assert document["pruning"]["importance"] == "fisher"
+    assert document["pruning"]["gradient_loss"] == ("labels" if labels else "self-prediction")
 
 
 @pytest.mark.parametrize(

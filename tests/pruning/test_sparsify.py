@@ -14,6 +14,7 @@ from onnxopt.cli import main
 from onnxopt.errors import InputError
 from onnxopt.pruning import SparsitySettings, parse_pattern, sparsify_model
 from onnxopt.pruning.allocation import MAX_LAYER_RATIO, candidate_ratios, global_ratios
+from onnxopt.pruning.importance import gradient_magnitudes
 from onnxopt.pruning.patterns import n_m_mask, smallest_mask
 from onnxopt.pruning.sparsegpt import refit, sparsegpt
 from tests.quantization.helpers import build, cosine, feeds, random_weights, run
@@ -297,3 +298,31 @@ def test_unnamed_layers_are_named_and_all_pruned():
     report = sparsify_model(model, feeds(model, count=8), SparsitySettings(ratio=0.5))
     assert len(report.layers) == 3 and len({layer.node for layer in report.layers}) == 3
     assert all(layer.sparsity == pytest.approx(0.5, abs=0.02) for layer in report.layers)
+
+
+def test_gradients_with_labels_use_the_task_loss():
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    model = conv_net()
+    samples = feeds(model, count=4)
+    names = [node.inputs[1].name for node in model.graph if node.op_type in ("Conv", "Gemm")]
+    own = [run(model, [sample]).reshape(1, -1).argmax(axis=1) for sample in samples]
+    other = [(label + 1) % run(model, samples[:1]).size for label in own]
+    self_prediction = gradient_magnitudes(model, samples, names)
+    with_own_labels = gradient_magnitudes(model, samples, names, labels=own)
+    with_other_labels = gradient_magnitudes(model, samples, names, labels=other)
+    for name in names:
+        np.testing.assert_allclose(with_own_labels[name], self_prediction[name], rtol=1e-5)
+    assert not np.allclose(with_other_labels[names[-1]], self_prediction[names[-1]])
+    with pytest.raises(InputError, match="do not fit output"):
+        gradient_magnitudes(model, samples, names, labels=[np.array([1, 2])] * 4)
+    settings = SparsitySettings(ratio=0.3, importance="gradient", reconstruct=False)
+    assert sparsify_model(model, samples, settings, labels=other).gradient_loss == "labels"
+    assert sparsify_model(conv_net(), samples, settings).gradient_loss == "self-prediction"
+
+
+def test_labels_need_a_class_score_output():
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    model = conv_net()
+    model.graph.outputs[0].shape = ir.Shape(["N", 4, 1, 1])  # not [batch, classes]
+    with pytest.raises(InputError, match="no output of the model holds class scores"):
+        gradient_magnitudes(model, feeds(model, count=1), ["w"], labels=[np.array([0])])
