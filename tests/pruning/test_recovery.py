@@ -90,7 +90,7 @@ def test_a_fine_tune_that_only_hurts_leaves_the_one_shot_weights():
     original = mlp()
     model, zeros = pruned(original)
     one_shot = {name: weight(model, name).copy() for name in ("w1", "w2", "w3", "w4")}
-    settings = RecoverySettings(epochs=2, learning_rate=10.0, patience=1)
+    settings = RecoverySettings(epochs=2, learning_rate=10.0, patience=1, backoff=0)
     result = recover(model, original, samples(32, seed=3), zeros, settings)
     assert not result.kept and result.best_epoch == 0
     assert result.held_out_after == result.held_out_before
@@ -98,6 +98,17 @@ def test_a_fine_tune_that_only_hurts_leaves_the_one_shot_weights():
     assert len(result.held_out_losses) == 1  # patience 1: stopped after the first bad epoch
     for name, array in one_shot.items():
         np.testing.assert_array_equal(weight(model, name), array)
+
+
+def test_a_rate_that_makes_the_first_epoch_worse_is_lowered_until_one_helps():
+    original = mlp()
+    model, zeros = pruned(original)
+    settings = RecoverySettings(epochs=3, learning_rate=10.0, backoff=6)
+    result = recover(model, original, samples(64, seed=3), zeros, settings)
+    assert result.learning_rate < 10.0 / 4
+    assert result.kept and result.held_out_after < result.held_out_before
+    assert result.held_out_losses[0] < result.held_out_before
+    assert all(np.all(weight(model, name)[mask] == 0) for name, mask in zeros.items())
 
 
 def test_recovery_repeats_with_a_seed():
