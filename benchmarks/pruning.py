@@ -8,7 +8,7 @@ as a user runs it (budget-driven: the highest sparsity meeting its budget, judge
 held back from the calibration data, never on the eval samples). Build the models first
 (benchmarks/README.md).
 
-    .venv/bin/python benchmarks/pruning.py [--samples 32]
+    .venv/bin/python benchmarks/pruning.py [--samples 128] [--finetune 512]
 
 writes the table to its section of benchmarks/RESULTS.md as well.
 """
@@ -92,13 +92,15 @@ def finetuned(
     return (
         f"{name:<20} {'+ fine-tune':<22} {report.sparsity:>8.3f} {seconds:>8.1f}  "
         f"{score(name, outputs, reference)}; {len(data)} samples, {result.steps} steps, "
-        f"best epoch {result.best_epoch}"
+        f"learning rate {result.learning_rate:g}, best epoch {result.best_epoch}"
     )
 
 
 def main(arguments: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=32, help="calibration samples")
+    parser.add_argument(
+        "--samples", type=int, default=128, help="calibration samples (SparseGPT's 128)"
+    )
     parser.add_argument(
         "--preset-samples", type=int, default=128, help="samples given to the preset"
     )

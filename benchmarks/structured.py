@@ -33,10 +33,14 @@ from onnxopt.pruning.recovery import recover
 from onnxopt.pruning.structured import StructuredReport, StructuredSettings, prune_structured
 
 SECTION = "## Structured pruning"
-CALIBRATION_SAMPLES = 64
+FISHER = StructuredSettings(flops=0.3, round_to=8, importance="fisher")
+# (label, settings, calibration samples, fine-tuned with --finetune): the prune preset (64
+# samples), the Fisher importance, and more samples for it and the refit.
 SETTINGS = [
-    ("flops 0.3", StructuredSettings(flops=0.3, round_to=8)),
-    ("ratio 0.5", StructuredSettings(ratio=0.5, round_to=8)),
+    ("flops 0.3", StructuredSettings(flops=0.3, round_to=8), 64, False),
+    ("flops 0.3, fisher", FISHER, 64, False),
+    ("flops 0.3, fisher, 256 samples", FISHER, 256, True),
+    ("ratio 0.5", StructuredSettings(ratio=0.5, round_to=8), 64, False),
 ]
 
 
@@ -132,7 +136,7 @@ def main(arguments: list[str]) -> int:
     )
     options = parser.parse_args(arguments)
     lines = [
-        f"{'model':<20} {'setting':<26} {'MACs':>16} {'params':>16} {'s':>6}  "
+        f"{'model':<20} {'setting':<32} {'MACs':>16} {'params':>16} {'s':>6}  "
         "fidelity with FP32; latency 1 thread"
     ]
     for name in ("efficientnet_lite0", "minilm"):
@@ -142,33 +146,34 @@ def main(arguments: list[str]) -> int:
             continue
         reference_session = ort.InferenceSession(str(path))
         names = [spec.name for spec in reference_session.get_inputs()]
-        calibration = samples(MODELS / f"{name}_calibration.npz", names, CALIBRATION_SAMPLES)
         evaluation = samples(MODELS / f"{name}_eval.npz", names, 64)
         reference = [reference_session.run(None, feed)[0] for feed in evaluation]
         original = cleaned(path)
-        for label, settings in SETTINGS:
+        for label, settings, count, tune in SETTINGS:
+            calibration = samples(MODELS / f"{name}_calibration.npz", names, count)
             model = original.clone()
             start = time.perf_counter()
             report = prune_structured(model, calibration, settings)
             seconds = time.perf_counter() - start
             outputs = model_outputs(model, evaluation)
             lines.append(
-                f"{name:<20} {label + ', refit':<26} "
+                f"{name:<20} {label:<32} "
                 f"{sizes(report)} "
                 f"{seconds:>6.1f}  {score(name, outputs, reference)}; "
                 f"{latency(original, model, evaluation[0])}"
             )
             print(lines[-1], flush=True)
-            if options.finetune and settings.flops is not None:
+            if options.finetune and tune:
                 data = samples(MODELS / f"{name}_calibration.npz", names, options.finetune)
                 start = time.perf_counter()
                 result = recover(model, original, data, {})
                 seconds = time.perf_counter() - start
                 outputs = model_outputs(model, evaluation)
                 lines.append(
-                    f"{name:<20} {label + ', refit + fine-tune':<26} {'':>16} {'':>16} "
+                    f"{name:<20} {'  + fine-tune':<32} {'':>16} {'':>16} "
                     f"{seconds:>6.1f}  {score(name, outputs, reference)}; {len(data)} samples, "
-                    f"{result.steps} steps, best epoch {result.best_epoch}"
+                    f"{result.steps} steps, learning rate {result.learning_rate:g}, "
+                    f"best epoch {result.best_epoch}"
                 )
                 print(lines[-1], flush=True)
     with tempfile.TemporaryDirectory() as folder:
@@ -191,7 +196,7 @@ def main(arguments: list[str]) -> int:
             report = prune_structured(model, data, settings)
             seconds = time.perf_counter() - start
             lines.append(
-                f"{'resnet18 (random)':<20} {label:<26} "
+                f"{'resnet18 (random)':<20} {label:<32} "
                 f"{sizes(report)} "
                 f"{seconds:>6.1f}  {latency(original, model, data[0])}"
             )
@@ -214,7 +219,7 @@ def main(arguments: list[str]) -> int:
         )
         seconds = time.perf_counter() - start
         lines.append(
-            f"{'resnet18 (random)':<20} {'prune-int8, half + stem':<26} {'':>16} {'':>16} "
+            f"{'resnet18 (random)':<20} {'prune-int8, half + stem':<32} {'':>16} {'':>16} "
             f"{seconds:>6.1f}  {latency(original, output, data[0])}"
             + ("" if result.written else "; not written (validation failed)")
         )
@@ -223,7 +228,8 @@ def main(arguments: list[str]) -> int:
         SECTION,
         f"Command: `.venv/bin/python {' '.join(['benchmarks/structured.py', *arguments])}`, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; after the cleanup preset, "
-        f"{CALIBRATION_SAMPLES} calibration samples, importance 'activation', channels kept in "
+        "64 calibration samples unless said, importance 'activation' unless said, every layer "
+        "that reads cut channels refitted by least squares, channels kept in "
         "multiples of 8, first and last layers whole unless said, fidelity on 64 held-back eval "
         "samples; 'half of every layer': allocation 'uniform'; ResNet-18 has random weights "
         "(timed only).\n\n```\n" + "\n".join(lines) + "\n```",

@@ -35,7 +35,9 @@ class PrunePass(OnnxoptPass):
         round_to: each group keeps a multiple of this many channels (8 suits int8 kernels).
         allocation: ``global`` (lowest scores model-wide first) or ``uniform`` (every group
             loses the same share).
-        samples: calibration samples importance and recovery are measured on.
+        samples: calibration samples importance and recovery are measured on (more refit
+            better and take longer: MiniLM at 30% fewer FLOPs, cosine 0.927 with 64 and
+            0.949 with 256).
     """
 
     name = "prune"
@@ -54,7 +56,7 @@ class PrunePass(OnnxoptPass):
         protect_first_last: bool = True,
         round_to: Annotated[int, Range(low=1)] = 1,
         allocation: Literal["global", "uniform"] = "global",
-        samples: Annotated[int, Range(low=1)] = 32,
+        samples: Annotated[int, Range(low=1)] = 64,
         finetune_samples: Annotated[int, Range(low=2)] = 512,
     ):
         super().__init__()
