@@ -73,9 +73,7 @@ def sample_gradients(
     of each sample's gradient before averaging. Needs the torch extra.
 
     Raises InputError with labels but no class-score output, or labels that do not fit it."""
-    import torch
-
-    from onnxopt.bridge import to_module
+    from onnxopt.bridge import to_module  # without torch, an InputError that says so
     from onnxopt.bridge.training import as_tensors
 
     if not feeds:
@@ -83,6 +81,7 @@ def sample_gradients(
             "the gradient importance needs calibration data",
             fix="pass --calib DATA, or use importance = 'magnitude'",
         )
+    import torch
     module = to_module(model)
     parameters = module.onnx_parameters()
     wanted = {name: parameters[name] for name in names if name in parameters}

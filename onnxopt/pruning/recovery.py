@@ -114,7 +114,6 @@ def recover(
 
     Raises InputError with fewer than two samples (one must be held out).
     """
-
     from onnxopt.bridge import write_back
     from onnxopt.bridge.training import TrainingSettings, fine_tune
 

@@ -4,6 +4,8 @@ in the report, int8 quantization on the pruned graph, and options refused with t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx_ir as ir
@@ -70,6 +72,26 @@ def test_gradient_importances_use_the_labels_in_the_data(tmp_path, labels):
     assert code == 0 and document["validation"]["passed"]
     assert document["pruning"]["importance"] == "fisher"
     assert document["pruning"]["gradient_loss"] == ("labels" if labels else "self-prediction")
+
+
+@pytest.mark.parametrize("option", ["prune.importance=fisher", "prune.finetune_steps=8"])
+def test_without_torch_gradients_and_fine_tune_say_how_to_install_it(tmp_path, option):
+    source, output, data = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz"
+    model = branchy_net()
+    ir.save(model, source)
+    np.savez(data, x=np.stack([sample["x"] for sample in feeds(model, count=16)]))
+    code = "import sys; sys.modules['torch'] = None\nfrom onnxopt.cli import main\n"
+    code += "sys.exit(main(sys.argv[1:]))"
+    arguments = ["optimize", source, "-o", output, "--recipe", "prune", "--calib", data]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *map(str, arguments), "--set", option],
+        capture_output=True,
+        text=True,
+    )
+    printed = result.stdout + result.stderr
+    assert result.returncode == 2, printed
+    assert "pip install 'onnxopt[torch]'" in printed and "Traceback" not in printed
+    assert not output.exists()
 
 
 @pytest.mark.parametrize(
