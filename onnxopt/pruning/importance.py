@@ -82,6 +82,7 @@ def sample_gradients(
             fix="pass --calib DATA, or use importance = 'magnitude'",
         )
     import torch
+
     module = to_module(model)
     parameters = module.onnx_parameters()
     wanted = {name: parameters[name] for name in names if name in parameters}

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 from onnxopt.bridge import to_module, write_back  # noqa: E402
 from onnxopt.bridge.training import (  # noqa: E402
     TrainingSettings,
+    _rate_factor,
     distill,
     distillation_loss,
     fine_tune,
@@ -137,3 +138,12 @@ def test_distillation_compares_an_embedding_by_squared_error_not_as_class_scores
     as_embedding = distillation_loss([moved], [embedding], class_scores=[False])
     assert float(as_logits) == pytest.approx(0.0, abs=1e-6)  # a shift leaves softmax alike
     assert float(as_embedding) == pytest.approx(0.25)
+
+
+def test_warmup_raises_the_rate_linearly_then_the_schedule_decays_it():
+    cosine = _rate_factor(TrainingSettings(schedule="cosine", warmup=0.25), total=8)
+    assert [round(cosine(step), 3) for step in range(3)] == [0.5, 0.962, 0.854]
+    assert cosine(7) < cosine(4) < cosine(2)
+    constant = _rate_factor(TrainingSettings(warmup=0.5), total=8)
+    assert [constant(step) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert _rate_factor(TrainingSettings(), total=8)(0) == 1.0
