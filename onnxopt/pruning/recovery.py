@@ -51,7 +51,8 @@ class RecoverySettings:
         features: also match the output of every pruned layer to the original's.
         temperature: softens class scores in their KL divergence (distillation's T); the
             held-out loss always compares them at 1.
-        patience: epochs without a better held-out loss before training stops early.
+        patience: epochs after the first (the warmup) without a better held-out loss before
+            training stops early.
         backoff: restarts at a quarter of the learning rate when no epoch beats the one-shot
             weights (module docstring).
         seed: the held-out split, the order of samples and torch's random numbers.
@@ -137,7 +138,8 @@ def recover(
         if history[-1] < best_loss:
             best_loss, best_epoch = history[-1], epoch + 1
             best_weights = {name: p.detach().clone() for name, p in pair.parameters.items()}
-        return epoch + 1 - best_epoch >= settings.patience
+        # The first epoch warms up; patience counts the epochs after it.
+        return epoch + 1 - max(best_epoch, 1) >= settings.patience
 
     rate, steps = settings.learning_rate, 0
     for attempt in range(settings.backoff + 1):
