@@ -115,21 +115,22 @@ class DataSource:
         """The labels (array ``LABELS``) of the first ``count`` samples, as integer arrays, or
         None where the samples have none. Raises InputError where only some samples have
         labels, or labels that are not integers."""
-        labels = []
+        if _is_input(LABELS, self.specs):
+            return None
+        labels: list[np.ndarray] = []
+        unlabelled = None
         for where, sample in self._samples.read(self._start, self._stop_after(count)):
             value = sample.get(LABELS) if isinstance(sample, Mapping) else None
-            if value is not None and LABELS not in {spec.name for spec in self.specs}:
+            if value is None:
+                unlabelled = unlabelled or where
+                if labels:
+                    raise _partial_labels(
+                        f"{where} has no '{LABELS}' array, but the samples before it have"
+                    )
+            elif unlabelled:
+                raise _partial_labels(f"{where} has a '{LABELS}' array, but {unlabelled} has none")
+            else:
                 labels.append(_checked_labels(value, where))
-            elif labels:
-                raise InputError(
-                    f"{where} has no '{LABELS}' array, but the samples before it have",
-                    fix=f"give every sample its '{LABELS}', or none of them",
-                )
-        if labels and len(labels) < min(count, self.count or count):
-            raise InputError(
-                f"only the first {len(labels)} samples have a '{LABELS}' array",
-                fix=f"give every sample its '{LABELS}', or none of them",
-            )
         return labels or None
 
     def _stop_after(self, count: int) -> int:
@@ -504,6 +505,10 @@ def _checked_feed(sample: Any, specs: list[InputSpec], where: str) -> Feed:
 
 def _is_input(name: str, specs: list[InputSpec]) -> bool:
     return any(spec.name == name for spec in specs)
+
+
+def _partial_labels(message: str) -> InputError:
+    return InputError(message, fix=f"give every sample its '{LABELS}', or none of them")
 
 
 def _checked_labels(value: Any, where: str) -> np.ndarray:

@@ -498,3 +498,9 @@ def test_labels_that_are_not_integers_or_not_on_every_sample_are_input_errors(tm
     partial = [{**feeds(1)[0], "labels": np.array([1])}, feeds(1)[0]]
     with pytest.raises(InputError, match="no 'labels' array, but the samples before it have"):
         open_data(partial, model).take_labels(2)
+
+
+def test_labels_that_start_after_the_first_sample_name_the_sample_without(model):
+    partial = [feeds(1)[0], {**feeds(1)[0], "labels": np.array([1])}]
+    with pytest.raises(InputError, match="sample 1 has a 'labels' array, but sample 0 has none"):
+        open_data(partial, model).take_labels(2)
