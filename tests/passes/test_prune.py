@@ -74,6 +74,27 @@ def test_gradient_importances_use_the_labels_in_the_data(tmp_path, labels):
     assert document["pruning"]["gradient_loss"] == ("labels" if labels else "self-prediction")
 
 
+@pytest.mark.parametrize(
+    ("labels", "says"),
+    [
+        (np.zeros((48, 1), np.float32), "not integer class indices"),
+        (np.zeros((40, 1), np.int64), "different numbers of samples"),
+        (np.full((48, 1), 7), "do not fit output 'y'"),
+    ],
+)
+def test_bad_labels_exit_2_naming_the_problem_and_write_nothing(tmp_path, capsys, labels, says):
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    model = branchy_net()
+    source, output, data = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz"
+    ir.save(model, source)
+    np.savez(data, x=np.stack([sample["x"] for sample in feeds(model, count=48)]), labels=labels)
+    arguments = ["optimize", source, "-o", output, "--recipe", "prune", "--calib", data]
+    code = main([str(a) for a in [*arguments, "--set", "prune.importance=fisher"]])
+    printed = capsys.readouterr()
+    assert code == 2 and says in printed.out + printed.err
+    assert not output.exists()
+
+
 @pytest.mark.parametrize("option", ["prune.importance=fisher", "prune.finetune_steps=8"])
 def test_without_torch_gradients_and_fine_tune_say_how_to_install_it(tmp_path, option):
     source, output, data = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz"
