@@ -8,7 +8,7 @@ as a user runs it (budget-driven: the highest sparsity meeting its budget, judge
 held back from the calibration data, never on the eval samples). Build the models first
 (benchmarks/README.md).
 
-    .venv/bin/python benchmarks/pruning.py [--samples 128] [--finetune 512]
+    .venv/bin/python benchmarks/pruning.py [--samples 128] [--finetune 512] [--epochs 4]
 
 writes the table to its section of benchmarks/RESULTS.md as well.
 """
@@ -27,7 +27,7 @@ from results_sections import write_section
 
 from onnxopt.api import optimize
 from onnxopt.pruning import SparsityReport, SparsitySettings, parse_pattern, sparsify_model
-from onnxopt.pruning.recovery import recover
+from onnxopt.pruning.recovery import RecoverySettings, recover
 
 MODELS = Path(__file__).resolve().parent / "models"
 SECTION = "## Sparsity"
@@ -73,6 +73,7 @@ def finetuned(
     model: ir.Model,
     report: SparsityReport,
     count: int,
+    epochs: int,
     evaluation: list[dict[str, np.ndarray]],
 ) -> str:
     """The one-shot model distilled towards the original on ``count`` calibration samples."""
@@ -84,7 +85,7 @@ def finetuned(
         for layer in report.layers
     }
     start = time.perf_counter()
-    result = recover(model, original, data, zeros)
+    result = recover(model, original, data, zeros, RecoverySettings(epochs=epochs))
     seconds = time.perf_counter() - start
     reference_session = ort.InferenceSession(str(path))
     outputs = model_outputs(model, evaluation)
@@ -110,6 +111,12 @@ def main(arguments: list[str]) -> int:
         default=0,
         metavar="SAMPLES",
         help="also fine-tune the 50%% onnxopt model on this many calibration samples",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=RecoverySettings.epochs,
+        help="the fine-tune's epochs, at most",
     )
     options = parser.parse_args(arguments)
     lines = [f"{'model':<20} {'method':<22} {'sparsity':>8} {'seconds':>8}  fidelity with FP32"]
@@ -141,7 +148,11 @@ def main(arguments: list[str]) -> int:
             )
             print(lines[-1], flush=True)
             if options.finetune and label == "onnxopt sparsify":
-                lines.append(finetuned(name, path, model, report, options.finetune, evaluation))
+                lines.append(
+                    finetuned(
+                        name, path, model, report, options.finetune, options.epochs, evaluation
+                    )
+                )
                 print(lines[-1], flush=True)
         data = samples(MODELS / f"{name}_calibration.npz", names, options.preset_samples)
         start = time.perf_counter()
