@@ -75,8 +75,10 @@ def finetuned(
     count: int,
     epochs: int,
     evaluation: list[dict[str, np.ndarray]],
+    reference: list[np.ndarray],
 ) -> str:
-    """The one-shot model distilled towards the original on ``count`` calibration samples."""
+    """The one-shot model distilled towards the original on ``count`` calibration samples,
+    scored against the original's outputs ``reference`` on ``evaluation``."""
     original = ir.load(path)
     names = [value.name for value in original.graph.inputs]
     data = samples(MODELS / f"{name}_calibration.npz", names, count)
@@ -87,9 +89,7 @@ def finetuned(
     start = time.perf_counter()
     result = recover(model, original, data, zeros, RecoverySettings(epochs=epochs))
     seconds = time.perf_counter() - start
-    reference_session = ort.InferenceSession(str(path))
     outputs = model_outputs(model, evaluation)
-    reference = [reference_session.run(None, feed)[0] for feed in evaluation]
     return (
         f"{name:<20} {'+ fine-tune':<22} {report.sparsity:>8.3f} {seconds:>8.1f}  "
         f"{score(name, outputs, reference)}; {len(data)} samples, {result.steps} steps, "
@@ -150,7 +150,14 @@ def main(arguments: list[str]) -> int:
             if options.finetune and label == "onnxopt sparsify":
                 lines.append(
                     finetuned(
-                        name, path, model, report, options.finetune, options.epochs, evaluation
+                        name,
+                        path,
+                        model,
+                        report,
+                        options.finetune,
+                        options.epochs,
+                        evaluation,
+                        reference,
                     )
                 )
                 print(lines[-1], flush=True)
