@@ -31,9 +31,9 @@ class OutputFidelity:
         cosine: cosine similarity of the flattened outputs (1.0 for two all-zero outputs).
         sqnr_db: signal-to-quantization-noise ratio in dB (inf when identical).
         expected_top1_agreement: the agreement the measured noise leads to expect, for the same
-            outputs: each sample counts the chance that noise of its size (its error's spread
-            over the classes) moves another class past the top one, given the top class's
-            margins; a handful of samples then estimates the agreement on many more without
+            outputs: each sample counts the chance that noise of its size (the spread of the
+            errors of its top class's margins over the classes closest to it) moves another
+            class past the top one; a handful of samples then estimates the agreement on many more without
             hinging on whether one near-tie happened to flip.
         top1_agreement: share of samples whose argmax over the last axis agrees, for outputs
             that look like class scores; None otherwise.
@@ -213,23 +213,35 @@ class _Sums:
         return self.integer_mismatches / self.integer_elements
 
 
+# The margin noise of a sample is measured against this many of its highest classes: the
+# classes that can take the top place. Quantization error grows with a score's size, so the
+# spread over every class (most of them far below the top, with small errors) understates it:
+# on EfficientNet-Lite0 that estimate gave 0.979 where 0.963 of 512 images kept their class;
+# the margin noise of the top five gives 0.969.
+COMPETING_CLASSES = 5
+
+
 def expected_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     """The top-1 agreement to expect from the candidate's noise, rows being samples.
 
-    For a sample with reference scores z and error e = candidate - z, noise of spread
-    sigma = std(e) moves class j past the top class t with probability
-    P(N(0, 2 sigma^2) > z_t - z_j); the sample keeps its top class with the product of the
-    complements, and the expected agreement is the mean over samples.
+    For a sample with reference scores z, top class t and error e = candidate - z, the margin
+    z_t - z_j moves by e_j - e_t. Its spread sigma is the root mean square of that change over
+    the sample's COMPETING_CLASSES highest classes; class j then passes the top class with
+    probability P(N(0, sigma^2) > z_t - z_j), the sample keeps its top class with the product
+    of the complements, and the expected agreement is the mean over samples.
     """
     reference = reference.astype(np.float64)
     error = candidate.astype(np.float64) - reference
-    spread = error.std(axis=1, keepdims=True) * math.sqrt(2.0)
-    top = reference.argmax(axis=1)
-    margins = reference[np.arange(len(reference)), top][:, None] - reference
+    rows = np.arange(len(reference))
+    competing = np.argsort(-reference, axis=1)[:, :COMPETING_CLASSES]
+    top = competing[:, 0]
+    margin_noise = np.take_along_axis(error, competing[:, 1:], axis=1) - error[rows, top][:, None]
+    spread = np.sqrt(np.mean(margin_noise**2, axis=1, keepdims=True))
+    margins = reference[rows, top][:, None] - reference
     with np.errstate(divide="ignore", invalid="ignore"):
         scaled = np.where(spread > 0, margins / spread, np.inf)
     passed = 0.5 * _erfc(scaled / math.sqrt(2.0))
-    passed[np.arange(len(reference)), top] = 0.0
+    passed[rows, top] = 0.0
     kept = np.exp(np.sum(np.log1p(-np.minimum(passed, 1.0 - 1e-12)), axis=1))
     return float(np.mean(kept))
 
