@@ -7,10 +7,9 @@ Three families of candidates, each searched by bisection on the final outputs wi
   sensitive, and a float prefix costs one conversion, so it keeps int8's speed;
 - the last layers float: a detector's or segmenter's head, which draws fine maps or boxes
   from the features, is often the most sensitive part, and a float suffix costs one conversion;
-- the layers whose quantization alone hurts the outputs most float (found by measuring
-  segments of the layers alone: the float model with that segment alone quantized, on a few
-  samples, halving the noisiest), for models whose sensitive layers sit anywhere; tried only
-  when neither end is short.
+- the layers whose quantization alone hurts the outputs most float (each measured in
+  isolation: the float model with that layer alone quantized, on a few samples), for models
+  whose sensitive layers sit anywhere; tried only when neither end is short.
 
 Of the candidates that meet the budget, the fastest is kept, timed against the float model;
 when even that is slower than float, the float model is. Keeping every layer float gives the
@@ -39,7 +38,10 @@ from onnxopt.quantization.plan import QuantizationOptions
 from onnxopt.quantization.qdq import QuantizationReport, WeightRounding, quantized_copy
 from onnxopt.quantization.sensitivity import (
     LayerSqnr,
+    compare_tensors,
     layer_sqnr,
+    node_added_noise,
+    noise_points,
 )
 from onnxopt.quantization.speed_check import lighter_variants, time_against_float
 from onnxopt.runtime import Feed
@@ -62,7 +64,8 @@ RANKING_SAMPLES = 8
 # step costs a quantization and a measurement (PicoDet, 419 layers: 3 steps of 3 s fewer).
 BISECT_RESOLUTION = 1 / 32
 
-# Halving segments of layers to rank them may take at most the time of this many trials.
+# Measuring every layer in isolation may take at most the time of this many trials; layers not
+# reached by then are ranked by the noise they add in the quantized model.
 RANKING_TRIALS = 8
 
 
@@ -324,7 +327,9 @@ class _Search:
             ranking_deadline = time.perf_counter() + RANKING_TRIALS * self.trial_seconds()
             if self.deadline is not None:
                 ranking_deadline = min(ranking_deadline, self.deadline)
-            ranking = _ranking(self.source, order, self.comparison, ranking_deadline)
+            ranking = _ranking(
+                self.source, quantized, self.nodes, self.comparison, ranking_deadline
+            )
             found.append(
                 self.bisect(
                     ranking, "keeping the most sensitive layers float", _fewest_float(found)
@@ -502,62 +507,35 @@ def _describe(outputs: Sequence[OutputFidelity]) -> str:
 
 def _ranking(
     source: QuantizedFrom,
-    order: Sequence[str],
+    quantized: ir.Model,
+    quantized_nodes: Sequence[str],
     comparison: ReferenceComparison,
     deadline: float | None,
 ) -> list[str]:
-    """The quantized nodes of ``order`` (topological), the ones whose quantization hurts the
-    outputs most first, found by halving the segment of ``order`` that hurts them most.
+    """Every quantized node, the ones whose quantization alone hurts the outputs most first.
 
-    A segment is measured alone: the float model with that segment alone quantized, on the
-    ranking samples, as the noise-to-signal ratio of the outputs. That accounts for how much of
-    a layer's noise reaches the outputs, which the noise a layer adds where it sits does not (a
-    noisy layer before a normalizing one may not matter). Quantization noise adds up across
-    layers nearly exactly (EfficientNet-Lite0: the noise of its 61 layers measured one by one
-    sums to 19.7 dB, all of them quantized together give 19.3 dB), so a segment's noise is the
-    sum of its layers', and halving the noisiest segment again and again finds the few layers
-    that do most of the damage in a few measurements each, where measuring every layer alone takes one per layer (PicoDet: 419
-    layers, 6 minutes; ten of them give 91% of the noise). Halving stops at the deadline or
-    when every segment is one layer; the ranking is the segments by noise per layer, each in
-    topological order, so layers kept float together form few float islands.
+    Each node is measured in isolation: the float model with that node alone quantized, on the
+    ranking samples, as the noise-to-signal ratio of the outputs. That accounts for how
+    much of a layer's noise reaches the outputs, which the noise a layer adds where it sits does
+    not (a noisy layer before a normalizing one may not matter). Nodes left unmeasured at the
+    deadline follow, ranked by the noise each adds in the fully quantized model.
     """
     feeds = _ranking_feeds(comparison)
-    names = list(order)
-    # Segments as (start, stop, noise); the noisiest one that still holds several layers is
-    # halved next. Both halves are measured: noise adds up for small noise, but where all
-    # quantized together it is large, saturating outputs (sigmoids, softmaxes) make it add up
-    # to less, and a half taken as the difference would look clean.
-    segments = [(0, len(names), math.inf)]
-    while deadline is None or time.perf_counter() <= deadline:
-        divisible = [segment for segment in segments if segment[1] - segment[0] > 1]
-        if not divisible:
+    measured = noise_points(source.float_model, quantized, quantized_nodes)
+    noise = compare_tensors(source.float_model, quantized, feeds, measured)
+    added = node_added_noise(source.float_model, quantized, noise, quantized_nodes)
+    by_added = [*added, *(name for name in quantized_nodes if name not in added)]
+    isolated: dict[str, float] = {}
+    for name in by_added:
+        if deadline is not None and time.perf_counter() > deadline:
             break
-        start, stop, noise = max(divisible, key=lambda segment: segment[2])
-        middle = (start + stop) // 2
-        segments.remove((start, stop, noise))
-        segments += [
-            (start, middle, _segment_noise(source, names, start, middle, comparison, feeds)),
-            (middle, stop, _segment_noise(source, names, middle, stop, comparison, feeds)),
-        ]
-    segments.sort(key=lambda segment: -segment[2] / (segment[1] - segment[0]))
-    return [name for start, stop, _ in segments for name in names[start:stop]]
-
-
-def _segment_noise(
-    source: QuantizedFrom,
-    names: Sequence[str],
-    start: int,
-    stop: int,
-    comparison: ReferenceComparison,
-    feeds: Sequence[Feed],
-) -> float:
-    """The output noise of the float model with ``names[start:stop]`` alone quantized."""
-    model, _ = source.quantized_with_float([*names[:start], *names[stop:]])
-    session = runtime.sample_session(model)
-    noise = _output_noise_ratio(comparison, feeds, runtime.run(session, feeds))
-    del model, session
-    runtime.release_freed_memory()
-    return noise if math.isfinite(noise) else math.inf
+        model, _ = source.quantized_with_float(other for other in quantized_nodes if other != name)
+        session = runtime.sample_session(model)
+        isolated[name] = _output_noise_ratio(comparison, feeds, runtime.run(session, feeds))
+        del model, session
+        runtime.release_freed_memory()
+    ranked = sorted(isolated, key=lambda name: -isolated[name])
+    return [*ranked, *(name for name in by_added if name not in isolated)]
 
 
 def _output_noise_ratio(

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection, Sequence
+import math
+from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -44,6 +45,13 @@ class TensorNoise:
     @property
     def sqnr_db(self) -> float:
         return sqnr_db(self.signal, self.noise)
+
+    @property
+    def noise_ratio(self) -> float:
+        """Noise power over signal power: what a node adds shows as a difference of these."""
+        if self.noise == 0.0:
+            return 0.0
+        return math.inf if self.signal == 0.0 else self.noise / self.signal
 
 
 @dataclasses.dataclass
@@ -165,6 +173,90 @@ def _groups_by_size(
     )
 
 
+def node_added_noise(
+    float_model: ir.Model,
+    quantized_model: ir.Model,
+    noise: dict[str, TensorNoise],
+    nodes: Iterable[str],
+) -> dict[str, float]:
+    """Noise-to-signal ratio each named quantized node adds to what reaches it, largest first.
+
+    A node's output (after its own QuantizeLinear, if any) carries the noise of its inputs plus what
+    quantizing the node added; the difference of the ratios is the node's own share. It ranks
+    nodes by the damage they do themselves, so one bad layer does not make every layer after it
+    look bad too. A node is charged for the quantization of an input when that quantization
+    exists for it (its producer emits float), not when its producer is an integer kernel that
+    emits int8 anyway. Nodes the quantizer replaced (a MatMul quantized at run time) are found
+    through their float counterpart's tensor names, which quantization keeps.
+    """
+    added = {}
+    for name, (inputs, output) in _noise_points(float_model, quantized_model, nodes).items():
+        before = max(
+            (noise[value.name].noise_ratio for value in inputs if value.name in noise),
+            default=0.0,
+        )
+        after = noise[output.name].noise_ratio if output and output.name in noise else before
+        share = after - before
+        added[name] = 0.0 if math.isnan(share) else share
+    return dict(sorted(added.items(), key=lambda item: -item[1]))
+
+
+def noise_points(
+    float_model: ir.Model, quantized_model: ir.Model, nodes: Iterable[str]
+) -> set[str]:
+    """The quantized-model tensors ``node_added_noise`` reads for ``nodes``: what
+    ``compare_tensors`` must measure for it, of all the tensors it could."""
+    return {
+        value.name
+        for inputs, output in _noise_points(float_model, quantized_model, nodes).values()
+        for value in [*inputs, *([output] if output is not None else [])]
+    }
+
+
+def _noise_points(
+    float_model: ir.Model, quantized_model: ir.Model, nodes: Iterable[str]
+) -> dict[str, tuple[list[ir.Value], ir.Value | None]]:
+    """For each named node, the values its input noise and its output noise are read at."""
+    quantized_nodes = {node.name: node for node in quantized_model.graph if node.name}
+    float_nodes = {node.name: node for node in float_model.graph if node.name}
+    values = {value.name: value for value in _values(quantized_model.graph)}
+    ordered = list(nodes)
+    names = set(ordered)
+    points = {}
+    for name in ordered:
+        node = quantized_nodes.get(name)
+        if node is not None:
+            inputs = [_charged_input(value, names) for value in node.inputs]
+            output = node.outputs[0]
+        elif name in float_nodes:
+            counterpart = float_nodes[name]
+            inputs = [values.get(value.name) for value in counterpart.inputs if value is not None]
+            output = values.get(counterpart.outputs[0].name)
+        else:
+            continue
+        points[name] = (
+            [value for value in inputs if value is not None and not is_quantized_constant(value)],
+            _as_consumed(output) if output is not None else None,
+        )
+    return points
+
+
+def _charged_input(value: ir.Value | None, quantized: set[str]) -> ir.Value | None:
+    """What a node's input noise is measured at: before the input's Q/DQ pair when the pair is
+    there for this node (its producer is not a quantized node), else the dequantized value."""
+    if value is None:
+        return None
+    dequantize = value.producer()
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return value
+    quantize = dequantize.inputs[0].producer()
+    if quantize is None or quantize.op_type != "QuantizeLinear":
+        return value
+    source = quantize.inputs[0]
+    producer = source.producer()
+    return value if producer is not None and producer.name in quantized else source
+
+
 def activation_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
     """(QuantizeLinear, DequantizeLinear) pairs that quantize an activation, in graph order."""
     pairs = []
@@ -214,6 +306,28 @@ def _consumer_reads(value: ir.Value, float_nodes: dict[str, ir.Node]) -> str | N
         ):
             return counterpart.inputs[usage.idx].name
     return None
+
+
+def _as_consumed(value: ir.Value) -> ir.Value:
+    """The value after its QuantizeLinear -> DequantizeLinear pair, or itself when it has none."""
+    for usage in value.uses():
+        if usage.node.op_type == "QuantizeLinear":
+            for inner in usage.node.outputs[0].uses():
+                if inner.node.op_type == "DequantizeLinear":
+                    return inner.node.outputs[0]
+    return value
+
+
+def is_quantized_constant(value: ir.Value) -> bool:
+    """A constant, or the DequantizeLinear of one (a quantized weight or bias), not an activation."""
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.op_type == "DequantizeLinear"
+        and producer.inputs[0].const_value is not None
+    )
 
 
 def _values(graph: ir.Graph) -> list[ir.Value]:
