@@ -31,10 +31,10 @@ class OutputFidelity:
         cosine: cosine similarity of the flattened outputs (1.0 for two all-zero outputs).
         sqnr_db: signal-to-quantization-noise ratio in dB (inf when identical).
         expected_top1_agreement: the agreement the measured noise leads to expect, for the same
-            outputs: each sample counts the chance that noise of its size (the spread of the
-            errors of its top class's margins over the classes closest to it) moves another
-            class past the top one; a handful of samples then estimates the agreement on many more without
-            hinging on whether one near-tie happened to flip.
+            outputs: each sample counts the chance that noise of its size (how much its top
+            class's margins over the classes closest to it move) puts another class on top; a
+            handful of samples then estimates the agreement on many more without hinging on
+            whether one near-tie happened to flip.
         top1_agreement: share of samples whose argmax over the last axis agrees, for outputs
             that look like class scores; None otherwise.
         mismatched: share of elements that differ, for integer and boolean outputs; None otherwise.
@@ -233,7 +233,8 @@ def expected_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     reference = reference.astype(np.float64)
     error = candidate.astype(np.float64) - reference
     rows = np.arange(len(reference))
-    competing = np.argsort(-reference, axis=1)[:, :COMPETING_CLASSES]
+    # Stable, so that of tied scores the first is the top class, as argmax takes it.
+    competing = np.argsort(-reference, axis=1, kind="stable")[:, :COMPETING_CLASSES]
     top = competing[:, 0]
     margin_noise = np.take_along_axis(error, competing[:, 1:], axis=1) - error[rows, top][:, None]
     spread = np.sqrt(np.mean(margin_noise**2, axis=1, keepdims=True))

@@ -55,3 +55,5 @@ def test_expected_agreement_without_noise_is_one_and_two_classes_work() -> None:
     flipped = np.array([[2.0, 0.0], [0.0, 3.0], [0.8, 1.1]])
     assert expected_agreement(pairs, flipped) < 1.0
     assert expected_agreement(pairs, pairs) == 1.0
+    ties = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])
+    assert expected_agreement(ties, ties) == 1.0
