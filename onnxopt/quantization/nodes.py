@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import UniqueNames, add_initializer
+from onnxopt.graph import UniqueNames, add_initializer, constant_array
 
 
 class QdqBuilder:
@@ -119,3 +119,33 @@ class QdqBuilder:
         dequantized.shape = value.shape
         self.graph.extend([quantize, dequantize])
         return dequantized
+
+    def dequantize_per_channel(
+        self, dequantized: ir.Value, axis: int, channels: int, *, before: ir.Node
+    ) -> ir.Value:
+        """The values of ``dequantized`` (a one-scale DequantizeLinear's output) again, from a
+        DequantizeLinear with its scale and zero point repeated for each of ``channels`` along
+        ``axis``: the same numbers, in a form that reads as per channel.
+
+        Returns the new value; nothing reads it yet.
+        """
+        quantized, scale, zero_point = dequantized.producer().inputs
+        base = quantized.name.removesuffix("_quantized")
+        scales = np.full(channels, constant_array(scale), dtype=np.float32)
+        zero_points = np.full(channels, constant_array(zero_point), dtype=np.uint8)
+        node = ir.node(
+            "DequantizeLinear",
+            [
+                quantized,
+                self.constant(f"{base}_channel_scale", scales),
+                self.constant(f"{base}_channel_zero_point", zero_points),
+            ],
+            attributes={"axis": axis},
+            name=self.unique(f"{base}_DequantizeLinear"),
+        )
+        output = node.outputs[0]
+        output.name = self.unique(f"{base}_dequantized")
+        output.dtype = ir.DataType.FLOAT
+        output.shape = dequantized.shape
+        self.graph.insert_before(before, node)
+        return output

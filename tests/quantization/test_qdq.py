@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -324,3 +325,45 @@ def test_vectors_float16_would_round_to_subnormals_stay_float32():
         if value.const_value.dtype == ir.DataType.FLOAT and value.const_value.shape == (32,)
     ]
     assert len(gamma) == 1
+
+
+@pytest.mark.parametrize("op_type", ["Conv", "Gemm"])
+def test_a_layer_kept_float_between_int8_ones_runs_float_in_onnxruntime(op_type):
+    # onnxruntime quantizes, per tensor, the float weights of a Conv or Gemm between a
+    # one-scale DequantizeLinear and a QuantizeLinear; with channels of very different sizes
+    # that zeroes the small ones. The float layer must compute what it computes unoptimized.
+    rng = np.random.default_rng(3)
+    spread = np.logspace(-3, 0, 8, dtype=np.float32)
+    if op_type == "Conv":
+        second = rng.standard_normal((8, 8, 1, 1)).astype(np.float32) * spread[:, None, None, None]
+        weights = random_weights(w1=(8, 3, 3, 3), w3=(4, 8, 1, 1), b2=(8,)) | {"w2": second}
+        layers = [
+            helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="first"),
+            helper.make_node("Conv", ["ra", "w2", "b2"], ["b"], name="second"),
+            helper.make_node("Conv", ["rb", "w3"], ["c"], name="third"),
+        ]
+        shapes = {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]}
+    else:
+        second = rng.standard_normal((8, 8)).astype(np.float32) * spread[None, :]
+        weights = random_weights(w1=(6, 8), w3=(8, 4), b2=(8,)) | {"w2": second}
+        layers = [
+            helper.make_node("MatMul", ["x", "w1"], ["a"], name="first"),
+            helper.make_node("Gemm", ["ra", "w2", "b2"], ["b"], name="second"),
+            helper.make_node("MatMul", ["rb", "w3"], ["c"], name="third"),
+        ]
+        shapes = {"x": [4, 6]}, {"y": [4, 4]}
+    activations = [
+        helper.make_node("Relu", [name], [f"r{name}" if name != "c" else "y"], name=f"relu_{name}")
+        for name in ("a", "b", "c")
+    ]
+    nodes = [node for pair in zip(layers, activations, strict=True) for node in pair]
+    model = build(nodes, *shapes, weights)
+    options = QuantizationOptions(exclude_nodes=["second"], dynamic_matmul=False)
+    report, _, _ = quantize(model, options)
+    assert {"first", "third"} <= set(report.quantized) and "second" not in report.quantized
+    samples = feeds(model)
+    unoptimized = runtime.create_session(
+        model, optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    expected = np.concatenate([unoptimized.run(None, sample)[0].reshape(-1) for sample in samples])
+    np.testing.assert_allclose(run(model, samples), expected, rtol=1e-5, atol=1e-5)
