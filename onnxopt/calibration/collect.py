@@ -9,7 +9,7 @@ fixed-size statistics, however many samples there are.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -84,7 +84,7 @@ def collect_statistics(
         threads=max(1, runtime.cores() - 1) if overlap else None,
     )
     runner = _Runner(probe.session, probe.output_names, probe.fetched)
-    collector = _Collector(runner, probe.fed, progress, _weighted_inputs(copy.graph))
+    collector = _Collector(runner, probe.fed, progress, _channel_axes_read(copy.graph))
     feeds = _limited(data, max_samples)
     # The first sample runs alone, and shows how much memory a sample's activations take.
     first = next(feeds, None)
@@ -112,12 +112,12 @@ class _Collector:
         runner: _Runner,
         fed: list[str],
         progress: Callable[[int], None] | None,
-        channel_means: set[str],
+        channel_axes: Mapping[str, set[str]],
     ):
         self.runner = runner
         self.fed = fed
         self.progress = progress
-        self.channel_means = channel_means
+        self.channel_axes = channel_axes
         self.statistics: dict[str, TensorStatistics] = {}
         self.samples = 0
 
@@ -148,7 +148,7 @@ class _Collector:
         for feed, outputs, count in runs:
             arrays = {name: feed[name] for name in self.fed}
             arrays.update(outputs)
-            _fold(self.statistics, arrays, count, self.channel_means)
+            _fold(self.statistics, arrays, count, self.channel_axes)
             folded = sum(array.nbytes for array in arrays.values()) // count
             self.samples += count
             if self.progress is not None:
@@ -236,7 +236,7 @@ def _fold(
     statistics: dict[str, TensorStatistics],
     arrays: dict[str, np.ndarray],
     count: int,
-    channel_means: set[str],
+    channel_axes: Mapping[str, set[str]],
 ) -> None:
     folded = []
     for name, array in arrays.items():
@@ -248,7 +248,7 @@ def _fold(
     def update(item: tuple[TensorStatistics, str, np.ndarray]) -> None:
         tensor, name, array = item
         per_sample = count > 1 and array.ndim > 0 and array.shape[0] == count
-        tensor.update(array, per_sample=per_sample, channel_sums=name in channel_means)
+        tensor.update(array, per_sample, channel_axes.get(name, ()))
 
     runtime.concurrently(update, folded)
 
@@ -260,16 +260,19 @@ def _sample_bytes(values: Sequence[ir.Value]) -> int | None:
     return None if None in sizes else sum(sizes)
 
 
-def _weighted_inputs(graph: ir.Graph) -> set[str]:
-    """Activations that feed Conv, Gemm or MatMul: only their per-channel means are ever used
-    (by bias correction), and summing channels costs as much as the histogram."""
-    return {
-        node.inputs[0].name
-        for node in graph
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-        and node.inputs
-        and node.inputs[0] is not None
-    }
+def _channel_axes_read(graph: ir.Graph) -> dict[str, set[str]]:
+    """The activations that feed Conv, Gemm or MatMul, with the axes (keys of CHANNEL_AXES) bias
+    correction reads their per-channel means along: channels (axis 1) for a Conv, features (the
+    last axis) for the others. No other means are ever used, and summing channels costs as much
+    as the histogram."""
+    axes: dict[str, set[str]] = {}
+    for node in graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or not node.inputs:
+            continue
+        if node.inputs[0] is not None:
+            axis = "axis1" if node.op_type == "Conv" else "last_axis"
+            axes.setdefault(node.inputs[0].name, set()).add(axis)
+    return axes
 
 
 def _activations(graph: ir.Graph) -> list[ir.Value]:

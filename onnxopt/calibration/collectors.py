@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Collection
 from fractions import Fraction
 from typing import Any
 
@@ -36,10 +37,14 @@ _FIXED_POINT_BITS = 1074
 CHUNK_VALUES = 2**16
 
 # A sample of a tensor with more values than this adds that many of them, drawn at fixed
-# pseudo-random positions, to the histogram: enough for the 99.99th percentile of every sample,
-# and a bounded cost per sample on large activations (a 640x640 detector's feature maps hold
-# millions). Minimum, maximum and channel sums still see every value.
-HISTOGRAM_VALUES_PER_SAMPLE = 2**17
+# pseudo-random positions, to the histogram: over the 16 or more samples a calibration takes,
+# half a million values or more, some fifty above the 99.99th percentile; and a bounded cost per
+# sample on large activations (a 640x640 detector's feature maps hold millions). Counting is
+# most of the cost of calibrating such models and holds the GIL: 2**17 values took PicoDet's
+# calibration 38 s, 2**15 takes 26 s, for the same ranges to within the noise of the samples
+# (EfficientNet-Lite0's int8 top-1 agreement 95.5% against 96% on 200 images, PicoDet the same
+# layers float). Minimum, maximum and channel sums still see every value.
+HISTOGRAM_VALUES_PER_SAMPLE = 2**15
 
 # Axes with per-channel means: axis 1 (NCHW channels) and the last axis (hidden size, NHWC).
 CHANNEL_AXES = {"axis1": 1, "last_axis": -1}
@@ -128,20 +133,25 @@ class TensorStatistics:
         return None if channel is None else channel.means
 
     def update(
-        self, values: np.ndarray, per_sample: bool = False, channel_sums: bool = True
+        self,
+        values: np.ndarray,
+        per_sample: bool = False,
+        channel_axes: Collection[str] = tuple(CHANNEL_AXES),
     ) -> None:
         """Fold a batch of values in; with ``per_sample``, axis 0 indexes samples.
 
         Without ``per_sample`` the whole array counts as one sample for the per-sample min and max.
-        ``channel_sums=False`` skips the per-channel sums, for tensors whose means nothing reads.
+        ``channel_axes`` (keys of CHANNEL_AXES) are the axes to sum channels along; leave out
+        those whose means nothing reads: on large activations each costs as much as the min
+        and max together.
         """
         if values.size == 0:
             return
         if values.dtype.itemsize < 4:
             values = values.astype(np.float32)
         values = np.ascontiguousarray(values)
-        if channel_sums:
-            self._update_channel_sums(values)
+        if channel_axes:
+            self._update_channel_sums(values, channel_axes)
         rows = values.reshape(values.shape[0] if per_sample else 1, -1)
         minima, maxima = rows.min(axis=1), rows.max(axis=1)
         histogram_values = None
@@ -256,8 +266,8 @@ class TensorStatistics:
                 _bin_indices(chunk, self.range_exponent, half), minlength=self.bins
             )
 
-    def _update_channel_sums(self, values: np.ndarray) -> None:
-        """Add per-channel sums along each of CHANNEL_AXES.
+    def _update_channel_sums(self, values: np.ndarray, axes: Collection[str]) -> None:
+        """Add per-channel sums along each of ``axes`` (keys of CHANNEL_AXES).
 
         Sums run in float32, pairwise along the trailing axes for axis 1 and over blocks of
         rows for the last axis, then add up in float64: about 1e-6 relative, at the speed of
@@ -265,7 +275,8 @@ class TensorStatistics:
         """
         if values.ndim < 2:
             return
-        for axis, position in CHANNEL_AXES.items():
+        for axis in axes:
+            position = CHANNEL_AXES[axis]
             channels = values.shape[position]
             with np.errstate(invalid="ignore", over="ignore"):
                 if position == 1 and values.ndim > 2:
@@ -305,7 +316,8 @@ def _histogram_sample(rows: np.ndarray) -> np.ndarray:
     length = rows.shape[1]
     if length <= HISTOGRAM_VALUES_PER_SAMPLE:
         return rows
-    return rows[:, _sample_positions(length)]
+    # np.take gathers three times faster than fancy indexing here.
+    return np.take(rows, _sample_positions(length), axis=1)
 
 
 @functools.lru_cache(maxsize=128)

@@ -171,14 +171,17 @@ def test_statistics_of_two_halves_merge_into_those_of_all_samples():
             )
 
 
-def test_channel_means_are_kept_only_for_inputs_of_weighted_ops():
-    """Bias correction reads the means of what feeds Conv, Gemm and MatMul; nothing else does."""
+def test_channel_means_are_kept_only_where_bias_correction_reads_them():
+    """Bias correction reads the means of what feeds Conv along its channels, and of what feeds
+    Gemm and MatMul along their features; nothing else does."""
     model = ir.from_proto(classifier_proto())
     statistics = collect_statistics(model, None, samples(4, (1, 3, 8, 8)), batch_size=1)
-    with_means = {
-        name for name, value in statistics.items() if value.channel_means("axis1") is not None
-    }
-    assert with_means == {"x", "flat"}
+
+    def with_means(axis):
+        return {name for name, value in statistics.items() if value.channel_means(axis) is not None}
+
+    assert with_means("axis1") == {"x"}
+    assert with_means("last_axis") == {"flat"}
 
 
 @pytest.mark.parametrize(

@@ -161,12 +161,12 @@ def test_large_samples_add_a_fixed_sample_of_their_values_to_the_histogram():
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((3, collectors.HISTOGRAM_VALUES_PER_SAMPLE * 4)).astype(np.float32)
     statistics = TensorStatistics()
-    statistics.update(batch, per_sample=True, channel_sums=False)
+    statistics.update(batch, per_sample=True, channel_axes=())
     assert statistics.count == 3 * collectors.HISTOGRAM_VALUES_PER_SAMPLE
     assert (statistics.minimum, statistics.maximum) == (float(batch.min()), float(batch.max()))
     one_by_one = TensorStatistics()
     for row in batch:
-        one_by_one.update(row[None], per_sample=True, channel_sums=False)
+        one_by_one.update(row[None], per_sample=True, channel_axes=())
     assert one_by_one.to_dict() == statistics.to_dict()
     high = percentile_range(statistics, 99.9)[1]
     assert high == pytest.approx(np.percentile(batch, 99.9), rel=0.02)

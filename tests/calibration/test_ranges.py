@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from onnxopt.calibration.collectors import TensorStatistics
+from onnxopt.calibration.collectors import HISTOGRAM_VALUES_PER_SAMPLE, TensorStatistics
 from onnxopt.calibration.ranges import (
     METHODS,
     auto_range,
@@ -25,16 +25,17 @@ RELU = np.maximum(GAUSSIAN, 0)
 
 
 def statistics_of(*arrays: np.ndarray, per_sample: bool = False) -> TensorStatistics:
-    """Statistics of the arrays; an array of over 2**16 values comes as samples of 2**16 each,
-    as calibration sees large tensors (one sample at a time), so every value reaches the
-    histogram."""
+    """Statistics of the arrays; a large array comes as samples of HISTOGRAM_VALUES_PER_SAMPLE
+    values each, as calibration sees large tensors (one sample at a time), so every value
+    reaches the histogram."""
     statistics = TensorStatistics()
+    size = HISTOGRAM_VALUES_PER_SAMPLE
     for array in arrays:
-        if per_sample or array.size <= 2**16:
+        if per_sample or array.size <= size:
             statistics.update(array, per_sample=per_sample)
             continue
-        for start in range(0, array.size, 2**16):
-            statistics.update(array.reshape(-1)[start : start + 2**16])
+        for start in range(0, array.size, size):
+            statistics.update(array.reshape(-1)[start : start + size])
     return statistics
 
 
