@@ -212,11 +212,11 @@ class _Emitter:
         with float weights, the same values from a DequantizeLinear with per-channel scales.
 
         onnxruntime quantizes (per tensor, symmetric: its WeightBiasQuantization optimization,
-        at every optimization level) the float weights of a Conv, ConvTranspose or Gemm whose
-        input comes from a DequantizeLinear with one scale. A layer kept float would then run
-        in int8 with coarser weights than the quantized layers have: on EfficientNet-Lite0
-        keeping its first depthwise convolution float took the logits' cosine from 0.998 to
-        0.92. Per-channel scales keep it float.
+        at every optimization level) the float weights of a Conv, ConvTranspose or Gemm
+        between a DequantizeLinear with one scale and a QuantizeLinear. A layer kept float
+        would then run in int8 with coarser weights than the quantized layers have: on
+        EfficientNet-Lite0 keeping its first depthwise convolution float took the logits'
+        cosine from 0.998 to 0.92. Per-channel scales keep it float.
         """
         layout = _float_weight_layout(node, index)
         if layout is None:
