@@ -198,18 +198,27 @@ class _Emitter:
         dequantized = self.builder.quantize_dequantize(value, scale, zero_point)
         producer = self.plan.planned.get(value.producer())
         emits_int8 = producer is not None and producer.quantize_output
+        per_channel: dict[tuple[int, int], ir.Value] = {}
         for usage in uses:
             consumer = self.plan.planned.get(usage.node)
             if consumer is not None and value in consumer.activation_inputs:
                 usage.node.replace_input_with(usage.idx, dequantized)
             elif emits_int8:
                 usage.node.replace_input_with(
-                    usage.idx, self._float_layer_input(usage.node, usage.idx, dequantized)
+                    usage.idx,
+                    self._float_layer_input(usage.node, usage.idx, dequantized, per_channel),
                 )
 
-    def _float_layer_input(self, node: ir.Node, index: int, dequantized: ir.Value) -> ir.Value:
+    def _float_layer_input(
+        self,
+        node: ir.Node,
+        index: int,
+        dequantized: ir.Value,
+        per_channel: dict[tuple[int, int], ir.Value],
+    ) -> ir.Value:
         """What a float reader of an int8-only tensor reads: ``dequantized``, or for a layer
-        with float weights, the same values from a DequantizeLinear with per-channel scales.
+        with float weights, the same values from a DequantizeLinear with per-channel scales,
+        one per channel layout (``per_channel`` holds those made for this tensor so far).
 
         onnxruntime quantizes (per tensor, symmetric: its WeightBiasQuantization optimization,
         at every optimization level) the float weights of a Conv, ConvTranspose or Gemm
@@ -221,8 +230,12 @@ class _Emitter:
         layout = _float_weight_layout(node, index)
         if layout is None:
             return dequantized
-        axis, channels = layout
-        return self.builder.dequantize_per_channel(dequantized, axis, channels, before=node)
+        if layout not in per_channel:
+            axis, channels = layout
+            per_channel[layout] = self.builder.dequantize_per_channel(
+                dequantized, axis, channels, before=node
+            )
+        return per_channel[layout]
 
     def _quantize_weight(self, planned: PlannedNode, input_scale: np.float32) -> None:
         node, weight = planned.node, planned.weight
