@@ -260,6 +260,20 @@ def tensor_bytes(
     return sizes
 
 
+def memory_headroom() -> int:
+    """Bytes this process held at its peak beyond what it holds now: memory it can fill again
+    without raising its peak resident set. 0 where that is unknown (outside Linux)."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as statm:
+            resident_pages = int(statm.read().split()[1])
+    except (ImportError, OSError, ValueError, IndexError):
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return max(0, peak - resident_pages * os.sysconf("SC_PAGE_SIZE"))
+
+
 def groups_within(sizes: Iterable[tuple[_Item, int]], max_bytes: int) -> list[list[_Item]]:
     """Consecutive items in groups of at most ``max_bytes`` (an item larger than that alone)."""
     groups: list[list[_Item]] = []

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 
 from onnxopt.runtime import (
     ProbeSession,
     SerializedModel,
     concurrently,
     create_session,
+    memory_headroom,
     random_feeds,
     run,
     sample_session,
@@ -135,3 +138,10 @@ def test_pruning_keeps_the_nodes_a_subgraph_reads_from_the_outer_graph():
         kept = [node.op_type for node in onnx.load(path, load_external_data=False).graph.node]
     assert kept == ["Add", "If"]
     np.testing.assert_array_equal(arrays["chosen"], [-2.0, -4.0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measured from /proc on Linux")
+def test_memory_headroom_counts_memory_freed_below_the_peak():
+    block = np.ones(2**24)  # 128 MB, written, so resident
+    del block
+    assert memory_headroom() >= 100 * 2**20

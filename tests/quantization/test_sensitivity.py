@@ -96,6 +96,20 @@ def test_layer_sqnr_shows_where_the_error_starts():
     assert layers[-1].tensor == "x"
 
 
+def test_tensors_are_compared_in_groups_as_large_as_the_memory_headroom(monkeypatch):
+    """Memory the process held at its peak and freed is used for fewer, larger groups."""
+    samples = outlier_samples(2)
+    float_model = three_convs()
+    model = three_convs()
+    quantized(model, samples)
+    pairs = float_counterparts(float_model, model)
+    monkeypatch.setattr(sensitivity, "PROBE_BYTES", 1)
+    monkeypatch.setattr(sensitivity, "memory_headroom", lambda: 0)
+    assert len(sensitivity._groups_by_size(float_model, pairs, samples[0])) == len(pairs)
+    monkeypatch.setattr(sensitivity, "memory_headroom", lambda: 2**30)
+    assert len(sensitivity._groups_by_size(float_model, pairs, samples[0])) == 1
+
+
 def test_tensors_compared_in_small_groups_measure_the_same(monkeypatch):
     """Large activations are compared a group at a time; the figures must not depend on it."""
     samples = outlier_samples(4)
@@ -104,6 +118,7 @@ def test_tensors_compared_in_small_groups_measure_the_same(monkeypatch):
     quantized(model, samples)
     whole = compare_tensors(float_model, model, samples)
     monkeypatch.setattr(sensitivity, "PROBE_BYTES", 1)
+    monkeypatch.setattr(sensitivity, "HEADROOM_SHARE", 0.0)
     assert (
         len(
             sensitivity._groups_by_size(
