@@ -42,7 +42,7 @@ PROBE_BYTES = 2**24
 # memory the process has used already. Fewer groups cost fewer sessions and runs: at
 # PROBE_BYTES each of PicoDet's maps is a group of its own, and its 60 groups took 13 of the
 # fallback's 35 s; with the headroom its int8 run takes 53 s instead of 69 s, at the same peak
-# RSS (1446 MB; EfficientNet-Lite0 441 -> 450 MB).
+# RSS (1446 MB; EfficientNet-Lite0 441 -> 450 MB, the DB text detector 1189 -> 1210 MB).
 HEADROOM_SHARE = 1 / 4
 
 
