@@ -131,8 +131,9 @@ class QdqBuilder:
         """
         quantized, scale, zero_point = dequantized.producer().inputs
         base = quantized.name.removesuffix("_quantized")
-        scales = np.full(channels, constant_array(scale), dtype=np.float32)
-        zero_points = np.full(channels, constant_array(zero_point), dtype=np.uint8)
+        scale_array, zero_point_array = constant_array(scale), constant_array(zero_point)
+        scales = np.full(channels, scale_array, dtype=scale_array.dtype)
+        zero_points = np.full(channels, zero_point_array, dtype=zero_point_array.dtype)
         node = ir.node(
             "DequantizeLinear",
             [
