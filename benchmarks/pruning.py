@@ -48,10 +48,20 @@ def samples(path: Path, names: list[str], count: int) -> list[dict[str, np.ndarr
     return [{name: np.array(arrays[name][index]) for name in names} for index in range(total)]
 
 
-def model_outputs(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """The model's first output on each feed, in onnxruntime."""
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString())
-    return [session.run(None, feed)[0] for feed in feeds]
+# The output each model is scored on, where it is not the first: MiniLM's sentence embedding
+# (its first output, the hidden state of every position, is three quarters padding).
+SCORED_OUTPUTS = {"minilm": "sentence_embedding"}
+
+
+def model_outputs(
+    model: ir.Model | Path, feeds: list[dict[str, np.ndarray]], name: str = ""
+) -> list[np.ndarray]:
+    """The scored output of ``model`` (SCORED_OUTPUTS of model ``name``, else its first) on
+    each feed, in onnxruntime."""
+    source = str(model) if isinstance(model, Path) else ir.to_proto(model).SerializeToString()
+    session = ort.InferenceSession(source)
+    wanted = SCORED_OUTPUTS.get(name, session.get_outputs()[0].name)
+    return [session.run([wanted], feed)[0] for feed in feeds]
 
 
 def score(name: str, outputs: list[np.ndarray], reference: list[np.ndarray]) -> str:
@@ -89,7 +99,7 @@ def finetuned(
     start = time.perf_counter()
     result = recover(model, original, data, zeros, RecoverySettings(epochs=epochs))
     seconds = time.perf_counter() - start
-    outputs = model_outputs(model, evaluation)
+    outputs = model_outputs(model, evaluation, name)
     return (
         f"{name:<20} {'+ fine-tune':<22} {report.sparsity:>8.3f} {seconds:>8.1f}  "
         f"{score(name, outputs, reference)}; {len(data)} samples, {result.steps} steps, "
@@ -129,7 +139,7 @@ def main(arguments: list[str]) -> int:
         names = [spec.name for spec in reference_session.get_inputs()]
         calibration = samples(MODELS / f"{name}_calibration.npz", names, options.samples)
         evaluation = samples(MODELS / f"{name}_eval.npz", names, 64)
-        reference = [reference_session.run(None, feed)[0] for feed in evaluation]
+        reference = model_outputs(path, evaluation, name)
         for label, importance, reconstruct, pattern in METHODS:
             model = ir.load(path)
             settings = SparsitySettings(
@@ -141,7 +151,7 @@ def main(arguments: list[str]) -> int:
             start = time.perf_counter()
             report = sparsify_model(model, calibration, settings)
             seconds = time.perf_counter() - start
-            outputs = model_outputs(model, evaluation)
+            outputs = model_outputs(model, evaluation, name)
             lines.append(
                 f"{name:<20} {label:<22} {report.sparsity:>8.3f} {seconds:>8.1f}  "
                 f"{score(name, outputs, reference)}"
@@ -166,7 +176,7 @@ def main(arguments: list[str]) -> int:
         result = optimize(path, recipe="sparsify", data=data, timing=False)
         seconds = time.perf_counter() - start
         report = result.context.sparsity
-        outputs = model_outputs(result.model, evaluation)
+        outputs = model_outputs(result.model, evaluation, name)
         lines.append(
             f"{name:<20} {'preset sparsify (auto)':<22} {report.sparsity:>8.3f} {seconds:>8.1f}  "
             f"{score(name, outputs, reference)}; budget {report.budget} met on "

@@ -35,11 +35,12 @@ from onnxopt.pruning.structured import StructuredReport, StructuredSettings, pru
 SECTION = "## Structured pruning"
 FISHER = StructuredSettings(flops=0.3, round_to=8, importance="fisher")
 # (label, settings, calibration samples, fine-tuned with --finetune): the prune preset (64
-# samples), the Fisher importance, and more samples for it and the refit.
+# samples), the Fisher importance, and more samples for it and the refit, and for the preset.
 SETTINGS = [
     ("flops 0.3", StructuredSettings(flops=0.3, round_to=8), 64, False),
     ("flops 0.3, fisher", FISHER, 64, False),
     ("flops 0.3, fisher, 256 samples", FISHER, 256, True),
+    ("flops 0.3, 512 samples", StructuredSettings(flops=0.3, round_to=8), 512, False),
     ("ratio 0.5", StructuredSettings(ratio=0.5, round_to=8), 64, False),
 ]
 
@@ -147,7 +148,7 @@ def main(arguments: list[str]) -> int:
         reference_session = ort.InferenceSession(str(path))
         names = [spec.name for spec in reference_session.get_inputs()]
         evaluation = samples(MODELS / f"{name}_eval.npz", names, 64)
-        reference = [reference_session.run(None, feed)[0] for feed in evaluation]
+        reference = model_outputs(path, evaluation, name)
         original = cleaned(path)
         for label, settings, count, tune in SETTINGS:
             calibration = samples(MODELS / f"{name}_calibration.npz", names, count)
@@ -155,7 +156,7 @@ def main(arguments: list[str]) -> int:
             start = time.perf_counter()
             report = prune_structured(model, calibration, settings)
             seconds = time.perf_counter() - start
-            outputs = model_outputs(model, evaluation)
+            outputs = model_outputs(model, evaluation, name)
             lines.append(
                 f"{name:<20} {label:<32} "
                 f"{sizes(report)} "
@@ -168,7 +169,7 @@ def main(arguments: list[str]) -> int:
                 start = time.perf_counter()
                 result = recover(model, original, data, {})
                 seconds = time.perf_counter() - start
-                outputs = model_outputs(model, evaluation)
+                outputs = model_outputs(model, evaluation, name)
                 lines.append(
                     f"{name:<20} {'  + fine-tune':<32} {'':>16} {'':>16} "
                     f"{seconds:>6.1f}  {score(name, outputs, reference)}; {len(data)} samples, "

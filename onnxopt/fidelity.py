@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from onnxopt import runtime
 from onnxopt.metrics import OutputFidelity, class_score_outputs, compare_outputs
+from onnxopt.padding import padding_mask_input, token_rows
 from onnxopt.runtime import Feed
 
 
@@ -66,15 +67,7 @@ class ReferenceComparison:
 
     def unpadded(self, feed: Feed, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The outputs with the padded positions of [batch, sequence, ...] outputs left out."""
-        if self.padding_mask is None:
-            return list(outputs)
-        keep = np.asarray(feed[self.padding_mask]) != 0
-        return [
-            output[keep]
-            if output.ndim > keep.ndim and output.shape[: keep.ndim] == keep.shape
-            else output
-            for output in outputs
-        ]
+        return [token_rows(np.asarray(output), feed, self.padding_mask) for output in outputs]
 
 
 def reference_comparison(
@@ -127,18 +120,3 @@ def reference_comparison(
     if mask is not None:
         description += f"; positions where '{mask}' is 0 (padding) left out"
     return ReferenceComparison(used, f"{len(used)} {description}", outputs, classes, None, mask)
-
-
-def padding_mask_input(model: ir.Model) -> str | None:
-    """The integer or boolean [batch, sequence] input named as an attention mask, if any.
-
-    Transformer exporters name it ``attention_mask`` (or ``*_mask``); its zeros mark padding.
-    """
-    for spec in runtime.input_specs(model):
-        if (
-            "attention_mask" in spec.name.lower()
-            and spec.dtype.kind in "biu"
-            and (spec.shape is None or len(spec.shape) == 2)
-        ):
-            return spec.name
-    return None

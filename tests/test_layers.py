@@ -42,6 +42,7 @@ LAYERS = {
     "serialize": FOUNDATIONS,
     "validation": FOUNDATIONS,
     "fidelity": FOUNDATIONS,
+    "padding": FOUNDATIONS,
     "summary": FOUNDATIONS,
     "compare": FOUNDATIONS,
     "calibration": ALGORITHMS,

@@ -5,7 +5,8 @@ A layer reads its input as columns: a Gemm or MatMul its last axis, a convolutio
 under its kernel, per group (``InputLayout``). ``collect_hessians`` measures ``H`` of layers on
 a few samples; ``LayerBatches`` measures them a batch of layers at a time, as they are asked
 for, so that the H of all layers is never held at once. ``weight_rows`` gives a weight as rows
-over the same columns.
+over the same columns. A transformer's padded positions (``padding``) are left out: nothing
+reads them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.padding import padding_mask_input, token_rows
 from onnxopt.progress import QUIET, Progress
 from onnxopt.runtime import (
     Feed,
@@ -261,6 +263,7 @@ def collect_hessians(
     counts: dict[tuple[InputLayout, bool], int] = collections.defaultdict(int)
     rng = np.random.default_rng(0)
     too_few: set[InputLayout] = set()
+    mask = padding_mask_input(model)
     written = contextlib.nullcontext(source) if source is not None else SerializedModel(model)
     with written as source:
         groups = _input_groups(source, [layout.input for layout in layouts], feeds[0])
@@ -279,6 +282,8 @@ def collect_hessians(
                                 continue
                             positions = -(-ROWS_PER_COLUMN * columns[layout] // len(feeds))
                             array = arrays.get(layout.input)
+                            if array is not None and not layout.kernel:
+                                array = token_rows(array, feeds[index], mask)
                             _accumulate((layout, held), array, positions, sums, counts, rng)
                             if index == 0 and counts[(layout, held)] * len(feeds) < (
                                 MIN_ROWS_PER_COLUMN * columns[layout]

@@ -12,7 +12,8 @@ With labels (an array ``labels`` beside the inputs in the data: each sample's cl
 the loss is the task's: the cross-entropy of the model's class scores against them. Without,
 it is the cross-entropy of every float output (over its last axis) against the model's own
 predictions: its gradient is not zero at the original weights, where a distillation loss
-against the model itself would be.
+against the model itself would be. A transformer's padded positions are left out of it
+(``padding``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import InputError
 from onnxopt.metrics import class_score_outputs
+from onnxopt.padding import padding_mask_input, token_rows
 from onnxopt.progress import QUIET, Progress
 from onnxopt.runtime import Feed
 
@@ -87,11 +89,12 @@ def sample_gradients(
     parameters = module.onnx_parameters()
     wanted = {name: parameters[name] for name in names if name in parameters}
     scores = _class_score_position(model) if labels is not None else None
+    mask = padding_mask_input(model)
     with progress.task(what, total=len(feeds)) as advance:
         for index, feed in enumerate(feeds):
             outputs = module(*as_tensors(module, feed))
             loss = (
-                self_prediction_loss(outputs)
+                self_prediction_loss([token_rows(output, feed, mask) for output in outputs])
                 if labels is None
                 else label_loss(outputs[scores], labels[index], model.graph.outputs[scores])
             )

@@ -5,7 +5,8 @@ The student learns the original's outputs (KL divergence at a temperature for cl
 mean squared error relative to the output's power otherwise) and, layer by layer, the output
 of every pruned layer (the same relative error, so each layer counts alike whatever its
 scale): more signal per sample than the final outputs alone, which matters with a few hundred
-unlabelled samples. A slice of the samples is held out; the weights kept are those of the
+unlabelled samples. A transformer's padded positions are left out of both (``padding``):
+nothing reads them, and sentences padded to one length are mostly padding. A slice of the samples is held out; the weights kept are those of the
 epoch that reproduced the original's outputs best on it, and the one-shot weights when no
 epoch did better than they do.
 
@@ -28,6 +29,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import InputError
 from onnxopt.metrics import class_score_outputs
+from onnxopt.padding import at_tokens, padding_mask_input
 from onnxopt.progress import QUIET, Progress
 from onnxopt.runtime import Feed
 
@@ -231,6 +233,9 @@ class _Distillation:
         self.teacher.eval()
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
+        mask = padding_mask_input(model)
+        names = [value.name for value in model.graph.inputs]
+        self.mask_position = names.index(mask) if mask in names else None
         classes = class_score_outputs(model)
         self.is_class = [value.name in classes for value in model.graph.outputs]
         self.count = len(self.is_class)
@@ -258,12 +263,17 @@ class _Distillation:
 
         with torch.no_grad():
             targets = self.teacher(*inputs)
-        count = self.count
-        value = output_loss(results[:count], targets[:count], self.is_class, self.temperature)
+        count, keep = self.count, self.tokens(inputs)
+        value = output_loss(results[:count], targets[:count], self.is_class, self.temperature, keep)
         if len(results) > count:
             layers = zip(results[count:], targets[count:], strict=True)
-            value = value + sum(_relative_error(*pair) for pair in layers) / (len(results) - count)
+            errors = (_relative_error(*(at_tokens(part, keep) for part in pair)) for pair in layers)
+            value = value + sum(errors) / (len(results) - count)
         return value
+
+    def tokens(self, inputs):
+        """Where the batch holds tokens (its attention mask is not 0); None without a mask."""
+        return None if self.mask_position is None else inputs[self.mask_position] != 0
 
     def held_out_loss(self, batches: Sequence[tuple[list, int]]) -> float:
         """The outputs' loss (class scores at temperature 1) per sample over ``batches``."""
@@ -274,16 +284,18 @@ class _Distillation:
             for inputs, size in batches:
                 results = self.student(*inputs)[: self.count]
                 targets = self.teacher(*inputs)[: self.count]
-                total += float(output_loss(results, targets, self.is_class, 1.0)) * size
+                loss = output_loss(results, targets, self.is_class, 1.0, self.tokens(inputs))
+                total += float(loss) * size
                 samples += size
         return total / samples
 
 
-def output_loss(outputs, targets, is_class: Sequence[bool], temperature: float):
+def output_loss(outputs, targets, is_class: Sequence[bool], temperature: float, keep=None):
     """How far ``outputs`` are from the original's ``targets``, summed over the float outputs:
     the KL divergence of softened class scores (times T², distillation's scale), else the mean
     squared error relative to the target's mean square (each output counts alike whatever its
-    scale)."""
+    scale). ``keep``: where the batch holds tokens ([batch, sequence], ``padding``); outputs
+    over those axes are compared there only."""
     import torch
     import torch.nn.functional as F
 
@@ -291,6 +303,7 @@ def output_loss(outputs, targets, is_class: Sequence[bool], temperature: float):
     for output, target, classes in zip(outputs, targets, is_class, strict=True):
         if not output.dtype.is_floating_point:
             continue
+        output, target = at_tokens(output, keep), at_tokens(target, keep)
         if classes:
             scores, reference = output.flatten(0, -2), target.flatten(0, -2)
             total = total + temperature**2 * F.kl_div(

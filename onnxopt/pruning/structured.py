@@ -46,6 +46,7 @@ import onnx_ir as ir
 from onnxopt.calibration.moments import input_layout, weight_rows
 from onnxopt.errors import InputError
 from onnxopt.graph import add_initializer, set_constant
+from onnxopt.padding import padding_mask_input, token_rows
 from onnxopt.progress import QUIET, Progress
 from onnxopt.pruning.attention import find_attention_groups
 from onnxopt.pruning.channels import find_channel_groups, layer_axes
@@ -409,11 +410,14 @@ def _activation_scores(
     }
     energy: dict[str, np.ndarray] = {}
     samples = list(feeds[:ACTIVATION_SAMPLES])
+    mask = padding_mask_input(model)
     with SerializedModel(model) as source:
         probe = ProbeSession(source, sorted(axes), threads=1, prune=True)
         with progress.task("channel activations", total=len(samples)) as advance:
             for feed in samples:
                 for name, array in probe.run(feed).items():
+                    if axes.get(name) == -1:
+                        array = token_rows(array, feed, mask)
                     if name in blocks:
                         energy[name] = energy.get(name, 0) + _block_moments(array, blocks[name])
                     elif name in axes:
@@ -675,8 +679,15 @@ def _round_up(count: int, multiple: int, limit: int) -> int:
 # Rows (output positions) the refit of a layer sees per column of its input, over all samples.
 REFIT_ROWS_PER_COLUMN = 16
 
-# Ridge damping relative to the mean of the inputs' second moments (as SparseGPT's 1%).
-DAMPING = 0.01
+# Ridge dampings tried, relative to the mean of the inputs' second moments (SparseGPT uses 1%).
+# Each layer keeps the one whose fit reproduces the original's output best on held-out samples,
+# then is fitted on all samples with it: the best damping depends on how many rows a layer sees
+# (MiniLM at 30% fewer MACs, embedding cosine with FP32: 64 samples 0.931 at 0.01, 0.951 at
+# 0.2; 512 samples 0.970 at 0.01, 0.971 at 0.05, 0.970 at 0.2).
+DAMPINGS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+# Every HOLD_EVERY-th sample is held out to choose the damping (with at least that many samples).
+HOLD_EVERY = 4
 
 
 def _refit_consumers(
@@ -692,7 +703,8 @@ def _refit_consumers(
     ``V = argmin ||X' V^T - X W^T||^2 + damping ||V - W_kept||^2``, a bias column in both
     (one is added where the layer had none). The damping pulls towards the original weights
     of the kept channels, so a layer with few rows (a classifier reads one a sample) stays
-    near them. Returns the layers refitted."""
+    near them; each layer takes the one of DAMPINGS that does best on held-out samples.
+    Returns the layers refitted."""
     wanted = set(names)
     layers = [node for node in model.graph if node.name in wanted]
     originals = {node.name: node for node in original.graph if node.name in wanted}
@@ -739,25 +751,32 @@ def _refit(
         near = np.concatenate([near, old.reshape(-1, 1)], axis=1)
     columns = rows.shape[2]
     positions = max(1, -(-REFIT_ROWS_PER_COLUMN * columns // len(feeds)))
+    # A token's row, not a padded position's (``padding``); convolutions see no padding mask.
+    mask = None if layout.kernel else padding_mask_input(model)
     pruned_probe = ProbeSession(model, [layout.input], threads=1, prune=True)
     original_probe = ProbeSession(source, [original_layout.input], threads=1, prune=True)
-    gram = np.zeros((columns + has_bias,) * 2)
-    cross = np.zeros((columns + has_bias, full.shape[1]))
-    count = 0
+    # Sums of X^T X and X^T Y (X: the pruned layer's input rows, Y: the original's), for the
+    # samples fitted on and those held out.
+    sums = {held: _RefitSums(columns + has_bias, full.shape[1]) for held in (False, True)}
     for index, feed in enumerate(feeds):
         pruned_in = pruned_probe.run(feed).get(layout.input)
         original_in = original_probe.run(feed).get(original_layout.input)
         if pruned_in is None or original_in is None:
             return False
+        pruned_in = token_rows(pruned_in, feed, mask)
+        original_in = token_rows(original_in, feed, mask)
         x = _columns(layout, pruned_in, positions, index, has_bias)
         y = _columns(original_layout, original_in, positions, index, has_bias)
-        gram += x.T @ x
-        cross += x.T @ y
-        count += len(x)
-    damping = DAMPING * float(np.mean(np.diag(gram))) * max(1.0, (columns + has_bias) / count)
-    gram[np.diag_indices_from(gram)] += damping
+        sums[len(feeds) >= HOLD_EVERY and index % HOLD_EVERY == HOLD_EVERY - 1].add(x, y)
+    fit, held = sums[False], sums[True]
     try:
-        solved = np.linalg.solve(gram, cross @ full.T + damping * near.T).T
+        relative = DAMPINGS[0]
+        if held.count:
+            errors = [held.error(fit.solve(full, near, damping), full) for damping in DAMPINGS]
+            relative = DAMPINGS[int(np.argmin(errors))]
+        fit.add_sums(held)
+        solved = fit.solve(full, near, relative)
+        logger.debug("refit %s: damping %g", node.name, relative)
     except np.linalg.LinAlgError:
         return False
     dtype = weight.const_value.dtype.numpy()
@@ -769,6 +788,40 @@ def _refit(
         else:
             _add_bias(model, node, new_bias)
     return True
+
+
+class _RefitSums:
+    """``X^T X`` and ``X^T Y`` over some samples' rows, and the ridge fits they give."""
+
+    def __init__(self, columns: int, original_columns: int):
+        self.gram = np.zeros((columns, columns))
+        self.cross = np.zeros((columns, original_columns))
+        self.count = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.gram += x.T @ x
+        self.cross += x.T @ y
+        self.count += len(x)
+
+    def add_sums(self, other: _RefitSums) -> None:
+        self.gram += other.gram
+        self.cross += other.cross
+        self.count += other.count
+
+    def solve(self, full: np.ndarray, near: np.ndarray, relative: float) -> np.ndarray:
+        """``V = argmin ||X V^T - Y W^T||^2 + damping ||V - near||^2``, W = ``full``; the
+        damping is ``relative`` to the mean second moment, more where rows are few."""
+        columns = len(self.gram)
+        mean = float(np.mean(np.diag(self.gram)))
+        damping = relative * mean * max(1.0, columns / max(self.count, 1))
+        gram = self.gram + damping * np.eye(columns)
+        return np.linalg.solve(gram, self.cross @ full.T + damping * near.T).T
+
+    def error(self, weights: np.ndarray, full: np.ndarray) -> float:
+        """``||X V^T - Y W^T||^2`` on these rows, less its part that does not depend on V."""
+        return float(
+            np.sum((weights @ self.gram) * weights) - 2 * np.sum(weights.T * (self.cross @ full.T))
+        )
 
 
 def _columns(layout, array: np.ndarray, positions: int, seed: int, bias: bool) -> np.ndarray:

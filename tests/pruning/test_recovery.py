@@ -137,3 +137,18 @@ def test_one_sample_is_refused_with_the_fix():
     model, zeros = pruned(original)
     with pytest.raises(InputError, match="at least 2 calibration samples"):
         recover(model, original, samples(1, seed=3), zeros)
+
+
+def test_the_distillation_loss_leaves_padded_positions_out():
+    import torch
+
+    from onnxopt.pruning.recovery import output_loss
+
+    target = torch.randn(2, 5, 3)
+    keep = torch.tensor([[True, True, True, False, False], [True, True, False, False, False]])
+    output = target.clone()
+    output[~keep] += 100.0
+    assert float(output_loss([output], [target], [False], 1.0, keep)) == 0.0
+    assert float(output_loss([output], [target], [False], 1.0)) > 1.0
+    output[0, 0] += 1.0
+    assert float(output_loss([output], [target], [False], 1.0, keep)) > 0.0
