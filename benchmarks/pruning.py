@@ -128,9 +128,14 @@ def main(arguments: list[str]) -> int:
         default=RecoverySettings.epochs,
         help="the fine-tune's epochs, at most",
     )
+    parser.add_argument(
+        "--models",
+        default="efficientnet_lite0,minilm",
+        help="comma-separated models to run (default: both)",
+    )
     options = parser.parse_args(arguments)
     lines = [f"{'model':<20} {'method':<22} {'sparsity':>8} {'seconds':>8}  fidelity with FP32"]
-    for name in ("efficientnet_lite0", "minilm"):
+    for name in options.models.split(","):
         path = MODELS / f"{name}.onnx"
         if not path.exists():
             lines.append(f"{name:<20} not built (benchmarks/README.md)")
