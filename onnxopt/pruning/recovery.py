@@ -6,9 +6,9 @@ mean squared error relative to the output's power otherwise) and, layer by layer
 of every pruned layer (the same relative error, so each layer counts alike whatever its
 scale): more signal per sample than the final outputs alone, which matters with a few hundred
 unlabelled samples. A transformer's padded positions are left out of both (``padding``):
-nothing reads them, and sentences padded to one length are mostly padding. A slice of the samples is held out; the weights kept are those of the
-epoch that reproduced the original's outputs best on it, and the one-shot weights when no
-epoch did better than they do.
+nothing reads them, and sentences padded to one length are mostly padding. A slice of the
+samples is held out; the weights kept are those of the epoch that reproduced the original's
+outputs best on it, and the one-shot weights when no epoch did better than they do.
 
 The rate rises over the first epoch (warmup), then decays (cosine). A rate that suits one
 pruned model wrecks another (AdamW at 1e-4 took EfficientNet-Lite0 with 30% fewer FLOPs from
