@@ -711,12 +711,13 @@ def _refit_consumers(
     layers = [node for node in model.graph if node.name in wanted]
     originals = {node.name: node for node in original.graph if node.name in wanted}
     refitted = []
+    mask = padding_mask_input(model)
     with (
         SerializedModel(original) as source,
         progress.task("refitting layers", total=len(layers)) as advance,
     ):
         for node in layers:
-            if _refit(model, source, node, originals[node.name], feeds):
+            if _refit(model, source, node, originals[node.name], feeds, mask):
                 refitted.append(node.name)
             advance(1)
     return refitted
@@ -728,6 +729,7 @@ def _refit(
     node: ir.Node,
     original: ir.Node,
     feeds: Sequence[Feed],
+    mask: str | None,
 ) -> bool:
     layout, original_layout = input_layout(node), input_layout(original)
     if layout is None or original_layout is None or layout.groups != 1:
@@ -754,7 +756,7 @@ def _refit(
     columns = rows.shape[2]
     positions = max(1, -(-REFIT_ROWS_PER_COLUMN * columns // len(feeds)))
     # A token's row, not a padded position's (``padding``); convolutions see no padding mask.
-    mask = None if layout.kernel else padding_mask_input(model)
+    mask = None if layout.kernel else mask
     pruned_probe = ProbeSession(model, [layout.input], threads=1, prune=True)
     original_probe = ProbeSession(source, [original_layout.input], threads=1, prune=True)
     # Sums of X^T X and X^T Y (X: the pruned layer's input rows, Y: the original's), for the
