@@ -107,9 +107,18 @@ class DataSource:
         for where, sample in self._samples.read(self._start, self._stop):
             yield _checked_feed(sample, self.specs, where)
 
-    def take(self, count: int) -> list[Feed]:
-        """The first ``count`` samples (fewer if the source is shorter), checked."""
-        return list(self._window(self._start, self._stop_after(count)))
+    def take(self, count: int, max_bytes: int | None = None, least: int = 1) -> list[Feed]:
+        """The first ``count`` samples (fewer if the source is shorter), checked; with
+        ``max_bytes``, only as many as fit in that many bytes of arrays, but at least
+        ``least`` (where the source has them)."""
+        feeds: list[Feed] = []
+        size = 0
+        for feed in self._window(self._start, self._stop_after(count)):
+            size += sum(np.asarray(array).nbytes for array in feed.values())
+            if len(feeds) >= least and max_bytes is not None and size > max_bytes:
+                break
+            feeds.append(feed)
+        return feeds
 
     def take_labels(self, count: int) -> list[np.ndarray] | None:
         """The labels (array ``LABELS``) of the first ``count`` samples, as integer arrays, or

@@ -33,7 +33,10 @@ class Range:
     low_open: bool = False
     high_open: bool = False
 
-    def admits(self, value: float) -> bool:
+    def admits(self, value: Any) -> bool:
+        """Numbers within the bounds; a word (``"auto"``) is another option's choice."""
+        if isinstance(value, str):
+            return True
         if math.isnan(value):
             return False
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
@@ -77,7 +80,12 @@ class Option:
             for constraint in self.constraints
             if isinstance(constraint, Range)
         ]
-        text = " ".join([type_name(_without_none(self.hint)), *ranges])
+        hint = _without_none(self.hint)
+        words = _literal_words(hint)
+        numbers = _without_literals(hint)
+        text = " ".join([type_name(numbers), *ranges])
+        if words:
+            text = f"{text} or {', '.join(words)}"
         return (
             f"{text} or {NONE_WORD}" if self.hint is not Any and _allows_none(self.hint) else text
         )
@@ -185,6 +193,30 @@ def _without_none(hint: Any) -> Any:
         return hint
     others = [argument for argument in typing.get_args(hint) if argument is not type(None)]
     return others[0] if len(others) == 1 else functools.reduce(operator.or_, others)
+
+
+def _literal_words(hint: Any) -> list[str]:
+    """The words of a union's Literal member (``int | Literal["auto"]``: ``["auto"]``)."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return []
+    return [
+        str(choice)
+        for argument in typing.get_args(hint)
+        if typing.get_origin(argument) is typing.Literal
+        for choice in typing.get_args(argument)
+    ]
+
+
+def _without_literals(hint: Any) -> Any:
+    """A union's members but its Literal ones, so its ranges read after the number."""
+    if not _literal_words(hint):
+        return hint
+    others = [
+        argument
+        for argument in typing.get_args(hint)
+        if typing.get_origin(argument) is not typing.Literal
+    ]
+    return functools.reduce(operator.or_, others) if others else hint
 
 
 def _allows_none(hint: Any) -> bool:

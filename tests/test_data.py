@@ -161,6 +161,15 @@ def test_take_and_split_keep_what_they_pull_so_a_generator_still_reads_in_full(m
     assert numbers(calibration) == [2, 3, 4, 5]
 
 
+def test_take_stops_at_a_byte_budget_but_not_before_the_least_it_is_asked_for(model):
+    data = open_data(feeds(6), model)
+    size = sum(array.nbytes for array in feeds(1)[0].values())
+    assert numbers(data.take(6, max_bytes=3 * size)) == [0, 1, 2]
+    assert numbers(data.take(2, max_bytes=3 * size)) == [0, 1]
+    assert numbers(data.take(6, max_bytes=1)) == [0]
+    assert numbers(data.take(6, max_bytes=1, least=4)) == [0, 1, 2, 3]
+
+
 def test_calibration_data_reader_with_rewind_can_be_read_twice(model):
     data = open_data(RewindingReader(feeds(4)), model)
     assert data.description == "RewindingReader (count unknown)"

@@ -21,6 +21,7 @@ def example(
     names: list[str] | None = None,
     label: Annotated[str, Rule(no_spaces)] = "x",
     table: dict[str, Any] | None = None,
+    size: Annotated[int | Literal["auto"], Range(low=1)] = "auto",
 ):
     """Stands for a pass's __init__."""
 
@@ -40,6 +41,8 @@ DECLARED = declared_options(example)
         {"names": ("a",)},
         {"label": "ok"},
         {"table": {"a": 1}},
+        {"size": "auto"},
+        {"size": 2},
     ],
     ids=str,
 )
@@ -59,6 +62,8 @@ def test_values_that_fit_pass(values):
         ({"names": "a"}, "option 'example.names' must be a list of a string or none, got 'a'"),
         ({"label": "a b"}, "option 'example.label' must not contain spaces"),
         ({"table": [1]}, "option 'example.table' must be a table or none, got [1]"),
+        ({"size": 0}, "option 'example.size' must be an integer >= 1 or auto, got 0"),
+        ({"size": "all"}, "option 'example.size' must be an integer >= 1 or auto, got 'all'"),
     ],
 )
 def test_values_that_do_not_fit_name_the_option_and_what_it_must_be(values, message):
@@ -81,5 +86,5 @@ def test_a_range_error_suggests_the_default():
 
 
 def test_declarations_keep_defaults_and_drop_self():
-    assert list(DECLARED) == ["count", "share", "mode", "names", "label", "table"]
+    assert list(DECLARED) == ["count", "share", "mode", "names", "label", "table", "size"]
     assert DECLARED["count"].default == 4 and DECLARED["count"].constraints == (Range(low=1),)
