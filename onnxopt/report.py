@@ -101,6 +101,7 @@ def pruning_json(report: StructuredReport | None) -> dict[str, Any] | None:
         ],
         "unprunable": [dataclasses.asdict(item) for item in report.unprunable],
         "refitted": report.refitted,
+        "samples": report.samples,
         "seconds": report.seconds,
     }
 

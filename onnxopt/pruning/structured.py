@@ -63,8 +63,9 @@ CHANNEL_IMPORTANCES: tuple[str, ...] = ("activation", "magnitude", "taylor", "gr
 NEEDS_DATA = frozenset({"activation", "taylor", "gradient", "fisher"})
 GRADIENT_BASED = frozenset({"taylor", "gradient", "fisher"})
 
-# Calibration samples the activation importance is measured on, at most.
-ACTIVATION_SAMPLES = 16
+# Calibration samples the activation importance is measured on, at most (MiniLM at 30% fewer
+# MACs, 512 samples for the refit: embedding cosine 0.9705 with 16, 0.9719 with 64).
+ACTIVATION_SAMPLES = 64
 
 
 # Why nothing can be pruned when the main graph has no layer with a constant weight.
@@ -123,8 +124,8 @@ class GroupPruning:
 @dataclasses.dataclass
 class StructuredReport:
     """What ``prune_structured`` did: every group with its keep set, the layers left whole
-    and why, parameters and multiply-accumulates per sample before and after, and the
-    layers recovery refitted."""
+    and why, parameters and multiply-accumulates per sample before and after, the layers
+    recovery refitted, and the calibration samples it was given."""
 
     groups: list[GroupPruning] = dataclasses.field(default_factory=list)
     unprunable: list[Unprunable] = dataclasses.field(default_factory=list)
@@ -135,6 +136,7 @@ class StructuredReport:
     macs_before: int = 0
     macs_after: int = 0
     refitted: list[str] = dataclasses.field(default_factory=list)
+    samples: int = 0
     seconds: float = 0.0
 
     @property
@@ -195,6 +197,7 @@ def prune_structured(
         macs_before=macs,
         macs_after=macs_after,
         refitted=refitted,
+        samples=len(feeds),
         seconds=time.perf_counter() - start,
     )
     logger.info(
@@ -677,7 +680,19 @@ def _round_up(count: int, multiple: int, limit: int) -> int:
 # -- recovery -----------------------------------------------------------------------------
 
 # Rows (output positions) the refit of a layer sees per column of its input, over all samples.
-REFIT_ROWS_PER_COLUMN = 16
+REFIT_ROWS_PER_COLUMN = 32
+
+# A layer's refit reads samples until it has REFIT_ROWS_PER_COLUMN rows per input column, and
+# at least this many (all there are where fewer). A convolution sees hundreds of positions a
+# sample, a transformer's layer only the sample's tokens: MiniLM's calibration sentences hold
+# about 16, so its FFN output projection (1536 columns) reads every sample it is given (at 30%
+# fewer MACs, embedding cosine with FP32 0.952 on 64 samples, 0.971 on 512).
+MIN_REFIT_SAMPLES = 64
+
+# Samples a pass gives pruning by default ("auto"): at most this many, in at most this many
+# bytes of arrays (large images stop sooner, but not before MIN_REFIT_SAMPLES).
+AUTO_SAMPLES = 512
+AUTO_SAMPLE_BYTES = 256 << 20
 
 # Ridge dampings tried, relative to the mean of the inputs' second moments (SparseGPT uses 1%).
 # Each layer keeps the one whose fit reproduces the original's output best on held-out samples,
@@ -706,7 +721,7 @@ def _refit_consumers(
     (one is added where the layer had none). The damping pulls towards the original weights
     of the kept channels, so a layer with few rows (a classifier reads one a sample) stays
     near them; each layer takes the one of DAMPINGS that does best on held-out samples.
-    Returns the layers refitted."""
+    A layer reads only the samples it needs (MIN_REFIT_SAMPLES). Returns the layers refitted."""
     wanted = set(names)
     layers = [node for node in model.graph if node.name in wanted]
     originals = {node.name: node for node in original.graph if node.name in wanted}
@@ -754,7 +769,8 @@ def _refit(
         full = np.concatenate([full, old.reshape(-1, 1)], axis=1)
         near = np.concatenate([near, old.reshape(-1, 1)], axis=1)
     columns = rows.shape[2]
-    positions = max(1, -(-REFIT_ROWS_PER_COLUMN * columns // len(feeds)))
+    least = min(MIN_REFIT_SAMPLES, len(feeds))
+    positions = max(1, -(-REFIT_ROWS_PER_COLUMN * columns // least))
     # A token's row, not a padded position's (``padding``); convolutions see no padding mask.
     mask = None if layout.kernel else mask
     pruned_probe = ProbeSession(model, [layout.input], threads=1, prune=True)
@@ -772,6 +788,9 @@ def _refit(
         x = _columns(layout, pruned_in, positions, index, has_bias)
         y = _columns(original_layout, original_in, positions, index, has_bias)
         sums[len(feeds) >= HOLD_EVERY and index % HOLD_EVERY == HOLD_EVERY - 1].add(x, y)
+        seen = sums[False].count + sums[True].count
+        if index + 1 >= least and seen >= REFIT_ROWS_PER_COLUMN * columns:
+            break
     fit, held = sums[False], sums[True]
     try:
         relative = DAMPINGS[0]

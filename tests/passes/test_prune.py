@@ -45,6 +45,19 @@ def test_the_prune_preset_writes_a_smaller_model_and_reports_the_keep_indices(tm
     assert model_statistics(written)[0] == pruning["parameters"]["after"]
 
 
+# Of the 48 samples, validation holds back 12.
+
+
+@pytest.mark.parametrize(
+    ("option", "samples"), [("prune.samples=auto", 36), ("prune.samples=8", 8)]
+)
+def test_prune_measures_on_all_the_samples_by_default_or_on_as_many_as_asked(
+    tmp_path, option, samples
+):
+    code, document = optimize(tmp_path, "prune", "prune.round_to=1", option)
+    assert code == 0 and document["pruning"]["samples"] == samples
+
+
 def test_the_prune_int8_preset_quantizes_the_pruned_graph(tmp_path):
     options = ("prune.round_to=1", "check-speed.min_speedup=none")
     code, document = optimize(tmp_path, "prune-int8", *options)
@@ -122,6 +135,7 @@ def test_without_torch_gradients_and_fine_tune_say_how_to_install_it(tmp_path, o
         ("prune.importance=random", "prune"),
         ("prune.finetune_steps=-1", "prune.finetune_steps"),
         ("prune.allocation=even", "prune.allocation"),
+        ("prune.samples=0", "prune.samples"),
     ],
 )
 def test_bad_prune_options_exit_2_and_write_nothing(tmp_path, option, says, capsys):

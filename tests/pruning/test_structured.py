@@ -11,6 +11,7 @@ from onnx import helper
 
 from onnxopt.errors import InputError
 from onnxopt.progress import QUIET
+from onnxopt.pruning import structured
 from onnxopt.pruning.channels import find_channel_groups
 from onnxopt.pruning.shrink import model_statistics
 from onnxopt.pruning.structured import StructuredSettings, _fisher_scores, prune_structured
@@ -107,6 +108,34 @@ def test_recovery_brings_the_output_closer_to_the_original():
         prune_structured(model, calibration, StructuredSettings(ratio=0.5, recover=recover))
         errors[recover] = error(model, original, held)
     assert errors[True] < 0.8 * errors[False]
+
+
+class CountedReads(list):
+    """Feeds that record how many samples each pass over them read."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.reads: list[int] = []
+
+    def __iter__(self):
+        self.reads.append(0)
+        for item in super().__iter__():
+            self.reads[-1] += 1
+            yield item
+
+
+def test_each_refit_reads_only_the_samples_it_needs(monkeypatch):
+    """A convolution sees 144 positions a sample and stops after MIN_REFIT_SAMPLES; the
+    classifier sees one row a sample and reads them all."""
+    monkeypatch.setattr(structured, "MIN_REFIT_SAMPLES", 4)
+    monkeypatch.setattr(structured, "REFIT_ROWS_PER_COLUMN", 16)
+    model = branchy_net()
+    samples = CountedReads(feeds(model, count=40))
+    settings = StructuredSettings(ratio=0.5, importance="magnitude", protect_first_last=False)
+    report = prune_structured(model, samples, settings)
+    assert "fc" in report.refitted and "conv3b" in report.refitted
+    assert min(samples.reads) == 4
+    assert max(samples.reads) == 40
 
 
 def test_a_flops_target_is_met_and_residual_groups_prune_together():
