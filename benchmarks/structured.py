@@ -3,10 +3,12 @@ removed, the tensors physically smaller, timed against the FP32 original in the 
 
 EfficientNet-Lite0 (top-1 agreement with FP32) and the MiniLM sentence encoder (embedding
 cosine with FP32), after the cleanup preset, pruned by ``prune_structured`` with recovery (the
-least-squares refit), fidelity on 64 held-back eval samples; then a ResNet-18-shaped CNN (random
-weights: no ResNet ships offline, so it is timed only) with half its channels removed, float and
-through the ``prune-int8`` preset. Latency: onnxruntime, one thread, batch 1, the original and
-the pruned model timed interleaved. Build the models first (benchmarks/README.md).
+least-squares refit), fidelity on 64 held-back eval samples; then two ResNet-style CNNs with
+half their channels removed, float and through the ``prune-int8`` preset: Yahoo's OpenNSFW
+ResNet-50-1by2 (real weights, up to its pooled features; feature cosine with FP32) and a
+ResNet-18-shaped CNN (random weights: timed only). Latency: onnxruntime, one thread, batch 1,
+the original and the pruned model timed interleaved. Build the models first
+(benchmarks/README.md).
 
     .venv/bin/python benchmarks/structured.py [--finetune SAMPLES]
 
@@ -30,18 +32,31 @@ from results_sections import write_section
 from onnxopt.api import optimize
 from onnxopt.compare import time_models
 from onnxopt.pruning.recovery import recover
-from onnxopt.pruning.structured import StructuredReport, StructuredSettings, prune_structured
+from onnxopt.pruning.structured import (
+    AUTO_SAMPLE_BYTES,
+    AUTO_SAMPLES,
+    MIN_REFIT_SAMPLES,
+    StructuredReport,
+    StructuredSettings,
+    prune_structured,
+)
 
 SECTION = "## Structured pruning"
 FISHER = StructuredSettings(flops=0.3, round_to=8, importance="fisher")
-# (label, settings, calibration samples, fine-tuned with --finetune): the prune preset (64
-# samples), the Fisher importance, and more samples for it and the refit, and for the preset.
+PRESET = StructuredSettings(flops=0.3, round_to=8)
+# (label, settings, calibration samples, fine-tuned with --finetune): the prune preset with its
+# samples ("auto": as the pass takes them), the same on 64 samples, the Fisher importance.
 SETTINGS = [
-    ("flops 0.3", StructuredSettings(flops=0.3, round_to=8), 64, False),
-    ("flops 0.3, fisher", FISHER, 64, False),
-    ("flops 0.3, fisher, 256 samples", FISHER, 256, True),
-    ("flops 0.3, 512 samples", StructuredSettings(flops=0.3, round_to=8), 512, False),
-    ("ratio 0.5", StructuredSettings(ratio=0.5, round_to=8), 64, False),
+    ("flops 0.3 (prune preset)", PRESET, "auto", True),
+    ("flops 0.3, 64 samples", PRESET, 64, False),
+    ("flops 0.3, fisher", FISHER, "auto", False),
+    ("ratio 0.5", StructuredSettings(ratio=0.5, round_to=8), "auto", False),
+]
+# (label, allocation, protect first and last layers): the ResNet-style rows.
+HALVES = [
+    ("ratio 0.5", "global", True),
+    ("half of every layer", "uniform", True),
+    ("half of every layer + stem", "uniform", False),
 ]
 
 
@@ -110,6 +125,84 @@ def resnet18(folder: Path) -> Path:
     return path
 
 
+def input_names(path: Path) -> list[str]:
+    return [spec.name for spec in ort.InferenceSession(str(path)).get_inputs()]
+
+
+def calibration_samples(name: str, names: list[str], count: int | str) -> list[dict]:
+    """The first ``count`` calibration samples of model ``name``; ``auto``: as many as the
+    prune pass takes by default (AUTO_SAMPLES, in at most AUTO_SAMPLE_BYTES, at least
+    MIN_REFIT_SAMPLES)."""
+    path = MODELS / f"{name}_calibration.npz"
+    if count != "auto":
+        return samples(path, names, count)
+    first = samples(path, names, 1)[0]
+    size = sum(array.nbytes for array in first.values())
+    fitting = min(AUTO_SAMPLES, AUTO_SAMPLE_BYTES // size)
+    return samples(path, names, max(MIN_REFIT_SAMPLES, fitting))
+
+
+def halves(label: str, path: Path, data: list[dict], folder: Path) -> list[str]:
+    """A ResNet-style CNN with half its channels removed, float (HALVES) and through the
+    prune-int8 preset; fidelity on 64 eval samples where the model has them."""
+    evaluation_path = MODELS / f"{path.stem}_eval.npz"
+    evaluation = (
+        samples(evaluation_path, input_names(path), 64) if evaluation_path.exists() else None
+    )
+    reference = model_outputs(path, evaluation) if evaluation else None
+
+    def fidelity(model: ir.Model | Path) -> str:
+        return (
+            f"{score(path.stem, model_outputs(model, evaluation), reference)}; "
+            if evaluation
+            else ""
+        )
+
+    lines = []
+    original = cleaned(path)
+    for setting, allocation, protect in HALVES:
+        model = original.clone()
+        settings = StructuredSettings(
+            ratio=0.5, round_to=8, protect_first_last=protect, allocation=allocation
+        )
+        start = time.perf_counter()
+        report = prune_structured(model, data, settings)
+        seconds = time.perf_counter() - start
+        lines.append(
+            f"{label:<20} {setting:<32} {sizes(report)} {seconds:>6.1f}  "
+            f"{fidelity(model)}{latency(original, model, data[0])}"
+        )
+        print(lines[-1], flush=True)
+    output = folder / f"{path.stem}_int8.onnx"
+    start = time.perf_counter()
+    result = optimize(
+        path,
+        output,
+        recipe="prune-int8",
+        data=data,
+        settings={
+            "prune.ratio": 0.5,
+            "prune.flops": None,
+            "prune.allocation": "uniform",
+            "prune.protect_first_last": False,
+        },
+        timing=False,
+        raise_on_failure=False,
+    )
+    seconds = time.perf_counter() - start
+    written = result.written
+    lines.append(
+        f"{label:<20} {'prune-int8, half + stem':<32} {'':>16} {'':>16} {seconds:>6.1f}  "
+        + (
+            f"{fidelity(output)}{latency(original, output, data[0])}"
+            if written
+            else "not written (validation failed)"
+        )
+    )
+    print(lines[-1], flush=True)
+    return lines
+
+
 def sizes(report: StructuredReport) -> str:
     """Multiply-accumulates and parameters before and after, as the table's two columns."""
     return (
@@ -133,7 +226,7 @@ def main(arguments: list[str]) -> int:
         type=int,
         default=0,
         metavar="SAMPLES",
-        help="also fine-tune the 30%%-FLOPs models on this many calibration samples",
+        help="also fine-tune the preset's models on this many calibration samples",
     )
     options = parser.parse_args(arguments)
     lines = [
@@ -145,13 +238,12 @@ def main(arguments: list[str]) -> int:
         if not path.exists():
             lines.append(f"{name:<20} not built (benchmarks/README.md)")
             continue
-        reference_session = ort.InferenceSession(str(path))
-        names = [spec.name for spec in reference_session.get_inputs()]
+        names = input_names(path)
         evaluation = samples(MODELS / f"{name}_eval.npz", names, 64)
         reference = model_outputs(path, evaluation, name)
         original = cleaned(path)
         for label, settings, count, tune in SETTINGS:
-            calibration = samples(MODELS / f"{name}_calibration.npz", names, count)
+            calibration = calibration_samples(name, names, count)
             model = original.clone()
             start = time.perf_counter()
             report = prune_structured(model, calibration, settings)
@@ -160,7 +252,7 @@ def main(arguments: list[str]) -> int:
             lines.append(
                 f"{name:<20} {label:<32} "
                 f"{sizes(report)} "
-                f"{seconds:>6.1f}  {score(name, outputs, reference)}; "
+                f"{seconds:>6.1f}  {score(name, outputs, reference)}; {len(calibration)} samples; "
                 f"{latency(original, model, evaluation[0])}"
             )
             print(lines[-1], flush=True)
@@ -178,61 +270,29 @@ def main(arguments: list[str]) -> int:
                 )
                 print(lines[-1], flush=True)
     with tempfile.TemporaryDirectory() as folder:
-        path = resnet18(Path(folder))
+        nsfw = MODELS / "open_nsfw.onnx"
+        if nsfw.exists():
+            lines += halves(
+                "open_nsfw", nsfw, calibration_samples("open_nsfw", ["data"], 64), Path(folder)
+            )
+        else:
+            lines.append(f"{'open_nsfw':<20} not built (benchmarks/README.md)")
         rng = np.random.default_rng(0)
         data = [
             {"image": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(32)
         ]
-        original = cleaned(path)
-        for label, allocation, protect in (
-            ("ratio 0.5", "global", True),
-            ("half of every layer", "uniform", True),
-            ("half of every layer + stem", "uniform", False),
-        ):
-            model = original.clone()
-            settings = StructuredSettings(
-                ratio=0.5, round_to=8, protect_first_last=protect, allocation=allocation
-            )
-            start = time.perf_counter()
-            report = prune_structured(model, data, settings)
-            seconds = time.perf_counter() - start
-            lines.append(
-                f"{'resnet18 (random)':<20} {label:<32} "
-                f"{sizes(report)} "
-                f"{seconds:>6.1f}  {latency(original, model, data[0])}"
-            )
-            print(lines[-1], flush=True)
-        output = Path(folder) / "int8.onnx"
-        start = time.perf_counter()
-        result = optimize(
-            path,
-            output,
-            recipe="prune-int8",
-            data=data,
-            settings={
-                "prune.ratio": 0.5,
-                "prune.flops": None,
-                "prune.allocation": "uniform",
-                "prune.protect_first_last": False,
-            },
-            timing=False,
-            raise_on_failure=False,
-        )
-        seconds = time.perf_counter() - start
-        lines.append(
-            f"{'resnet18 (random)':<20} {'prune-int8, half + stem':<32} {'':>16} {'':>16} "
-            f"{seconds:>6.1f}  {latency(original, output, data[0])}"
-            + ("" if result.written else "; not written (validation failed)")
-        )
-        print(lines[-1], flush=True)
+        lines += halves("resnet18 (random)", resnet18(Path(folder)), data, Path(folder))
     write_section(
         SECTION,
         f"Command: `.venv/bin/python {' '.join(['benchmarks/structured.py', *arguments])}`, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; after the cleanup preset, "
-        "64 calibration samples unless said, importance 'activation' unless said, every layer "
+        "calibration samples as each row says (the prune preset's: up to 512, in at most 256 "
+        "MiB of inputs), importance 'activation' unless said, every layer "
         "that reads cut channels refitted by least squares, channels kept in "
         "multiples of 8, first and last layers whole unless said, fidelity on 64 held-back eval "
-        "samples; 'half of every layer': allocation 'uniform'; ResNet-18 has random weights "
+        "samples; 'half of every layer': allocation 'uniform'; open_nsfw: OpenNSFW's "
+        "ResNet-50-1by2 up to its pooled features (the last stage's channels reach the output "
+        "and stay), 64 calibration photos, feature cosine; ResNet-18 has random weights "
         "(timed only).\n\n```\n" + "\n".join(lines) + "\n```",
     )
     return 0
