@@ -130,6 +130,79 @@ class _Finder:
             getattr(a, field).extend(getattr(b, field))
         a.flops += b.flops
 
+    def split(self, index: int, at: int) -> int:
+        """Cut ``index``'s group after its first ``at`` channels; every place that slices it
+        and every stream that carries it get both parts, which then prune apart. Returns the
+        second part's group. (A residual sum of a wide stream and a narrower one padded with
+        zero channels pairs the wide one's first channels with the narrow one's, and its
+        last with the padding.)"""
+        root = self.find(index)
+        group = self.groups[root]
+        rest = _Group(group.channels - at, f"{group.name}[{at}:]")
+
+        def moved(pieces: list[ChannelSlice]) -> list[ChannelSlice]:
+            return [
+                dataclasses.replace(piece, offset=piece.offset + at * piece.width)
+                for piece in pieces
+            ]
+
+        rest.producers, rest.consumers = moved(group.producers), moved(group.consumers)
+        for field in (
+            "producer_nodes", "consumer_nodes", "shape_edits", "attribute_edits", "reasons"
+        ):  # fmt: skip
+            setattr(rest, field, list(getattr(group, field)))
+        rest.convolutional = group.convolutional
+        rest.flops = group.flops * rest.channels / group.channels
+        group.flops -= rest.flops
+        group.channels = at
+        self.groups.append(rest)
+        self.parent.append(len(self.parent))
+        new = len(self.parent) - 1
+        for piece in (*rest.producers, *rest.consumers):
+            self.slices[piece] = new
+        for value, stream in self.streams.items():
+            if any(self.find(item) == root for item in stream.groups):
+                parts = tuple(
+                    part
+                    for item in stream.groups
+                    for part in ((item, new) if self.find(item) == root else (item,))
+                )
+                self.streams[value] = dataclasses.replace(stream, groups=parts)
+        for indices, _ in self.edited.values():
+            if any(self.find(item) == root for item in indices):
+                indices.add(new)
+        return new
+
+    def boundaries(self, stream: _Stream) -> list[int]:
+        """Where the stream's groups meet, in channels from its start."""
+        ends, total = [], 0
+        for index in stream.groups[:-1]:
+            total += self.group(index).channels
+            ends.append(total)
+        return ends
+
+    def align(self, values: list[ir.Value]) -> None:
+        """Split groups until the streams of ``values`` (as many channels each) have their
+        groups at the same places."""
+        while True:
+            streams = [self.streams[value] for value in values]
+            wanted = sorted({end for stream in streams for end in self.boundaries(stream)})
+            straddling = None
+            for stream in streams:
+                start = 0
+                for index in stream.groups:
+                    end = start + self.group(index).channels
+                    inside = [cut for cut in wanted if start < cut < end]
+                    if inside:
+                        straddling = (index, inside[0] - start)
+                        break
+                    start = end
+                if straddling:
+                    break
+            if straddling is None:
+                return
+            self.split(*straddling)
+
     def refuse(self, stream: _Stream, reason: str) -> None:
         self.refuse_groups(stream.groups, reason)
 
@@ -230,7 +303,9 @@ def _finish(finder: _Finder) -> tuple[list[ChannelGroup], list[Unprunable]]:
         if group.reasons:
             unprunable.append(Unprunable(group.name, "; ".join(group.reasons)))
             continue
-        if not group.consumers and not group.producers:
+        if not group.producers:
+            # Nothing writes these channels (zeros a Pad adds, read as they are): no weights
+            # to score them by, and nothing to gain but the padding.
             continue
         slices = list(dict.fromkeys((*group.producers, *group.consumers)))
         parameters = 0
@@ -385,18 +460,42 @@ def _passthrough(finder: _Finder, node: ir.Node) -> None:
 
 
 def _pad(finder: _Finder, node: ir.Node) -> None:
-    """Padding of the other axes only (pads as a constant input, or an attribute)."""
+    """Padding of the other axes (pads as a constant input, or an attribute), or constant
+    channels added before or after the stream's (a shortcut that widens a residual stream
+    with zeros): those become groups of their own, whose pruning lowers the pads."""
     stream = finder.streams.get(node.inputs[0])
     if stream is None:
         return
-    pads = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    pads_value = node.inputs[1] if len(node.inputs) > 1 else None
+    pads = constant_array(pads_value) if pads_value is not None else None
     if pads is None and "pads" in node.attributes:
         pads = np.asarray(node.attributes.get_ints("pads"))
     axes = constant_array(node.inputs[3]) if len(node.inputs) > 3 else None
-    if pads is None or axes is not None or pads[stream.axis] or pads[stream.axis + stream.rank]:
+    if pads is None or axes is not None:
         finder.refuse(stream, f"Pad {node.name} may pad its channels")
         return
-    finder.streams[node.outputs[0]] = stream
+    positions = (stream.axis, stream.axis + stream.rank)
+    counts = [int(pads[position]) for position in positions]
+    if not any(counts):
+        finder.streams[node.outputs[0]] = stream
+        return
+    tensor = finder.initializer(pads_value)
+    mode = node.attributes.get_string("mode", "constant")
+    if tensor is None or mode != "constant" or min(counts) < 0 or stream.width != 1:
+        finder.refuse(stream, f"Pad {node.name} pads its channels (constant pads input needed)")
+        return
+    added = []
+    for count, position in zip(counts, positions, strict=True):
+        if count:
+            index = finder.new_group(count, f"{node.name} padding")
+            finder.group(index).shape_edits.append(ShapeEdit(tensor.name, position))
+            added.append(index)
+    finder.mark_edited(tensor.name, added, node)
+    before = tuple(added[:1]) if counts[0] else ()
+    after = tuple(added[-1:]) if counts[1] else ()
+    finder.streams[node.outputs[0]] = dataclasses.replace(
+        stream, groups=before + stream.groups + after
+    )
 
 
 def _broadcasting(finder: _Finder, node: ir.Node) -> None:
@@ -409,6 +508,13 @@ def _broadcasting(finder: _Finder, node: ir.Node) -> None:
     rank = _rank(output) or max(stream.rank for stream in streams)
     first = streams[0]
     axis = first.axis + rank - first.rank
+    carried = [value for value in inputs if value in finder.streams]
+    if len({(stream.axis + rank - stream.rank, stream.width) for stream in streams}) == 1 and (
+        len({finder.channels(stream) for stream in streams}) == 1
+    ):
+        finder.align(carried)
+        streams = [finder.streams[value] for value in carried]
+        first = streams[0]
     for stream in streams[1:]:
         shape = (stream.axis + rank - stream.rank, len(stream.groups), stream.width)
         if shape != (axis, len(first.groups), first.width):

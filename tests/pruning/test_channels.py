@@ -122,3 +122,52 @@ def test_a_weight_computed_at_run_time_is_no_producer():
         {},
     )
     assert reasons(model) == {"dynamic": "weight is not a constant"}
+
+
+def padded_shortcut_net(mode: str = "constant"):
+    """stem (8) -> Relu -> wide (16, stride 2) -> Relu -> inner (16), and a shortcut that
+    pools the stem's output and pads it with 8 zero channels (dlib's and CIFAR ResNets'
+    downsampling): Add(inner, Pad(AveragePool(r))) -> Relu -> head."""
+    weights = random_weights(
+        stem=(8, 3, 3, 3), stem_b=(8,), wide=(16, 8, 3, 3), wide_b=(16,),
+        inner=(16, 16, 3, 3), inner_b=(16,), head=(4, 16, 1, 1),
+    )  # fmt: skip
+    weights["pads"] = np.array([0, 0, 0, 0, 0, 8, 0, 0], dtype=np.int64)
+    nodes = [
+        helper.make_node("Conv", ["x", "stem", "stem_b"], ["s"], name="stem", pads=[1] * 4),
+        helper.make_node("Relu", ["s"], ["r"], name="relu"),
+        helper.make_node(
+            "Conv", ["r", "wide", "wide_b"], ["w"], name="wide", pads=[1] * 4, strides=[2, 2]
+        ),
+        helper.make_node("Relu", ["w"], ["rw"], name="relu_wide"),
+        helper.make_node("Conv", ["rw", "inner", "inner_b"], ["i"], name="inner", pads=[1] * 4),
+        helper.make_node(
+            "AveragePool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]
+        ),
+        helper.make_node("Pad", ["p", "pads"], ["padded"], name="pad", mode=mode),
+        helper.make_node("Add", ["i", "padded"], ["sum"], name="residual"),
+        helper.make_node("Relu", ["sum"], ["rs"], name="relu_sum"),
+        helper.make_node("Conv", ["rs", "head"], ["y"], name="head"),
+    ]
+    return build(nodes, {"x": ["N", 3, 8, 8]}, {"y": ["N", 4, 4, 4]}, weights)
+
+
+def test_a_shortcut_padded_with_zero_channels_pairs_them_with_the_wide_stream():
+    groups, _ = find_channel_groups(padded_shortcut_net())
+    found = by_name(groups)
+    # The stem's 8 channels run on through the shortcut, with the first 8 of inner's.
+    stem = found["stem"]
+    assert stem.channels == 8
+    assert ChannelSlice("inner", 0) in stem.producers
+    assert ChannelSlice("head", 1) in stem.consumers
+    # The padded 8 pair with inner's last 8; cutting them lowers the pads.
+    padding = found["pad padding"]
+    assert padding.channels == 8
+    assert ChannelSlice("inner", 0, offset=8) in padding.producers
+    assert ChannelSlice("head", 1, offset=8) in padding.consumers
+    assert [(edit.tensor, edit.index) for edit in padding.shape_edits] == [("pads", 5)]
+    assert "wide" in found
+
+
+def test_a_shortcut_padded_with_edge_values_stays_whole():
+    assert "Pad pad pads its channels" in reasons(padded_shortcut_net("edge"))["stem"]

@@ -16,7 +16,7 @@ from onnxopt.pruning.channels import find_channel_groups
 from onnxopt.pruning.shrink import model_statistics
 from onnxopt.pruning.structured import StructuredSettings, _fisher_scores, prune_structured
 from tests.pruning.test_attention import D_MODEL, HEAD_DIM, SEQ, _Builder, _weights
-from tests.pruning.test_channels import residual_net
+from tests.pruning.test_channels import padded_shortcut_net, residual_net
 from tests.quantization.helpers import build, feeds, random_weights, run
 
 
@@ -86,6 +86,32 @@ def test_cutting_a_channel_is_the_same_as_never_reading_it():
     samples = feeds(model, count=4)
     settings = StructuredSettings(ratio=0.5, importance="magnitude", recover=False)
     report = prune_structured(model, [], settings)
+    for pruned in report.groups:
+        group = groups[pruned.name]
+        removed = np.setdiff1d(np.arange(group.channels), pruned.keep)
+        for piece in group.consumers:
+            value = untouched.graph.initializers[piece.tensor]
+            array = value.const_value.numpy().copy()
+            index = [slice(None)] * array.ndim
+            index[piece.axis] = piece.offset + removed
+            array[tuple(index)] = 0
+            value.const_value = ir.tensor(array)
+    np.testing.assert_allclose(run(model, samples), run(untouched, samples), atol=1e-4)
+
+
+def test_a_zero_padded_shortcut_prunes_like_never_reading_the_channels():
+    model, untouched = padded_shortcut_net(), padded_shortcut_net()
+    groups = {group.name: group for group in find_channel_groups(untouched)[0]}
+    samples = feeds(model, count=4)
+    settings = StructuredSettings(
+        ratio=0.5, importance="magnitude", recover=False, protect_first_last=False
+    )
+    report = prune_structured(model, [], settings)
+    cut = {pruned.name: pruned for pruned in report.groups if pruned.kept < pruned.channels}
+    assert "pad padding" in cut
+    padding = cut["pad padding"]
+    pads = model.graph.initializers["pads"].const_value.numpy()
+    assert pads[5] == padding.kept
     for pruned in report.groups:
         group = groups[pruned.name]
         removed = np.setdiff1d(np.arange(group.channels), pruned.keep)
