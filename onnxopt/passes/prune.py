@@ -42,10 +42,11 @@ class PrunePass(OnnxoptPass):
         allocation: ``global`` (lowest scores model-wide first) or ``uniform`` (every group
             loses the same share).
         samples: calibration samples importance and recovery are measured on; ``auto``: up
-            to 512, in at most 256 MiB of inputs (but 64 where there are). Each refitted layer reads as many as it needs for 16
-            rows per input column, at least 64: a transformer's layer sees only each
-            sample's tokens (MiniLM at 30% fewer FLOPs, embedding cosine 0.952 on 64 samples,
-            0.971 on 512); a convolution sees hundreds of positions a sample.
+            to 512, in at most 256 MiB of inputs (but 64 where there are). Each refitted
+            layer reads as many as it needs for 32 rows per input column, at least 64: a
+            transformer's layer sees only each sample's tokens (MiniLM at 30% fewer FLOPs,
+            embedding cosine 0.953 on 64 samples, 0.972 on 512); a convolution sees
+            hundreds of positions a sample.
     """
 
     name = "prune"

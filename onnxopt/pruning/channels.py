@@ -482,12 +482,16 @@ def _pad(finder: _Finder, node: ir.Node) -> None:
     tensor = finder.initializer(pads_value)
     mode = node.attributes.get_string("mode", "constant")
     if tensor is None or mode != "constant" or min(counts) < 0 or stream.width != 1:
-        finder.refuse(stream, f"Pad {node.name} pads its channels (constant pads input needed)")
+        finder.refuse(
+            stream,
+            f"Pad {node.name} pads its channels other than with constant channels "
+            "(mode 'constant', pads an initializer, none removed)",
+        )
         return
     added = []
-    for count, position in zip(counts, positions, strict=True):
+    for count, position, side in zip(counts, positions, ("before", "after"), strict=True):
         if count:
-            index = finder.new_group(count, f"{node.name} padding")
+            index = finder.new_group(count, f"{node.name} padding {side}")
             finder.group(index).shape_edits.append(ShapeEdit(tensor.name, position))
             added.append(index)
     finder.mark_edited(tensor.name, added, node)

@@ -161,7 +161,7 @@ def test_a_shortcut_padded_with_zero_channels_pairs_them_with_the_wide_stream():
     assert ChannelSlice("inner", 0) in stem.producers
     assert ChannelSlice("head", 1) in stem.consumers
     # The padded 8 pair with inner's last 8; cutting them lowers the pads.
-    padding = found["pad padding"]
+    padding = found["pad padding after"]
     assert padding.channels == 8
     assert ChannelSlice("inner", 0, offset=8) in padding.producers
     assert ChannelSlice("head", 1, offset=8) in padding.consumers
