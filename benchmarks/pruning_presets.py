@@ -33,6 +33,8 @@ MODEL_NAMES = (
     "ppocr_det",
     "picodet_layout",
     "vit_saliency",
+    "open_nsfw",
+    "face_resnet",
 )
 
 

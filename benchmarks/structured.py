@@ -5,8 +5,9 @@ EfficientNet-Lite0 (top-1 agreement with FP32) and the MiniLM sentence encoder (
 cosine with FP32), after the cleanup preset, pruned by ``prune_structured`` with recovery (the
 least-squares refit), fidelity on 64 held-back eval samples; then two ResNet-style CNNs with
 half their channels removed, float and through the ``prune-int8`` preset: Yahoo's OpenNSFW
-ResNet-50-1by2 (real weights, up to its pooled features; feature cosine with FP32) and a
-ResNet-18-shaped CNN (random weights: timed only). Latency: onnxruntime, one thread, batch 1,
+ResNet-50-1by2 (real weights, up to its pooled features; feature cosine with FP32), dlib's
+face-recognition ResNet (real weights, shortcuts padded with zero channels; embedding cosine)
+and a ResNet-18-shaped CNN (random weights: timed only). Latency: onnxruntime, one thread, batch 1,
 the original and the pruned model timed interleaved. Build the models first
 (benchmarks/README.md).
 
@@ -270,13 +271,13 @@ def main(arguments: list[str]) -> int:
                 )
                 print(lines[-1], flush=True)
     with tempfile.TemporaryDirectory() as folder:
-        nsfw = MODELS / "open_nsfw.onnx"
-        if nsfw.exists():
-            lines += halves(
-                "open_nsfw", nsfw, calibration_samples("open_nsfw", ["data"], 64), Path(folder)
-            )
-        else:
-            lines.append(f"{'open_nsfw':<20} not built (benchmarks/README.md)")
+        for name in ("open_nsfw", "face_resnet"):
+            path = MODELS / f"{name}.onnx"
+            if path.exists():
+                data = calibration_samples(name, input_names(path), 64)
+                lines += halves(name, path, data, Path(folder))
+            else:
+                lines.append(f"{name:<20} not built (benchmarks/README.md)")
         rng = np.random.default_rng(0)
         data = [
             {"image": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(32)
@@ -292,7 +293,8 @@ def main(arguments: list[str]) -> int:
         "multiples of 8, first and last layers whole unless said, fidelity on 64 held-back eval "
         "samples; 'half of every layer': allocation 'uniform'; open_nsfw: OpenNSFW's "
         "ResNet-50-1by2 up to its pooled features (the last stage's channels reach the output "
-        "and stay), 64 calibration photos, feature cosine; ResNet-18 has random weights "
+        "and stay), 64 calibration photos, feature cosine; face_resnet: dlib's face ResNet, 64 "
+        "calibration face chips, embedding cosine; ResNet-18 has random weights "
         "(timed only).\n\n```\n" + "\n".join(lines) + "\n```",
     )
     return 0
