@@ -32,13 +32,12 @@ from results_sections import write_section
 
 from onnxopt.api import optimize
 from onnxopt.compare import time_models
+from onnxopt.data import open_data
 from onnxopt.pruning.recovery import recover
 from onnxopt.pruning.structured import (
-    AUTO_SAMPLE_BYTES,
-    AUTO_SAMPLES,
-    MIN_REFIT_SAMPLES,
     StructuredReport,
     StructuredSettings,
+    default_samples,
     prune_structured,
 )
 
@@ -131,16 +130,12 @@ def input_names(path: Path) -> list[str]:
 
 
 def calibration_samples(name: str, names: list[str], count: int | str) -> list[dict]:
-    """The first ``count`` calibration samples of model ``name``; ``auto``: as many as the
-    prune pass takes by default (AUTO_SAMPLES, in at most AUTO_SAMPLE_BYTES, at least
-    MIN_REFIT_SAMPLES)."""
+    """The first ``count`` calibration samples of model ``name``; ``auto``: those the prune
+    pass takes by default (``default_samples``)."""
     path = MODELS / f"{name}_calibration.npz"
     if count != "auto":
         return samples(path, names, count)
-    first = samples(path, names, 1)[0]
-    size = sum(array.nbytes for array in first.values())
-    fitting = min(AUTO_SAMPLES, AUTO_SAMPLE_BYTES // size)
-    return samples(path, names, max(MIN_REFIT_SAMPLES, fitting))
+    return default_samples(open_data(str(path), ir.load(MODELS / f"{name}.onnx")))
 
 
 def halves(label: str, path: Path, data: list[dict], folder: Path) -> list[str]:

@@ -9,13 +9,7 @@ import onnx_ir as ir
 from onnxopt.options import Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.pruning.recovery import recover_steps
-from onnxopt.pruning.structured import (
-    AUTO_SAMPLE_BYTES,
-    AUTO_SAMPLES,
-    MIN_REFIT_SAMPLES,
-    StructuredSettings,
-    prune_structured,
-)
+from onnxopt.pruning.structured import StructuredSettings, default_samples, prune_structured
 
 
 class PrunePass(OnnxoptPass):
@@ -87,11 +81,7 @@ class PrunePass(OnnxoptPass):
         data = self.context.data
         feeds: list = []
         if data is not None:
-            feeds = (
-                data.take(AUTO_SAMPLES, AUTO_SAMPLE_BYTES, least=MIN_REFIT_SAMPLES)
-                if self.samples == "auto"
-                else data.take(self.samples)
-            )
+            feeds = default_samples(data) if self.samples == "auto" else data.take(self.samples)
         labels = data.take_labels(len(feeds)) if data is not None else None
         original = model.clone() if self.finetune_steps else None
         report = prune_structured(model, feeds, self.settings, self.context.progress, labels)

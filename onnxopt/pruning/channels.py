@@ -146,11 +146,9 @@ class _Finder:
                 for piece in pieces
             ]
 
-        rest.producers, rest.consumers = moved(group.producers), moved(group.consumers)
-        for field in (
-            "producer_nodes", "consumer_nodes", "shape_edits", "attribute_edits", "reasons"
-        ):  # fmt: skip
+        for field in _MERGED:
             setattr(rest, field, list(getattr(group, field)))
+        rest.producers, rest.consumers = moved(group.producers), moved(group.consumers)
         rest.convolutional = group.convolutional
         rest.flops = group.flops * rest.channels / group.channels
         group.flops -= rest.flops
@@ -488,18 +486,16 @@ def _pad(finder: _Finder, node: ir.Node) -> None:
             "(mode 'constant', pads an initializer, none removed)",
         )
         return
-    added = []
+    # The padded channels' group on each side (none where that side adds none).
+    padding: list[tuple[int, ...]] = []
     for count, position, side in zip(counts, positions, ("before", "after"), strict=True):
-        if count:
-            index = finder.new_group(count, f"{node.name} padding {side}")
+        index = finder.new_group(count, f"{node.name} padding {side}") if count else None
+        if index is not None:
             finder.group(index).shape_edits.append(ShapeEdit(tensor.name, position))
-            added.append(index)
-    finder.mark_edited(tensor.name, added, node)
-    before = tuple(added[:1]) if counts[0] else ()
-    after = tuple(added[-1:]) if counts[1] else ()
-    finder.streams[node.outputs[0]] = dataclasses.replace(
-        stream, groups=before + stream.groups + after
-    )
+        padding.append(() if index is None else (index,))
+    finder.mark_edited(tensor.name, [*padding[0], *padding[1]], node)
+    groups = padding[0] + stream.groups + padding[1]
+    finder.streams[node.outputs[0]] = dataclasses.replace(stream, groups=groups)
 
 
 def _broadcasting(finder: _Finder, node: ir.Node) -> None:

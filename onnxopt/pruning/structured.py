@@ -44,6 +44,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.calibration.moments import input_layout, weight_rows
+from onnxopt.data import DataSource
 from onnxopt.errors import InputError
 from onnxopt.graph import add_initializer, set_constant
 from onnxopt.padding import padding_mask_input, token_rows
@@ -693,6 +694,12 @@ MIN_REFIT_SAMPLES = 64
 # bytes of arrays (large images stop sooner, but not before MIN_REFIT_SAMPLES).
 AUTO_SAMPLES = 512
 AUTO_SAMPLE_BYTES = 256 << 20
+
+
+def default_samples(data: DataSource) -> list[Feed]:
+    """The samples pruning takes when not told how many (``samples = "auto"``)."""
+    return data.take(AUTO_SAMPLES, AUTO_SAMPLE_BYTES, least=MIN_REFIT_SAMPLES)
+
 
 # Ridge dampings tried, relative to the mean of the inputs' second moments (SparseGPT uses 1%).
 # Each layer keeps the one whose fit reproduces the original's output best on held-out samples,
