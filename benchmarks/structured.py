@@ -44,19 +44,35 @@ from onnxopt.pruning.structured import (
 SECTION = "## Structured pruning"
 FISHER = StructuredSettings(flops=0.3, round_to=8, importance="fisher")
 PRESET = StructuredSettings(flops=0.3, round_to=8)
-# (label, settings, calibration samples, fine-tuned with --finetune): the prune preset with its
-# samples ("auto": as the pass takes them), the same on 64 samples, the Fisher importance.
+# (label, settings, calibration samples, fine-tuned with --finetune): the anchor every tool has
+# (weight magnitude, no refit), the prune preset with its samples ("auto":
+# as the pass takes them), the same on 64 samples, the Fisher importance.
+MAGNITUDE = dict(importance="magnitude", recover=False)
 SETTINGS = [
+    (
+        "flops 0.3, magnitude, no refit",
+        StructuredSettings(flops=0.3, round_to=8, **MAGNITUDE),
+        64,
+        False,
+    ),
     ("flops 0.3 (prune preset)", PRESET, "auto", True),
     ("flops 0.3, 64 samples", PRESET, 64, False),
     ("flops 0.3, fisher", FISHER, "auto", False),
     ("ratio 0.5", StructuredSettings(ratio=0.5, round_to=8), "auto", False),
 ]
 # (label, allocation, protect first and last layers): the ResNet-style rows.
+HALF = dict(ratio=0.5, round_to=8)
 HALVES = [
-    ("ratio 0.5", "global", True),
-    ("half of every layer", "uniform", True),
-    ("half of every layer + stem", "uniform", False),
+    ("ratio 0.5", StructuredSettings(**HALF)),
+    ("half of every layer", StructuredSettings(**HALF, allocation="uniform")),
+    (
+        "half + stem, magnitude, no refit",
+        StructuredSettings(**HALF, allocation="uniform", protect_first_last=False, **MAGNITUDE),
+    ),
+    (
+        "half of every layer + stem",
+        StructuredSettings(**HALF, allocation="uniform", protect_first_last=False),
+    ),
 ]
 
 
@@ -156,11 +172,8 @@ def halves(label: str, path: Path, data: list[dict], folder: Path) -> list[str]:
 
     lines = []
     original = cleaned(path)
-    for setting, allocation, protect in HALVES:
+    for setting, settings in HALVES:
         model = original.clone()
-        settings = StructuredSettings(
-            ratio=0.5, round_to=8, protect_first_last=protect, allocation=allocation
-        )
         start = time.perf_counter()
         report = prune_structured(model, data, settings)
         seconds = time.perf_counter() - start
@@ -284,7 +297,8 @@ def main(arguments: list[str]) -> int:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; after the cleanup preset, "
         "calibration samples as each row says (the prune preset's: up to 512, in at most 256 "
         "MiB of inputs), importance 'activation' unless said, every layer "
-        "that reads cut channels refitted by least squares, channels kept in "
+        "that reads cut channels refitted by least squares unless 'no refit' (the anchor: "
+        "weight magnitude without refit, which every pruning tool has), channels kept in "
         "multiples of 8, first and last layers whole unless said, fidelity on 64 held-back eval "
         "samples; 'half of every layer': allocation 'uniform'; open_nsfw: OpenNSFW's "
         "ResNet-50-1by2 up to its pooled features (the last stage's channels reach the output "
