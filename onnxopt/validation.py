@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import CheckerPass
 
@@ -65,17 +69,39 @@ class ValidationResult:
 
 
 def check_structure(model: ir.Model) -> list[Check]:
-    """The onnx checker, then strict shape inference, each reported on its own."""
+    """The onnx checker, then strict shape inference, each reported on its own.
+
+    A model whose weights stay in an external file is checked from a copy saved beside its
+    own data: the checker reads external data relative to the working folder, so a model
+    loaded from another folder failed a check it passes.
+    """
     checks = []
-    for name, full_check in (("onnx checker", False), ("shape inference", True)):
-        try:
-            CheckerPass(full_check=full_check)(model)
-        except Exception as error:
-            cause = error.__cause__ or error
-            checks.append(Check(name, False, f"{type(cause).__name__}: {cause}"))
-            return checks
-        checks.append(Check(name, True))
+    with _checkable(model) as checked:
+        for name, full_check in (("onnx checker", False), ("shape inference", True)):
+            try:
+                checked(full_check)
+            except Exception as error:
+                cause = error.__cause__ or error
+                checks.append(Check(name, False, f"{type(cause).__name__}: {cause}"))
+                return checks
+            checks.append(Check(name, True))
     return checks
+
+
+@contextlib.contextmanager
+def _checkable(model: ir.Model) -> Iterator[Callable[[bool], None]]:
+    """A function running the checker on ``model``, with or without its full check."""
+    external = any(
+        isinstance(value.const_value, ir.ExternalTensor)
+        for value in model.graph.initializers.values()
+    )
+    if not external:
+        yield lambda full_check: CheckerPass(full_check=full_check)(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxopt-check-", ignore_cleanup_errors=True) as folder:
+        path = os.path.join(folder, runtime.MODEL_FILE)
+        ir.save(model, path, external_data=runtime.DATA_FILE)
+        yield lambda full_check: onnx.checker.check_model(path, full_check=full_check)
 
 
 def validate(

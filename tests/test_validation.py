@@ -114,3 +114,22 @@ def test_a_comparison_the_original_cannot_run_is_skipped_and_said(caplog):
     assert context.validation.passed and not context.validation.outputs
     assert "the model fails on random inputs" in skipped.detail
     assert "comparison with the original not run" in caplog.text
+
+
+def test_a_model_with_external_data_passes_from_another_working_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(
+        classifier_proto(),
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = ir.load(str(folder / "model.onnx"))
+    assert isinstance(model.graph.initializers["fc.bias"].const_value, ir.ExternalTensor)
+    result = validate(model, against_the_classifier(), Thresholds(min_cosine=1.0))
+    assert result.passed, result.failures
