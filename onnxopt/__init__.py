@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from onnxopt.__about__ import __version__
 
 if TYPE_CHECKING:
-    from onnxopt.api import OptimizeResult, optimize, quantize
+    from onnxopt.api import OptimizeResult, TransferResult, optimize, quantize, transfer_model
     from onnxopt.context import Context
     from onnxopt.errors import InputError, OnnxoptError, ProcessingError, ValidationFailed
     from onnxopt.io import load, save
@@ -34,12 +34,14 @@ _EXPORTS = {
     "Pipeline": "onnxopt.pipeline",
     "ProcessingError": "onnxopt.errors",
     "Recipe": "onnxopt.recipe",
+    "TransferResult": "onnxopt.api",
     "ValidationFailed": "onnxopt.errors",
     "load": "onnxopt.io",
     "load_recipe": "onnxopt.recipe",
     "optimize": "onnxopt.api",
     "quantize": "onnxopt.api",
     "save": "onnxopt.io",
+    "transfer_model": "onnxopt.api",
 }
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "Pipeline",
     "ProcessingError",
     "Recipe",
+    "TransferResult",
     "ValidationFailed",
     "__version__",
     "load",
@@ -57,6 +60,7 @@ __all__ = [
     "optimize",
     "quantize",
     "save",
+    "transfer_model",
 ]
 
 

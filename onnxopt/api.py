@@ -11,22 +11,29 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxopt.__about__ import __version__
 from onnxopt.compare import SpeedReport, measure_speed
 from onnxopt.context import Context
 from onnxopt.data import open_data
-from onnxopt.errors import InputError, ValidationFailed
+from onnxopt.errors import InputError, ProcessingError, ValidationFailed
 from onnxopt.io import check_output_path, external_data_files, load, save, stamp_metadata
 from onnxopt.passes.validate import ValidatePass
 from onnxopt.pipeline import Pipeline
 from onnxopt.progress import QUIET, Progress
 from onnxopt.recipe import Recipe, apply_overrides, apply_settings, load_recipe
-from onnxopt.report import report_document
+from onnxopt.report import report_document, transfer_json
 from onnxopt.runtime import random_feeds
 from onnxopt.summary import ModelSummary, summarize
+from onnxopt.transfer import OnMismatch, TransferReport, TransferSettings, transfer_weights
+from onnxopt.transfer.files import read_map, read_pruning_report
+from onnxopt.transfer.match import MatchMode
+from onnxopt.validation import Thresholds, validate
 
 logger = logging.getLogger(__name__)
 
 RANDOM_SAMPLES = 32
+# Samples the target and source are run on to show the outputs before and after a transfer.
+TRANSFER_CHECK_SAMPLES = 4
 RANDOM_DATA_WARNING = (
     "calibrating on RANDOM data: the activation ranges are meaningless and the quantized model's accuracy "
     "says nothing; use this for smoke tests only, and give real samples with --calib DATA.npz"
@@ -241,3 +248,98 @@ def _check_onnxruntime_options(options: dict[str, Any]) -> None:
                 fix="leave it out: QDQ with uint8 activations and int8 weights is what onnxruntime runs fastest on CPU",
             )
         raise InputError(f"quantize: unknown option '{key}'", fix="see help(onnxopt.quantize)")
+
+
+@dataclasses.dataclass
+class TransferResult:
+    """What one weight transfer produced: the target with the new weights, the report of
+    every tensor, and the files written."""
+
+    model: ir.Model
+    report: TransferReport
+    written: list[Path]
+
+    def report_document(self) -> dict[str, Any]:
+        return {
+            "onnxopt_version": __version__,
+            "written": [str(path) for path in self.written],
+            "transfer": transfer_json(self.report),
+        }
+
+
+def transfer_model(
+    source: str | os.PathLike | ir.Model,
+    target: str | os.PathLike | ir.Model,
+    output: str | os.PathLike | None = None,
+    *,
+    match: MatchMode = "auto",
+    on_mismatch: OnMismatch = "error",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    mapping: Mapping[str, str] | str | os.PathLike | None = None,
+    pruning: Mapping[str, Any] | str | os.PathLike | None = None,
+    data: Any = None,
+    external_data: bool | None = None,
+) -> TransferResult:
+    """Copy the learned weights of ``source`` into ``target`` and write the result.
+
+    Args:
+        source: the model whose weights are copied (a path or an ``ir.Model``, not changed).
+        target: the model that receives them (a path, or an ``ir.Model`` left untouched: a
+            copy receives them).
+        output: where to write the result; None to only return it.
+        match: ``auto`` (names where unambiguous, structure elsewhere), ``name``, ``structure``.
+        on_mismatch: a tensor of another shape: ``error``, ``skip``, or ``fit`` (slice or pad;
+            an input convolution's channels summed or tiled).
+        include: regular expressions; only target layers with a matching node or tensor
+            name receive weights.
+        exclude: regular expressions; matching target layers keep their weights.
+        mapping: explicit pairs, target tensor -> source tensor, or a file of them.
+        pruning: the pruning report of a pruned target (a dict, or the ``--report`` JSON file
+            of the prune run): source weights are cut to the channels it kept.
+        data: samples of the target's inputs (as ``optimize`` takes them) for the before and
+            after comparison; random inputs when None.
+        external_data: as in ``optimize``.
+
+    Raises:
+        InputError: the models have nothing in common, a pair is ambiguous, a map names
+            unknown tensors, a shape differs under ``error``; nothing is written.
+        ProcessingError: the graphs are one network but the result does not reproduce the
+            source's outputs, or the result fails the checker or onnxruntime.
+    """
+    protected: list[Path] = []
+    models = []
+    for given in (target, source):
+        if isinstance(given, ir.Model):
+            models.append(given.clone())
+        else:
+            loaded = load(given)
+            protected += [Path(given), *external_data_files(loaded)]
+            models.append(loaded)
+    model, source_model = models
+    if output is not None:
+        check_output_path(output, protected)
+    settings = TransferSettings(
+        match=match,
+        on_mismatch=on_mismatch,
+        include=tuple(include),
+        exclude=tuple(exclude),
+        mapping=read_map(mapping) if isinstance(mapping, (str, os.PathLike)) else mapping or {},
+        pruning=read_pruning_report(pruning)
+        if isinstance(pruning, (str, os.PathLike))
+        else pruning,
+    )
+    feeds = open_data(data, model).take(TRANSFER_CHECK_SAMPLES) if data is not None else []
+    report = transfer_weights(model, source_model, settings, feeds)
+    checked = validate(model, None, Thresholds())
+    if not checked.passed:
+        raise ProcessingError(
+            "the target with the new weights fails its checks",
+            details=[f"{check.name}: {check.detail}" for check in checked.failures],
+            fix="report this as a bug, with the two models",
+        )
+    stamp_metadata(model, "transfer", ["transfer"])
+    written: list[Path] = []
+    if output is not None:
+        written = save(model, output, protected=protected, external_data=external_data)
+    return TransferResult(model, report, written)

@@ -101,6 +101,67 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print JSON instead of tables")
     compare.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
+    transfer = commands.add_parser(
+        "transfer", help="copy the learned weights of one model into another and write it"
+    )
+    transfer.add_argument("source", help=".onnx file whose weights are copied")
+    transfer.add_argument("target", help=".onnx file that receives them (not changed)")
+    transfer.add_argument(
+        "-o", "--output", required=True, help="output .onnx file (never an input)"
+    )
+    transfer.add_argument(
+        "--match",
+        choices=("auto", "name", "structure"),
+        default="auto",
+        help="pair weights by name, by graph structure, or auto: names where they agree with "
+        "the structure, structure elsewhere (default)",
+    )
+    transfer.add_argument(
+        "--on-mismatch",
+        choices=("error", "skip", "fit"),
+        default="error",
+        help="a weight of another shape: error (default), skip it, or fit (slice or pad; an "
+        "input convolution's channels summed or tiled)",
+    )
+    transfer.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="RE",
+        help="only target layers whose node or tensor name matches receive weights (repeatable)",
+    )
+    transfer.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="RE",
+        help="target layers whose node or tensor name matches keep theirs (repeatable)",
+    )
+    transfer.add_argument(
+        "--map",
+        default=None,
+        metavar="FILE",
+        help="explicit pairs: one 'TARGET_TENSOR SOURCE_TENSOR' a line, or a JSON object",
+    )
+    transfer.add_argument(
+        "--pruned",
+        default=None,
+        metavar="REPORT.json",
+        help="the --report of the prune run that made the target: source weights are cut "
+        "to the channels it kept",
+    )
+    transfer.add_argument(
+        "--data", default=None, help="samples of the target's inputs for the before/after check"
+    )
+    transfer.add_argument("--report", default=None, help="write the full report as JSON here")
+    transfer.add_argument(
+        "--external-data",
+        action="store_true",
+        default=None,
+        help="write weights to OUTPUT.data (automatic above 2 GB)",
+    )
+    transfer.add_argument("-q", "--quiet", action="store_true", help="no tables")
+
     commands.add_parser("recipes", help="list the preset recipes and every pass with its options")
     return parser
 
@@ -136,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": _inspect,
         "compare": _compare,
         "recipes": _recipes,
+        "transfer": _transfer,
     }
     try:
         return handlers[arguments.command](arguments, console)
@@ -239,6 +301,33 @@ def _compare(arguments: argparse.Namespace, console: Console) -> int:
         print(json.dumps(comparison.as_dict(), indent=2))
     else:
         render_comparison(comparison, console)
+    return EXIT_OK
+
+
+def _transfer(arguments: argparse.Namespace, console: Console) -> int:
+    from onnxopt.api import transfer_model
+    from onnxopt.report import render_transfer
+
+    if arguments.report:
+        _check_report_path(arguments.report)
+    result = transfer_model(
+        arguments.source,
+        arguments.target,
+        arguments.output,
+        match=arguments.match,
+        on_mismatch=arguments.on_mismatch,
+        include=arguments.include,
+        exclude=arguments.exclude,
+        mapping=arguments.map,
+        pruning=arguments.pruned,
+        data=arguments.data,
+        external_data=arguments.external_data,
+    )
+    if not arguments.quiet:
+        render_transfer(result.report, console)
+    if arguments.report:
+        _write_json(arguments.report, result.report_document())
+    console.print(f"wrote {result.written[-1]}", highlight=False, soft_wrap=True)
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ from onnxopt.pruning.recovery import RecoveryResult
 from onnxopt.pruning.structured import StructuredReport
 from onnxopt.quantization.speed_check import SpeedCheck
 from onnxopt.quantization.state import QuantizationState
+from onnxopt.transfer import TransferReport
 from onnxopt.validation import ValidationResult
 
 # Past the first eight samples, comparisons take more only while the original model has run
@@ -54,6 +55,8 @@ class Context:
         recovery: how the fine-tune after pruning went (``finetune_steps``), for the report.
         pruning: the channels the prune pass removed (keep indices per group), for the report
             and for weight transfer.
+        transfer: what the transfer pass copied, for the report; the pass also makes the
+            model with the new weights the reference later passes are compared with.
         validation: the result of the last validation.
         report: one row per pass, filled in by the pipeline.
         progress: where long-running passes report progress.
@@ -71,6 +74,7 @@ class Context:
     sparsity: SparsityReport | None = None
     recovery: RecoveryResult | None = None
     pruning: StructuredReport | None = None
+    transfer: TransferReport | None = None
     validation: ValidationResult | None = None
     report: list[ReportRow] = dataclasses.field(default_factory=list)
     progress: Progress = QUIET

@@ -27,6 +27,7 @@ from onnxopt.quantization.state import QuantizationState
 from onnxopt.recipe import Recipe
 from onnxopt.serialize import json_data
 from onnxopt.summary import ModelSummary
+from onnxopt.transfer import TransferReport
 from onnxopt.validation import ValidationResult
 
 
@@ -56,6 +57,7 @@ def report_document(
         "sparsity": sparsity_json(context.sparsity),
         "finetune": dataclasses.asdict(context.recovery) if context.recovery else None,
         "pruning": pruning_json(context.pruning),
+        "transfer": transfer_json(context.transfer),
         "speed": speed_json(speed),
         "passed": failure is None,
         "failure": failure.render() if failure else None,
@@ -96,6 +98,7 @@ def pruning_json(report: StructuredReport | None) -> dict[str, Any] | None:
                 "channels": group.channels,
                 "kept": group.kept,
                 "keep": list(group.keep),
+                "tensors": [dataclasses.asdict(piece) for piece in group.slices],
             }
             for group in report.groups
         ],
@@ -104,6 +107,74 @@ def pruning_json(report: StructuredReport | None) -> dict[str, Any] | None:
         "samples": report.samples,
         "seconds": report.seconds,
     }
+
+
+def transfer_json(report: TransferReport | None) -> dict[str, Any] | None:
+    """Weight transfer: for every target tensor its source and how it was matched and
+    changed, or why it kept its value; counts; the outputs before and after."""
+    if report is None:
+        return None
+    return {
+        "transferred": report.transferred,
+        "tensors": len(report.slots),
+        "counts": report.counts(),
+        "layers": {
+            "target": report.target_layers,
+            "source": report.source_layers,
+            "paired": report.paired_layers,
+        },
+        "unused_source": report.unused_source,
+        "equivalent": report.equivalent,
+        "slots": [dataclasses.asdict(slot) for slot in report.slots],
+        "outputs": [json_data(dataclasses.asdict(change)) for change in report.outputs],
+        "check_samples": report.check_samples,
+        "seconds": report.seconds,
+    }
+
+
+def render_transfer(report: TransferReport | None, console: Console, rows: int = 20) -> None:
+    """The tensors transferred (the first ``rows``), the counts and the outputs' change."""
+    if report is None:
+        return
+    table = Table(title="Weight transfer", title_justify="left")
+    for column in ("target tensor", "source tensor", "matched by", "transform or why left"):
+        table.add_column(column)
+    for slot in report.slots[:rows]:
+        table.add_row(
+            slot.target,
+            slot.source or "-",
+            slot.match or "-",
+            slot.transform if slot.left is None else f"left: {slot.left}",
+            style=None if slot.left is None else "yellow",
+        )
+    if len(report.slots) > rows:
+        table.add_row(f"... {len(report.slots) - rows} more in the JSON report", "", "", "")
+    console.print(table)
+    counts = ", ".join(f"{count} by {how}" for how, count in report.counts().items())
+    console.print(
+        f"{report.transferred} of {len(report.slots)} target tensors transferred ({counts}); "
+        f"{report.paired_layers} of {report.target_layers} layers paired with the source's "
+        f"{report.source_layers}; {report.seconds:.1f} s",
+        highlight=False,
+    )
+    if report.unused_source:
+        console.print(
+            f"source layers not used: {', '.join(report.unused_source[:8])}"
+            + (" ..." if len(report.unused_source) > 8 else ""),
+            highlight=False,
+        )
+    for change in report.outputs:
+        with_source = (
+            f"cosine with the source {change.cosine_with_source_before:.4f} -> "
+            f"{change.cosine_with_source_after:.4f}"
+            if change.cosine_with_source_after is not None
+            else "shapes differ from the source's"
+        )
+        console.print(
+            f"output {change.name}: {with_source}; with its own before: "
+            f"{change.cosine_with_target_before:.4f} ({report.check_samples} samples)",
+            highlight=False,
+        )
 
 
 def speed_json(speed: SpeedReport | None) -> dict[str, Any] | None:

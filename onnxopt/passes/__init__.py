@@ -19,6 +19,7 @@ from onnxopt.passes.prune import PrunePass
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.passes.remove_dead_code import RemoveDeadCodePass
 from onnxopt.passes.sparsify import SparsifyPass
+from onnxopt.passes.transfer import TransferPass
 from onnxopt.passes.upgrade_ir_version import UpgradeIrVersionPass
 from onnxopt.passes.upgrade_opset import UpgradeOpsetPass
 from onnxopt.passes.validate import ValidatePass
@@ -40,6 +41,7 @@ PASSES: dict[str, type[OnnxoptPass]] = {
     "quantize": QuantizePass,
     "remove-dead-code": RemoveDeadCodePass,
     "sparsify": SparsifyPass,
+    "transfer": TransferPass,
     "upgrade-ir-version": UpgradeIrVersionPass,
     "upgrade-opset": UpgradeOpsetPass,
     "validate": ValidatePass,

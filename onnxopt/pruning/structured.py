@@ -51,7 +51,7 @@ from onnxopt.padding import padding_mask_input, token_rows
 from onnxopt.progress import QUIET, Progress
 from onnxopt.pruning.attention import find_attention_groups
 from onnxopt.pruning.channels import find_channel_groups, layer_axes
-from onnxopt.pruning.groups import ChannelGroup, Unprunable
+from onnxopt.pruning.groups import ChannelGroup, ChannelSlice, Unprunable
 from onnxopt.pruning.importance import gradient_loss, gradient_magnitudes, sample_gradients
 from onnxopt.pruning.shrink import apply_keeps, model_statistics, node_macs, removed_positions
 from onnxopt.runtime import Feed, ProbeSession, SerializedModel
@@ -110,12 +110,14 @@ class StructuredSettings:
 
 @dataclasses.dataclass(frozen=True)
 class GroupPruning:
-    """One group cut: its channels before and the ones kept (original indices, sorted)."""
+    """One group cut: its channels before, the ones kept (original indices, sorted), and
+    where they lie in the model's constants (what weight transfer slices source weights by)."""
 
     name: str
     kind: str
     channels: int
     keep: tuple[int, ...]
+    slices: tuple[ChannelSlice, ...] = ()
 
     @property
     def kept(self) -> int:
@@ -187,7 +189,13 @@ def prune_structured(
     parameters_after, macs_after = model_statistics(model, sample)
     report = StructuredReport(
         groups=[
-            GroupPruning(group.name, group.kind, group.channels, tuple(int(i) for i in keep))
+            GroupPruning(
+                group.name,
+                group.kind,
+                group.channels,
+                tuple(int(i) for i in keep),
+                tuple(dict.fromkeys((*group.producers, *group.consumers))),
+            )
             for group, keep in zip(groups, keeps, strict=True)
         ],
         unprunable=unprunable,

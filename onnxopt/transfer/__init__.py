@@ -1,0 +1,20 @@
+"""Weight transfer between ONNX graphs: canonical layers, matching by name or structure,
+shape policies, and the copy into float, pruned and int8 targets."""
+
+from onnxopt.transfer.transfer import (
+    OnMismatch,
+    OutputChange,
+    SlotTransfer,
+    TransferReport,
+    TransferSettings,
+    transfer_weights,
+)
+
+__all__ = [
+    "OnMismatch",
+    "OutputChange",
+    "SlotTransfer",
+    "TransferReport",
+    "TransferSettings",
+    "transfer_weights",
+]

@@ -1,0 +1,536 @@
+"""The layers of a graph in a canonical form, so that two exports of one network compare.
+
+Exporters and optimizers store the same learned weights in different forms: a BatchNorm
+after a convolution or folded into it, a Gemm with ``transB`` or a MatMul reading ``[in,
+out]``, onnxruntime's ``FusedConv`` and ``FusedGemm``, int8 weights behind a
+DequantizeLinear. ``find_layers`` reads every node that holds learned constants as a
+``Layer`` whose ``Slot``s give their values in one form whatever the storage: dense and
+convolution weights ``[out, in, ...]`` with BatchNorm folded on the fly, a standalone
+BatchNorm as the per-channel affine map it computes, int8 weights dequantized. A slot also
+writes a value given in that form back into the graph's own storage (requantized with the
+target's scales, a BatchNorm made an identity that adds the bias, ...), so the target graph
+keeps its structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.graph import constant_array, is_default_domain, set_constant
+
+MICROSOFT = "com.microsoft"
+QUANTIZED_SUFFIX = "_quantized"
+# Ops whose float constants are settings of the architecture, not learned weights.
+NOT_LEARNED = frozenset(
+    {
+        "Identity",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "Resize",
+        "Upsample",
+        "Pad",
+        "Clip",
+        "Range",
+        "Reshape",
+        "Expand",
+        "Tile",
+        "Slice",
+        "ConstantOfShape",
+        "Cast",
+        "Shape",
+        "Size",
+    }
+)
+# A weight requantized with the target's scales clips badly when what clipping loses
+# exceeds this share of the weight's norm.
+MAX_CLIPPED_ERROR = 0.01
+
+
+class RequantizationError(ValueError):
+    """New weights that the target's int8 scales cannot hold without clipping badly."""
+
+
+@dataclasses.dataclass
+class Slot:
+    """One learned tensor of a layer in canonical form.
+
+    Attributes:
+        role: ``weight``, ``bias``, ``scale``, or ``input<i>`` for a constant of another op.
+        name: the tensor a user knows it by (the float initializer's name, also for the int8
+            one stored as ``<name>_quantized``).
+        shape: the canonical shape.
+        read: the canonical value (float32).
+        stored: how the value is stored (``float``, ``int8``, ``folded BatchNorm`` ...), for the report.
+        axes: for each axis of the stored tensor ``name``, the canonical axis it is.
+    """
+
+    role: str
+    name: str
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+    stored: str = "float"
+    axes: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass
+class Layer:
+    """A node that holds learned constants, with its slots by role.
+
+    Attributes:
+        node: the node (a Conv, Gemm, MatMul, normalization, or any op with float constants).
+        kind: ``conv``, ``conv_transpose``, ``dense``, ``batchnorm``, ``embedding`` or the op type.
+        label: what structure matching compares first: the kind and what is fixed by the
+            architecture rather than its width (kernel size, depthwise or not, rank).
+        slots: by role.
+        write: store canonical values by role (the others keep theirs); raises
+            ``RequantizationError`` where int8 storage would clip badly.
+        reads_input: the layer reads a graph input directly (an input convolution).
+        order: the node's position in the graph (ties in structure matching go by it).
+    """
+
+    node: ir.Node
+    kind: str
+    label: tuple
+    slots: dict[str, Slot]
+    write: Callable[[dict[str, np.ndarray]], list[str]]
+    reads_input: bool = False
+    order: int = 0
+
+    @property
+    def name(self) -> str:
+        primary = self.slots.get("weight") or next(iter(self.slots.values()))
+        return primary.name
+
+
+def find_layers(model: ir.Model) -> list[Layer]:
+    """Every node of the main graph holding learned float constants, in graph order."""
+    graph = model.graph
+    absorbed: set[int] = set()
+    layers: list[Layer] = []
+    inputs = {id(value) for value in graph.inputs}
+    for order, node in enumerate(graph):
+        if id(node) in absorbed:
+            continue
+        layer = _read_layer(node, absorbed)
+        if layer is None:
+            continue
+        layer.order = order
+        data = node.inputs[0] if node.inputs else None
+        layer.reads_input = data is not None and id(data) in inputs
+        layers.append(layer)
+    return layers
+
+
+def _read_layer(node: ir.Node, absorbed: set[int]) -> Layer | None:
+    op = _canonical_op(node)
+    if op in ("Conv", "ConvTranspose"):
+        return _convolution(node, op, absorbed)
+    if op == "Gemm":
+        return _gemm(node, absorbed)
+    if op == "MatMul":
+        return _matmul(node, absorbed)
+    if op == "BatchNormalization" and is_default_domain(node):
+        return _batchnorm(node)
+    if op == "Gather" and _weight(node, 0) is not None:
+        return _generic(node, kind="embedding", roles={0: "weight"})
+    return _generic(node, kind=node.op_type)
+
+
+def _canonical_op(node: ir.Node) -> str:
+    """The op a node computes, reading onnxruntime's fused ops as the layer they hold."""
+    if node.domain == MICROSOFT and node.op_type in ("FusedConv", "FusedGemm"):
+        return node.op_type[len("Fused") :]
+    return node.op_type if is_default_domain(node) else f"{node.domain}.{node.op_type}"
+
+
+# Storage of one constant input: a float initializer, or int8 values behind a DequantizeLinear.
+
+
+@dataclasses.dataclass
+class _Stored:
+    value: ir.Value
+    name: str
+    dequantize: ir.Node | None = None
+
+    def read(self) -> np.ndarray:
+        array = constant_array(self.value).astype(np.float32)
+        if self.dequantize is None:
+            return array
+        scale, zero_point = self._parameters(array.ndim)
+        return ((array - zero_point) * scale).astype(np.float32)
+
+    @property
+    def stored(self) -> str:
+        if self.dequantize is None:
+            return "float"
+        return str(self.value.dtype).lower().replace("datatype.", "")
+
+    def write(self, array: np.ndarray) -> None:
+        if self.dequantize is None:
+            dtype = self.value.const_value.numpy().dtype
+            set_constant(self.value, np.ascontiguousarray(array, dtype=dtype))
+            return
+        integers = self.value.const_value.numpy()
+        scale, zero_point = self._parameters(integers.ndim)
+        info = np.iinfo(integers.dtype)
+        exact = array / scale + zero_point
+        rounded = np.clip(np.rint(exact), info.min, info.max)
+        clipped = (exact < info.min - 0.5) | (exact > info.max + 0.5)
+        if clipped.any():
+            lost = np.linalg.norm(((exact - rounded) * scale)[clipped])
+            norm = np.linalg.norm(array)
+            if lost > MAX_CLIPPED_ERROR * max(norm, np.finfo(np.float32).tiny):
+                raise RequantizationError(
+                    f"{self.name}: {int(clipped.sum())} of {array.size} new values lie outside "
+                    f"what its {self.stored} scales hold (clipping loses {lost / norm:.1%} of the "
+                    "weight's norm)"
+                )
+        set_constant(self.value, rounded.astype(integers.dtype))
+
+    def _parameters(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        """The DequantizeLinear's scales and zero points, shaped to broadcast over the values."""
+        node = self.dequantize
+        scale = constant_array(node.inputs[1]).astype(np.float64)
+        zero = node.inputs[2] if len(node.inputs) > 2 else None
+        zero_point = (
+            np.zeros_like(scale) if zero is None else constant_array(zero).astype(np.float64)
+        )
+        if scale.ndim == 1 and scale.size > 1:
+            axis = node.attributes.get_int("axis", 1) % ndim
+            shape = [1] * ndim
+            shape[axis] = scale.size
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        return scale, zero_point
+
+
+def _weight(node: ir.Node, index: int) -> _Stored | None:
+    """How input ``index`` of ``node`` is stored when it is a learned float constant."""
+    value = node.inputs[index] if len(node.inputs) > index else None
+    if value is None:
+        return None
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Identity" and is_default_domain(producer):
+        return _weight(producer, 0)
+    if producer is None:
+        if value.const_value is None or not value.is_initializer():
+            return None
+        if value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            return None
+        return _Stored(value, value.name)
+    if producer.op_type != "DequantizeLinear" or not is_default_domain(producer):
+        return None
+    integers = producer.inputs[0]
+    if (
+        integers is None
+        or not integers.is_initializer()
+        or integers.const_value is None
+        or constant_array(producer.inputs[1]) is None
+        or (
+            len(producer.inputs) > 2
+            and producer.inputs[2] is not None
+            and constant_array(producer.inputs[2]) is None
+        )
+    ):
+        return None
+    name = integers.name
+    if name.endswith(QUANTIZED_SUFFIX):
+        name = name[: -len(QUANTIZED_SUFFIX)]
+    return _Stored(integers, name, producer)
+
+
+def _only_consumer(node: ir.Node, op: str) -> ir.Node | None:
+    """The single node of type ``op`` that reads ``node``'s only output, when nothing else does."""
+    output = node.outputs[0]
+    uses = list(output.uses())
+    if len(node.outputs) != 1 or len(uses) != 1 or output.is_graph_output():
+        return None
+    consumer = uses[0].node
+    if consumer.op_type != op or not is_default_domain(consumer) or uses[0].idx != 0:
+        return None
+    return consumer
+
+
+def _foldable_batchnorm(node: ir.Node, channels: int) -> ir.Node | None:
+    batchnorm = _only_consumer(node, "BatchNormalization")
+    if batchnorm is None or len(batchnorm.outputs) != 1 or len(batchnorm.inputs) < 5:
+        return None
+    parameters = [_weight(batchnorm, index) for index in range(1, 5)]
+    if any(p is None or p.dequantize is not None for p in parameters):
+        return None
+    if any(p.read().shape != (channels,) for p in parameters):
+        return None
+    return batchnorm
+
+
+class _BatchNorm:
+    """A BatchNorm's parameters as the affine map ``y = x * scale + shift`` per channel."""
+
+    def __init__(self, node: ir.Node):
+        self.node = node
+        self.gamma, self.beta, self.mean, self.variance = (
+            _weight(node, index) for index in range(1, 5)
+        )
+        self.epsilon = node.attributes.get_float("epsilon", 1e-5)
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        scale = self.gamma.read().astype(np.float64) / np.sqrt(
+            self.variance.read().astype(np.float64) + self.epsilon
+        )
+        shift = self.beta.read() - self.mean.read() * scale
+        return scale, shift
+
+    def set_affine(self, scale: np.ndarray, shift: np.ndarray) -> list[str]:
+        """Store the map as gamma = scale, beta = shift, mean 0 and variance 1 - epsilon."""
+        variance = np.full_like(scale, 1.0 - self.epsilon)
+        self.gamma.write(scale)
+        self.beta.write(shift)
+        self.mean.write(np.zeros_like(scale))
+        self.variance.write(variance)
+        return [self.gamma.name, self.beta.name, self.mean.name, self.variance.name]
+
+
+def _convolution(node: ir.Node, op: str, absorbed: set[int]) -> Layer | None:
+    weight = _weight(node, 1)
+    if weight is None:
+        return _generic(node, kind=node.op_type)
+    bias = _weight(node, 2)
+    shape = weight.read().shape
+    group = node.attributes.get_int("group", 1)
+    # A ConvTranspose's weight is [in, out / group, ...]: its output channels run along axis 1.
+    out_axis = 1 if op == "ConvTranspose" else 0
+    channels = shape[out_axis] * (group if op == "ConvTranspose" else 1)
+    batchnorm = _foldable_batchnorm(node, channels) if (op == "Conv" or group == 1) else None
+    if batchnorm is not None:
+        absorbed.add(id(batchnorm))
+    folded = _BatchNorm(batchnorm) if batchnorm is not None else None
+    depthwise = "depthwise" if group > 1 and group == channels else ("grouped" if group > 1 else "")
+    broadcast = [1] * len(shape)
+    broadcast[out_axis] = channels
+
+    def read_weight() -> np.ndarray:
+        array = weight.read()
+        if folded is None:
+            return array
+        scale, _ = folded.affine()
+        return (array * scale.reshape(broadcast)).astype(np.float32)
+
+    def read_bias() -> np.ndarray:
+        base = bias.read() if bias is not None else np.zeros(channels, np.float32)
+        if folded is None:
+            return base
+        scale, shift = folded.affine()
+        return (base * scale + shift).astype(np.float32)
+
+    def write(values: dict[str, np.ndarray]) -> list[str]:
+        new_weight = values.get("weight", read_weight())
+        new_bias = values.get("bias", read_bias())
+        written = []
+        if "weight" in values or folded is not None:
+            weight.write(new_weight)
+            written.append(weight.name)
+        if folded is not None:
+            if bias is not None:
+                bias.write(np.zeros(channels, np.float32))
+                written.append(bias.name)
+            return written + folded.set_affine(np.ones(channels), new_bias)
+        if "bias" in values:
+            written += _write_bias(node, 2, bias, new_bias)
+        return written
+
+    slots = {
+        "weight": Slot("weight", weight.name, shape, read_weight, _described(weight, folded)),
+        "bias": Slot(
+            "bias",
+            bias.name if bias is not None else f"{weight.name}:bias",
+            (channels,),
+            read_bias,
+            _described(bias, folded) if bias is not None else "none",
+        ),
+    }
+    kind = "conv" if op == "Conv" else "conv_transpose"
+    label = (kind, tuple(shape[2:]), depthwise)
+    return Layer(node, kind, label, slots, write)
+
+
+def _described(stored: _Stored | None, folded: _BatchNorm | None) -> str:
+    text = stored.stored if stored is not None else "none"
+    return f"{text} + BatchNorm" if folded is not None else text
+
+
+def _write_bias(node: ir.Node, index: int, bias: _Stored | None, array: np.ndarray) -> list[str]:
+    """Store a bias; a Conv or Gemm without one gets a new initializer when it is not zero."""
+    if bias is not None:
+        bias.write(array)
+        return [bias.name]
+    if not np.any(array):
+        return []
+    graph = node.graph
+    value = ir.Value(name=f"{node.name or node.op_type}_transferred_bias")
+    value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=value.name)
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.FLOAT
+    graph.register_initializer(value)
+    while len(node.inputs) < index:
+        node.resize_inputs(len(node.inputs) + 1)
+    node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+    return [value.name]
+
+
+def _gemm(node: ir.Node, absorbed: set[int]) -> Layer | None:
+    weight = _weight(node, 1)
+    if weight is None or node.attributes.get_int("transA", 0) or weight.read().ndim != 2:
+        return _generic(node, kind=node.op_type)
+    transposed = not node.attributes.get_int("transB", 0)
+    alpha = node.attributes.get_float("alpha", 1.0)
+    beta = node.attributes.get_float("beta", 1.0)
+    bias = _weight(node, 2)
+    stored_shape = weight.read().shape
+    out = stored_shape[1] if transposed else stored_shape[0]
+    if bias is not None and bias.read().size not in (1, out):
+        return _generic(node, kind=node.op_type)
+    return _dense(node, weight, transposed, alpha, bias, beta, 2, absorbed)
+
+
+def _matmul(node: ir.Node, absorbed: set[int]) -> Layer | None:
+    weight = _weight(node, 1)
+    if weight is None or weight.read().ndim != 2 or _weight(node, 0) is not None:
+        return _generic(node, kind=node.op_type)
+    add = _only_consumer(node, "Add")
+    bias = None
+    out = weight.read().shape[1]
+    if add is not None:
+        other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+        candidate = _weight(add, 1 if add.inputs[1] is other else 0)
+        if candidate is not None and candidate.read().shape == (out,):
+            bias = candidate
+            absorbed.add(id(add))
+    return _dense(node, weight, True, 1.0, bias, 1.0, None, absorbed)
+
+
+def _dense(
+    node: ir.Node,
+    weight: _Stored,
+    transposed: bool,
+    alpha: float,
+    bias: _Stored | None,
+    beta: float,
+    bias_index: int | None,
+    absorbed: set[int],
+) -> Layer:
+    """A dense layer ``y = x W^T + b`` read from a Gemm (``transB``, ``alpha``, ``beta``) or
+    a MatMul and its bias Add; canonical weight ``[out, in]``."""
+    stored_shape = weight.read().shape
+    out = stored_shape[1] if transposed else stored_shape[0]
+
+    def read_weight() -> np.ndarray:
+        array = weight.read() * np.float32(alpha)
+        return np.ascontiguousarray(array.T if transposed else array)
+
+    def read_bias() -> np.ndarray:
+        if bias is None:
+            return np.zeros(out, np.float32)
+        return np.broadcast_to(bias.read() * np.float32(beta), (out,)).astype(np.float32)
+
+    def write(values: dict[str, np.ndarray]) -> list[str]:
+        written = []
+        if "weight" in values:
+            array = values["weight"] / np.float32(alpha)
+            weight.write(array.T if transposed else array)
+            written.append(weight.name)
+        if "bias" in values:
+            new_bias = values["bias"] / np.float32(beta)
+            if bias is not None and bias.read().size == 1 and out > 1:
+                if not np.allclose(new_bias, new_bias[0]):
+                    raise ValueError(f"{bias.name}: one shared bias cannot hold per-unit biases")
+                new_bias = new_bias[:1]
+            if bias is None and bias_index is None:
+                if np.any(new_bias):
+                    raise ValueError(
+                        f"{weight.name}: the target's MatMul has no bias to hold the source's"
+                    )
+                return written
+            written += _write_bias(node, bias_index or 2, bias, new_bias)
+        return written
+
+    shape = (out, stored_shape[0] if transposed else stored_shape[1])
+    slots = {
+        "weight": Slot(
+            "weight",
+            weight.name,
+            shape,
+            read_weight,
+            weight.stored + (" [in, out]" if transposed else ""),
+            (1, 0) if transposed else (0, 1),
+        ),
+        "bias": Slot(
+            "bias",
+            bias.name if bias is not None else f"{weight.name}:bias",
+            (out,),
+            read_bias,
+            bias.stored if bias is not None else "none",
+        ),
+    }
+    return Layer(node, "dense", ("dense",), slots, write)
+
+
+def _batchnorm(node: ir.Node) -> Layer | None:
+    parameters = [_weight(node, index) for index in range(1, 5)]
+    if len(node.outputs) != 1 or any(p is None or p.dequantize for p in parameters):
+        return _generic(node, kind=node.op_type)
+    batchnorm = _BatchNorm(node)
+    channels = batchnorm.gamma.read().shape
+
+    def write(values: dict[str, np.ndarray]) -> list[str]:
+        scale, shift = batchnorm.affine()
+        return batchnorm.set_affine(values.get("scale", scale), values.get("bias", shift))
+
+    slots = {
+        "scale": Slot(
+            "scale",
+            batchnorm.gamma.name,
+            channels,
+            lambda: batchnorm.affine()[0].astype(np.float32),
+            "BatchNorm",
+        ),
+        "bias": Slot(
+            "bias",
+            batchnorm.beta.name,
+            channels,
+            lambda: batchnorm.affine()[1].astype(np.float32),
+            "BatchNorm",
+        ),
+    }
+    return Layer(node, "batchnorm", ("batchnorm",), slots, write)
+
+
+def _generic(node: ir.Node, kind: str, roles: dict[int, str] | None = None) -> Layer | None:
+    """A node whose float constant inputs (of two values or more) are learned: a scale, a
+    per-channel shift, a normalization's parameters, an embedding table."""
+    if node.op_type in NOT_LEARNED and is_default_domain(node):
+        return None
+    stored: dict[str, _Stored] = {}
+    for index in range(len(node.inputs)):
+        weight = _weight(node, index)
+        if weight is None or weight.read().size < 2:
+            continue
+        stored[(roles or {}).get(index, f"input{index}")] = weight
+    if not stored:
+        return None
+
+    def write(values: dict[str, np.ndarray]) -> list[str]:
+        for role, array in values.items():
+            stored[role].write(array)
+        return [stored[role].name for role in values]
+
+    slots = {
+        role: Slot(role, item.name, item.read().shape, item.read, item.stored)
+        for role, item in stored.items()
+    }
+    label = (kind, tuple((role, len(slot.shape)) for role, slot in slots.items()))
+    return Layer(node, kind, label, slots, write)

@@ -1,0 +1,130 @@
+"""Canonical layers: one form whatever the storage, and writes back into the storage."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxopt.errors import InputError
+from onnxopt.transfer import TransferSettings, transfer_weights
+from onnxopt.transfer.layers import find_layers
+from onnxopt.transfer.sharing import retie, untie
+from tests.helpers import model_from_text, run_model
+
+WEIGHT = np.arange(12, dtype=np.float32).reshape(3, 4) / 10  # [out, in]
+BIAS = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+
+
+def dense(form: str, weight: np.ndarray = WEIGHT, bias: np.ndarray = BIAS) -> ir.Model:
+    """x[1, 4] -> a dense layer stored as ``form`` -> y[1, 3]."""
+    stored = {
+        "gemm": ("Gemm <transB: int = 1>(x, w, b)", weight),
+        "gemm_plain": ("Gemm(x, w, b)", weight.T),
+        "matmul": ("Add(MatMul(x, w), b)", weight.T),
+        "fused": (
+            'com.microsoft.FusedGemm <transB: int = 1, activation: string = "Relu">(x, w, b)',
+            weight,
+        ),
+    }[form]
+    expression, array = stored
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+        agraph (float[1, 4] x) => (float[1, 3] y)
+        <float[{array.shape[0]}, {array.shape[1]}] w = {{{", ".join(map(str, array.ravel()))}}},
+         float[3] b = {{{", ".join(map(str, bias))}}}>
+        {{ y = {expression.replace("Add(MatMul(x, w), b)", "Add(xw, b)")} }}
+    """
+    if form == "matmul":
+        text = text.replace("{ y = Add(xw, b) }", "{ xw = MatMul(x, w)\n y = Add(xw, b) }")
+    if form == "fused":
+        import onnx.parser
+
+        return ir.from_proto(onnx.parser.parse_model(text))
+    return model_from_text(text)
+
+
+@pytest.mark.parametrize("form", ["gemm", "gemm_plain", "matmul", "fused"])
+def test_dense_layers_read_as_out_by_in_whatever_the_storage(form):
+    [layer] = find_layers(dense(form))
+    assert layer.kind == "dense"
+    np.testing.assert_array_equal(layer.slots["weight"].read(), WEIGHT)
+    np.testing.assert_array_equal(layer.slots["bias"].read(), BIAS)
+
+
+@pytest.mark.parametrize("target_form", ["gemm", "gemm_plain", "matmul"])
+def test_transfer_between_dense_storages_keeps_the_outputs(target_form):
+    source = dense("gemm")
+    target = dense(target_form, weight=np.ones((3, 4), np.float32), bias=np.zeros(3, np.float32))
+    report = transfer_weights(target, source)
+    assert report.equivalent
+    x = {"x": np.array([[1.0, -2.0, 3.0, 0.5]], np.float32)}
+    np.testing.assert_allclose(run_model(target, x)[0], run_model(source, x)[0], rtol=1e-6)
+    assert ("transposed" in report.slots[0].transform) == (target_form != "gemm")
+
+
+BRANCHES = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[1, 4] x) => (float[1, 3] y) {{
+        {nodes}
+    }}
+"""
+
+
+def branches(count: int, seed: int) -> ir.Model:
+    """``count`` parallel Gemms of x, summed: layers that structure cannot tell apart."""
+    rng = np.random.default_rng(seed)
+    nodes, weights = [], []
+    for index in range(count):
+        values = ", ".join(f"{v:.3f}" for v in rng.standard_normal(12))
+        weights.append(f"float[3, 4] w{seed}_{index} = {{{values}}}")
+        nodes.append(f"h{index} = Gemm <transB: int = 1>(x, w{seed}_{index})")
+    total = "h0"
+    for index in range(1, count):
+        nodes.append(f"s{index} = Add({total}, h{index})")
+        total = f"s{index}"
+    nodes.append(f"y = Identity({total})")
+    text = BRANCHES.format(nodes="\n".join(nodes))
+    text = text.replace(" {\n", f" <{', '.join(weights)}> {{\n", 1)
+    return model_from_text(text)
+
+
+def test_ambiguous_layers_are_refused_and_a_map_resolves_them():
+    target, source = branches(2, 0), branches(3, 1)
+    with pytest.raises(InputError, match="several source layers alike") as error:
+        transfer_weights(target.clone(), source)
+    assert "w0_0" in str(error.value) and "fix: pair them with --map" in str(error.value)
+    mapping = {"w0_0": "w1_2", "w0_1": "w1_0"}
+    report = transfer_weights(target, source, TransferSettings(mapping=mapping))
+    assert [(slot.source, slot.match) for slot in report.slots if slot.role == "weight"] == [
+        ("w1_2", "map"),
+        ("w1_0", "map"),
+    ]
+    np.testing.assert_array_equal(
+        target.graph.initializers["w0_0"].const_value.numpy(),
+        source.graph.initializers["w1_2"].const_value.numpy(),
+    )
+
+
+def test_untie_gives_each_reader_a_copy_and_retie_merges_equal_ones():
+    model = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[1, 2] x) => (float[1, 2] y)
+        <float[2] shared = {1.0, 2.0}>
+        { a = Mul(x, shared)
+          c = Identity(shared)
+          b = Add(a, c)
+          d = Mul(b, shared)
+          y = Identity(d) }
+        """
+    )
+    copies = untie(model)
+    readers = [node for node in model.graph if node.op_type in ("Mul", "Add")]
+    assert len({id(node.inputs[1]) for node in readers}) == 3
+    assert "Identity" in [node.op_type for node in model.graph]  # the one not of a constant
+    first_copy = copies["shared"][0]
+    first_copy.const_value = ir.tensor(np.array([5.0, 6.0], np.float32))
+    retie(model, copies)
+    names = sorted(node.inputs[1].name for node in readers)
+    assert names.count("shared") == 2 and len(set(names)) == 2
