@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import numpy as np
+import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
@@ -131,6 +132,26 @@ def distillation_loss(
         else:
             total = total + F.mse_loss(output, target)
     return total
+
+
+def label_loss(scores: torch.Tensor, labels: np.ndarray, output: ir.Value) -> torch.Tensor:
+    """Cross-entropy of class ``scores`` (logits, or probabilities from a Softmax, or
+    log-probabilities from a LogSoftmax) against ``labels``, one class index per row."""
+    rows = scores.reshape(-1, scores.shape[-1]).float()
+    targets = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
+    if len(targets) != len(rows) or targets.min() < 0 or targets.max() >= rows.shape[-1]:
+        raise InputError(
+            f"labels {np.asarray(labels).tolist()} do not fit output '{output.name}' "
+            f"of shape {list(scores.shape)}",
+            fix=f"give one class index in [0, {rows.shape[-1]}) per row of the class scores",
+        )
+    producer = output.producer()
+    kind = producer.op_type if producer is not None else ""
+    if kind == "Softmax":
+        return F.nll_loss(rows.clamp_min(1e-12).log(), targets)
+    if kind == "LogSoftmax":
+        return F.nll_loss(rows, targets)
+    return F.cross_entropy(rows, targets)
 
 
 def fine_tune(

@@ -76,7 +76,7 @@ def sample_gradients(
 
     Raises InputError with labels but no class-score output, or labels that do not fit it."""
     from onnxopt.bridge import to_module  # without torch, an InputError that says so
-    from onnxopt.bridge.training import as_tensors
+    from onnxopt.bridge.training import as_tensors, label_loss
 
     if not feeds:
         raise InputError(
@@ -124,29 +124,6 @@ def _class_score_position(model: ir.Model) -> int:
         fix="remove the 'labels' array from the data: the gradient importances then use the "
         "model's own predictions",
     )
-
-
-def label_loss(scores, labels: np.ndarray, output: ir.Value):
-    """Cross-entropy of class ``scores`` (logits, or probabilities from a Softmax, or
-    log-probabilities from a LogSoftmax) against ``labels``, one class index per row."""
-    import torch
-    import torch.nn.functional as F
-
-    rows = scores.reshape(-1, scores.shape[-1]).float()
-    targets = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
-    if len(targets) != len(rows) or targets.min() < 0 or targets.max() >= rows.shape[-1]:
-        raise InputError(
-            f"labels {np.asarray(labels).tolist()} do not fit output '{output.name}' "
-            f"of shape {list(scores.shape)}",
-            fix=f"give one class index in [0, {rows.shape[-1]}) per row of the class scores",
-        )
-    producer = output.producer()
-    kind = producer.op_type if producer is not None else ""
-    if kind == "Softmax":
-        return F.nll_loss(rows.clamp_min(1e-12).log(), targets)
-    if kind == "LogSoftmax":
-        return F.nll_loss(rows, targets)
-    return F.cross_entropy(rows, targets)
 
 
 def self_prediction_loss(outputs):
