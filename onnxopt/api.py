@@ -24,7 +24,14 @@ from onnxopt.recipe import Recipe, apply_overrides, apply_settings, load_recipe
 from onnxopt.report import report_document, transfer_json
 from onnxopt.runtime import random_feeds
 from onnxopt.summary import ModelSummary, summarize
-from onnxopt.transfer import OnMismatch, TransferReport, TransferSettings, transfer_weights
+from onnxopt.transfer import (
+    OnMismatch,
+    TransferReport,
+    TransferSettings,
+    TransferTuning,
+    finetune_transferred,
+    transfer_weights,
+)
 from onnxopt.transfer.files import read_map, read_pruning_report
 from onnxopt.transfer.match import MatchMode
 from onnxopt.validation import Thresholds, validate
@@ -279,7 +286,11 @@ def transfer_model(
     mapping: Mapping[str, str] | str | os.PathLike | None = None,
     pruning: Mapping[str, Any] | str | os.PathLike | None = None,
     data: Any = None,
+    finetune_steps: int = 0,
+    l2sp: float = 0.01,
+    finetune_samples: int = 512,
     external_data: bool | None = None,
+    progress: Progress = QUIET,
 ) -> TransferResult:
     """Copy the learned weights of ``source`` into ``target`` and write the result.
 
@@ -298,8 +309,14 @@ def transfer_model(
         pruning: the pruning report of a pruned target (a dict, or the ``--report`` JSON file
             of the prune run): source weights are cut to the channels it kept.
         data: samples of the target's inputs (as ``optimize`` takes them) for the before and
-            after comparison; random inputs when None.
+            after comparison (random inputs when None) and the fine-tune; with a ``labels``
+            array the fine-tune trains on the task, else it distils from the source.
+        finetune_steps: about this many steps of fine-tuning after the transfer, through the
+            torch bridge (the torch extra); 0: none.
+        l2sp: the weight of ``||theta - theta_source||^2`` in the fine-tune's loss.
+        finetune_samples: samples of ``data`` the fine-tune trains on.
         external_data: as in ``optimize``.
+        progress: where the fine-tune shows progress.
 
     Raises:
         InputError: the models have nothing in common, a pair is ambiguous, a map names
@@ -329,8 +346,20 @@ def transfer_model(
         if isinstance(pruning, (str, os.PathLike))
         else pruning,
     )
-    feeds = open_data(data, model).take(TRANSFER_CHECK_SAMPLES) if data is not None else []
+    samples = open_data(data, model) if data is not None else None
+    feeds = samples.take(TRANSFER_CHECK_SAMPLES) if samples is not None else []
     report = transfer_weights(model, source_model, settings, feeds)
+    if finetune_steps:
+        training = samples.take(finetune_samples) if samples is not None else []
+        report.tuning = finetune_transferred(
+            model,
+            source_model,
+            training,
+            report.written,
+            TransferTuning(steps=finetune_steps, l2sp=l2sp),
+            samples.take_labels(len(training)) if samples is not None else None,
+            progress,
+        )
     checked = validate(model, None, Thresholds())
     if not checked.passed:
         raise ProcessingError(

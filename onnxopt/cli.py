@@ -153,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument(
         "--data", default=None, help="samples of the target's inputs for the before/after check"
     )
+    transfer.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fine-tune about N steps after the transfer on --data (its 'labels' array for "
+        "the task, else distilling the source), held near the source's weights (needs "
+        "pip install 'onnxopt[torch]'); 0: none (default)",
+    )
+    transfer.add_argument(
+        "--l2sp",
+        type=float,
+        default=0.01,
+        metavar="LAMBDA",
+        help="weight of ||theta - theta_source||^2 in the fine-tune's loss (default 0.01)",
+    )
     transfer.add_argument("--report", default=None, help="write the full report as JSON here")
     transfer.add_argument(
         "--external-data",
@@ -310,6 +326,12 @@ def _transfer(arguments: argparse.Namespace, console: Console) -> int:
 
     if arguments.report:
         _check_report_path(arguments.report)
+    for option in ("finetune_steps", "l2sp"):
+        if getattr(arguments, option) < 0:
+            raise InputError(
+                f"--{option.replace('_', '-')} must be 0 or more",
+                fix="give a number >= 0",
+            )
     result = transfer_model(
         arguments.source,
         arguments.target,
@@ -321,7 +343,10 @@ def _transfer(arguments: argparse.Namespace, console: Console) -> int:
         mapping=arguments.map,
         pruning=arguments.pruned,
         data=arguments.data,
+        finetune_steps=arguments.finetune_steps,
+        l2sp=arguments.l2sp,
         external_data=arguments.external_data,
+        progress=Progress(enabled=not arguments.quiet),
     )
     if not arguments.quiet:
         render_transfer(result.report, console)

@@ -129,6 +129,7 @@ def transfer_json(report: TransferReport | None) -> dict[str, Any] | None:
         "outputs": [json_data(dataclasses.asdict(change)) for change in report.outputs],
         "check_samples": report.check_samples,
         "seconds": report.seconds,
+        "finetune": dataclasses.asdict(report.tuning) if report.tuning else None,
     }
 
 
@@ -161,6 +162,14 @@ def render_transfer(report: TransferReport | None, console: Console, rows: int =
         console.print(
             f"source layers not used: {', '.join(report.unused_source[:8])}"
             + (" ..." if len(report.unused_source) > 8 else ""),
+            highlight=False,
+        )
+    if report.tuning is not None:
+        tuning = report.tuning
+        console.print(
+            f"fine-tuned {tuning.steps} steps on {tuning.loss} ({tuning.anchored} weights held "
+            f"near the source): loss {tuning.losses[0]:.4g} -> {tuning.losses[-1]:.4g}, "
+            f"{tuning.seconds:.0f} s",
             highlight=False,
         )
     for change in report.outputs:

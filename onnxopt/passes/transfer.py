@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import onnx_ir as ir
 
 from onnxopt.errors import InputError
 from onnxopt.io import load
+from onnxopt.options import Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
-from onnxopt.transfer import TransferSettings, transfer_weights
+from onnxopt.transfer import (
+    TransferSettings,
+    TransferTuning,
+    finetune_transferred,
+    transfer_weights,
+)
 from onnxopt.transfer.files import read_map, read_pruning_report
 
 CHECK_SAMPLES = 4
@@ -32,9 +38,15 @@ class TransferPass(OnnxoptPass):
         map: a file of explicit ``TARGET SOURCE`` tensor pairs.
         pruned: the JSON report of the prune run that made the model, so source weights
             are cut to the channels it kept.
+        finetune_steps: about this many fine-tuning steps after the transfer on the
+            calibration samples (their labels for the task, else distilling the source), each
+            transferred weight held near its source value (L2-SP); needs the torch extra.
+        l2sp: the weight of ``||theta - theta_source||^2`` in the fine-tune's loss.
+        finetune_samples: samples the fine-tune trains on.
     """
 
     name = "transfer"
+    reads_data = True
 
     def __init__(
         self,
@@ -45,9 +57,14 @@ class TransferPass(OnnxoptPass):
         exclude: list[str] | None = None,
         map: str | None = None,
         pruned: str | None = None,
+        finetune_steps: Annotated[int, Range(low=0)] = 0,
+        l2sp: Annotated[float, Range(low=0.0)] = 0.01,
+        finetune_samples: Annotated[int, Range(low=1)] = 512,
     ):
         super().__init__()
         self.source = source
+        self.tuning = TransferTuning(steps=finetune_steps, l2sp=l2sp) if finetune_steps else None
+        self.finetune_samples = finetune_samples
         self.settings = TransferSettings(
             match=match,
             on_mismatch=on_mismatch,
@@ -65,7 +82,20 @@ class TransferPass(OnnxoptPass):
             )
         data = self.context.data
         feeds = data.take(CHECK_SAMPLES) if data is not None else []
-        report = transfer_weights(model, load(self.source), self.settings, feeds)
+        source = load(self.source)
+        report = transfer_weights(model, source, self.settings, feeds)
+        if self.tuning is not None:
+            training = data.take(self.finetune_samples) if data is not None else []
+            labels = data.take_labels(len(training)) if data is not None else None
+            report.tuning = finetune_transferred(
+                model,
+                source,
+                training,
+                report.written,
+                self.tuning,
+                labels,
+                self.context.progress,
+            )
         self.context.transfer = report
         self.context.reference = model.clone()
         self.context.comparison = None

@@ -1,6 +1,7 @@
 """Weight transfer between ONNX graphs: canonical layers, matching by name or structure,
 shape policies, and the copy into float, pruned and int8 targets."""
 
+from onnxopt.transfer.finetune import TransferTuning, TuningResult, finetune_transferred
 from onnxopt.transfer.transfer import (
     OnMismatch,
     OutputChange,
@@ -16,5 +17,8 @@ __all__ = [
     "SlotTransfer",
     "TransferReport",
     "TransferSettings",
+    "TransferTuning",
+    "TuningResult",
+    "finetune_transferred",
     "transfer_weights",
 ]

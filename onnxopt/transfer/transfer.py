@@ -25,6 +25,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from onnxopt.errors import InputError, ProcessingError
 from onnxopt.metrics import OutputFidelity, compare_outputs
 from onnxopt.runtime import Feed, create_session, run, runnable_random_feeds
+from onnxopt.transfer.finetune import TuningResult
 from onnxopt.transfer.fit import fitted, kept_slice, removed_by_pruning
 from onnxopt.transfer.layers import Layer, RequantizationError, find_layers
 from onnxopt.transfer.match import MatchMode, pair_layers
@@ -103,17 +104,23 @@ class OutputChange:
 
 @dataclasses.dataclass
 class TransferReport:
-    """What ``transfer_weights`` did."""
+    """What ``transfer_weights`` did (and the fine-tune after it, where one ran).
+
+    ``written`` names the target initializers that now hold source values (a layer's
+    BatchNorm parameters among them when the values went into one).
+    """
 
     slots: list[SlotTransfer] = dataclasses.field(default_factory=list)
     target_layers: int = 0
     source_layers: int = 0
     paired_layers: int = 0
     unused_source: list[str] = dataclasses.field(default_factory=list)
+    written: list[str] = dataclasses.field(default_factory=list)
     equivalent: bool = False
     outputs: list[OutputChange] = dataclasses.field(default_factory=list)
     check_samples: int = 0
     seconds: float = 0.0
+    tuning: TuningResult | None = None
 
     @property
     def transferred(self) -> int:
@@ -246,7 +253,7 @@ def transfer_weights(
             values[role] = value
         if values:
             try:
-                layer.write(values)
+                report.written += layer.write(values)
             except (RequantizationError, ValueError) as error:
                 clipping.append(str(error))
         report.slots += rows
