@@ -29,6 +29,7 @@ from onnxopt.transfer import (
     TransferReport,
     TransferSettings,
     TransferTuning,
+    WeightScales,
     finetune_transferred,
     transfer_weights,
 )
@@ -285,6 +286,7 @@ def transfer_model(
     exclude: Sequence[str] = (),
     mapping: Mapping[str, str] | str | os.PathLike | None = None,
     pruning: Mapping[str, Any] | str | os.PathLike | None = None,
+    weight_scales: WeightScales = "keep",
     data: Any = None,
     finetune_steps: int = 0,
     l2sp: float = 0.01,
@@ -308,6 +310,8 @@ def transfer_model(
         mapping: explicit pairs, target tensor -> source tensor, or a file of them.
         pruning: the pruning report of a pruned target (a dict, or the ``--report`` JSON file
             of the prune run): source weights are cut to the channels it kept.
+        weight_scales: an int8 target's weight scales: ``keep`` (weights they would clip are
+            an error) or ``widen`` the ones that would clip.
         data: samples of the target's inputs (as ``optimize`` takes them) for the before and
             after comparison (random inputs when None) and the fine-tune; with a ``labels``
             array the fine-tune trains on the task, else it distils from the source.
@@ -345,6 +349,7 @@ def transfer_model(
         pruning=read_pruning_report(pruning)
         if isinstance(pruning, (str, os.PathLike))
         else pruning,
+        weight_scales=weight_scales,
     )
     samples = open_data(data, model) if data is not None else None
     feeds = samples.take(TRANSFER_CHECK_SAMPLES) if samples is not None else []

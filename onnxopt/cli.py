@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         "to the channels it kept",
     )
     transfer.add_argument(
+        "--weight-scales",
+        choices=("keep", "widen"),
+        default="keep",
+        help="an int8 target's weight scales: keep them, new weights they would clip being an "
+        "error (default), or widen those that would clip",
+    )
+    transfer.add_argument(
         "--data", default=None, help="samples of the target's inputs for the before/after check"
     )
     transfer.add_argument(
@@ -342,6 +349,7 @@ def _transfer(arguments: argparse.Namespace, console: Console) -> int:
         exclude=arguments.exclude,
         mapping=arguments.map,
         pruning=arguments.pruned,
+        weight_scales=arguments.weight_scales,
         data=arguments.data,
         finetune_steps=arguments.finetune_steps,
         l2sp=arguments.l2sp,

@@ -38,6 +38,8 @@ class TransferPass(OnnxoptPass):
         map: a file of explicit ``TARGET SOURCE`` tensor pairs.
         pruned: the JSON report of the prune run that made the model, so source weights
             are cut to the channels it kept.
+        weight_scales: an int8 model's weight scales: ``keep`` (weights they would clip are
+            an error) or ``widen`` those that would clip.
         finetune_steps: about this many fine-tuning steps after the transfer on the
             calibration samples (their labels for the task, else distilling the source), each
             transferred weight held near its source value (L2-SP); needs the torch extra.
@@ -57,6 +59,7 @@ class TransferPass(OnnxoptPass):
         exclude: list[str] | None = None,
         map: str | None = None,
         pruned: str | None = None,
+        weight_scales: Literal["keep", "widen"] = "keep",
         finetune_steps: Annotated[int, Range(low=0)] = 0,
         l2sp: Annotated[float, Range(low=0.0)] = 0.01,
         finetune_samples: Annotated[int, Range(low=1)] = 512,
@@ -72,6 +75,7 @@ class TransferPass(OnnxoptPass):
             exclude=tuple(exclude or []),
             mapping=read_map(map) if map else {},
             pruning=read_pruning_report(pruned) if pruned else None,
+            weight_scales=weight_scales,
         )
 
     def call(self, model: ir.Model) -> PassResult:

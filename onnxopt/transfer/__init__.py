@@ -8,6 +8,7 @@ from onnxopt.transfer.transfer import (
     SlotTransfer,
     TransferReport,
     TransferSettings,
+    WeightScales,
     transfer_weights,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "TransferSettings",
     "TransferTuning",
     "TuningResult",
+    "WeightScales",
     "finetune_transferred",
     "transfer_weights",
 ]

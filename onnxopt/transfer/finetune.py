@@ -102,7 +102,7 @@ def finetune_transferred(
         feeds = [{**feed, LABELS_INPUT: label} for feed, label in zip(feeds, labels, strict=True)]
     else:
         student, name = module, "distillation"
-        task = _distillation_task(module, to_module(source), feeds[0], distillation_loss)
+        task = _distillation_task(module, to_module(source), feeds, distillation_loss)
     weight = settings.l2sp
 
     def loss(outputs, inputs):
@@ -163,12 +163,14 @@ def _label_task(model: ir.Model):
     return task
 
 
-def _distillation_task(student, teacher, sample: Feed, distillation_loss):
-    """The distillation loss over the outputs whose shapes the source shares."""
+def _distillation_task(student, teacher, feeds: Sequence[Feed], distillation_loss):
+    """The distillation loss over the outputs whose shapes the source shares; the source
+    runs a batch sample by sample where its graph fixes a batch of one."""
     import torch
 
-    from onnxopt.bridge.training import as_tensors
+    from onnxopt.bridge.training import as_tensors, runs_batches
 
+    sample = feeds[0]
     teacher.eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -185,10 +187,26 @@ def _distillation_task(student, teacher, sample: Feed, distillation_loss):
     if not shared:
         raise _no_common_output()
     classes = [name in student.class_outputs for name in student.output_names]
+    batched = runs_batches(
+        teacher,
+        [
+            {
+                theirs: feed[mine]
+                for theirs, mine in zip(teacher.input_names, student.input_names, strict=True)
+            }
+            for feed in feeds[:2]
+        ],
+    )
+
+    def teach(inputs):
+        if batched or inputs[0].shape[0] == 1:
+            return teacher(*inputs)
+        rows = [teacher(*(tensor[i : i + 1] for tensor in inputs)) for i in range(len(inputs[0]))]
+        return [torch.cat(parts) for parts in zip(*rows, strict=True)]
 
     def task(outputs, inputs):
         with torch.no_grad():
-            targets = teacher(*inputs)
+            targets = teach(inputs)
         return distillation_loss(
             [outputs[i] for i in shared],
             [targets[i] for i in shared],

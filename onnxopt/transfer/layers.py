@@ -87,8 +87,9 @@ class Layer:
         label: what structure matching compares first: the kind and what is fixed by the
             architecture rather than its width (kernel size, depthwise or not, rank).
         slots: by role.
-        write: store canonical values by role (the others keep theirs); raises
-            ``RequantizationError`` where int8 storage would clip badly.
+        write: store canonical values by role (the others keep theirs); int8 storage keeps
+            its scales and raises ``RequantizationError`` where they would clip badly, or
+            with ``widen=True`` widens the scales that would clip (an int32 bias's with them).
         reads_input: the layer reads a graph input directly (an input convolution).
         order: the node's position in the graph (ties in structure matching go by it).
     """
@@ -97,7 +98,7 @@ class Layer:
     kind: str
     label: tuple
     slots: dict[str, Slot]
-    write: Callable[[dict[str, np.ndarray]], list[str]]
+    write: Callable[..., list[str]]
     reads_input: bool = False
     order: int = 0
 
@@ -170,14 +171,25 @@ class _Stored:
             return "float"
         return str(self.value.dtype).lower().replace("datatype.", "")
 
-    def write(self, array: np.ndarray) -> None:
+    def write(self, array: np.ndarray, widen: bool = False) -> np.ndarray | None:
+        """Store ``array``; int8 values with the target's scales, or where those would clip,
+        with ``widen`` the scales raised just enough (returned: each scale's new / old, one
+        per channel or one in all; None when no scale changed)."""
         if self.dequantize is None:
             dtype = self.value.const_value.numpy().dtype
             set_constant(self.value, np.ascontiguousarray(array, dtype=dtype))
-            return
+            return None
         integers = self.value.const_value.numpy()
         scale, zero_point = self._parameters(integers.ndim)
         info = np.iinfo(integers.dtype)
+        ratio = None
+        if widen:
+            needed = _needed_scale(array, scale, zero_point, info)
+            if np.any(needed > scale):
+                widened = np.maximum(scale, needed)
+                ratio = (widened / scale).reshape(-1)
+                self.scale_by(ratio)
+                scale = widened
         exact = array / scale + zero_point
         rounded = np.clip(np.rint(exact), info.min, info.max)
         clipped = (exact < info.min - 0.5) | (exact > info.max + 0.5)
@@ -191,6 +203,14 @@ class _Stored:
                     "weight's norm)"
                 )
         set_constant(self.value, rounded.astype(integers.dtype))
+        return ratio
+
+    def scale_by(self, ratio: np.ndarray) -> None:
+        """Multiply the DequantizeLinear's scales by ``ratio`` (one per scale, or one)."""
+        scale_value = self.dequantize.inputs[1]
+        scale = constant_array(scale_value)
+        widened = (scale.astype(np.float64).reshape(-1) * ratio).astype(scale.dtype)
+        set_constant(scale_value, widened.reshape(scale.shape))
 
     def _parameters(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
         """The DequantizeLinear's scales and zero points, shaped to broadcast over the values."""
@@ -206,6 +226,20 @@ class _Stored:
             shape[axis] = scale.size
             scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
         return scale, zero_point
+
+
+def _needed_scale(
+    array: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, info: np.iinfo
+) -> np.ndarray:
+    """The smallest scales (shaped like ``scale``) that hold ``array`` with ``zero_point``."""
+    axes = tuple(index for index, size in enumerate(scale.shape) if size == 1)
+    if scale.ndim == 0:
+        axes = None
+    high = np.max(array, axis=axes, keepdims=scale.ndim > 0).astype(np.float64)
+    low = np.min(array, axis=axes, keepdims=scale.ndim > 0).astype(np.float64)
+    above = np.where(high > 0, high / np.maximum(info.max - zero_point, 1), 0.0)
+    below = np.where(low < 0, low / np.minimum(info.min - zero_point, -1), 0.0)
+    return np.maximum(above, below).reshape(scale.shape)
 
 
 def _weight(node: ir.Node, index: int) -> _Stored | None:
@@ -326,13 +360,14 @@ def _convolution(node: ir.Node, op: str, absorbed: set[int]) -> Layer | None:
         scale, shift = folded.affine()
         return (base * scale + shift).astype(np.float32)
 
-    def write(values: dict[str, np.ndarray]) -> list[str]:
+    def write(values: dict[str, np.ndarray], widen: bool = False) -> list[str]:
         new_weight = values.get("weight", read_weight())
         new_bias = values.get("bias", read_bias())
         written = []
         if "weight" in values or folded is not None:
-            weight.write(new_weight)
+            ratio = weight.write(new_weight, widen)
             written.append(weight.name)
+            written += _follow_weight_scales(bias, ratio, new_bias)
         if folded is not None:
             if bias is not None:
                 bias.write(np.zeros(channels, np.float32))
@@ -340,7 +375,7 @@ def _convolution(node: ir.Node, op: str, absorbed: set[int]) -> Layer | None:
             return written + folded.set_affine(np.ones(channels), new_bias)
         if "bias" in values:
             written += _write_bias(node, 2, bias, new_bias)
-        return written
+        return list(dict.fromkeys(written))
 
     slots = {
         "weight": Slot("weight", weight.name, shape, read_weight, _described(weight, folded)),
@@ -360,6 +395,18 @@ def _convolution(node: ir.Node, op: str, absorbed: set[int]) -> Layer | None:
 def _described(stored: _Stored | None, folded: _BatchNorm | None) -> str:
     text = stored.stored if stored is not None else "none"
     return f"{text} + BatchNorm" if folded is not None else text
+
+
+def _follow_weight_scales(
+    bias: _Stored | None, ratio: np.ndarray | None, array: np.ndarray
+) -> list[str]:
+    """An int32 bias's scales are the input's times the weights': where the weights' scales
+    were widened, widen the bias's alike and store ``array`` with them."""
+    if ratio is None or bias is None or bias.dequantize is None:
+        return []
+    bias.scale_by(np.broadcast_to(ratio, array.shape) if ratio.size > 1 else ratio)
+    bias.write(array)
+    return [bias.name]
 
 
 def _write_bias(node: ir.Node, index: int, bias: _Stored | None, array: np.ndarray) -> list[str]:
@@ -437,12 +484,15 @@ def _dense(
             return np.zeros(out, np.float32)
         return np.broadcast_to(bias.read() * np.float32(beta), (out,)).astype(np.float32)
 
-    def write(values: dict[str, np.ndarray]) -> list[str]:
+    def write(values: dict[str, np.ndarray], widen: bool = False) -> list[str]:
         written = []
         if "weight" in values:
             array = values["weight"] / np.float32(alpha)
-            weight.write(array.T if transposed else array)
+            current_bias = values.get("bias", read_bias()) / np.float32(beta)
+            ratio = weight.write(array.T if transposed else array, widen)
             written.append(weight.name)
+            if bias is not None and bias.read().size == out:
+                written += _follow_weight_scales(bias, ratio, current_bias)
         if "bias" in values:
             new_bias = values["bias"] / np.float32(beta)
             if bias is not None and bias.read().size == 1 and out > 1:
@@ -486,7 +536,7 @@ def _batchnorm(node: ir.Node) -> Layer | None:
     batchnorm = _BatchNorm(node)
     channels = batchnorm.gamma.read().shape
 
-    def write(values: dict[str, np.ndarray]) -> list[str]:
+    def write(values: dict[str, np.ndarray], widen: bool = False) -> list[str]:
         scale, shift = batchnorm.affine()
         return batchnorm.set_affine(values.get("scale", scale), values.get("bias", shift))
 
@@ -523,9 +573,9 @@ def _generic(node: ir.Node, kind: str, roles: dict[int, str] | None = None) -> L
     if not stored:
         return None
 
-    def write(values: dict[str, np.ndarray]) -> list[str]:
+    def write(values: dict[str, np.ndarray], widen: bool = False) -> list[str]:
         for role, array in values.items():
-            stored[role].write(array)
+            stored[role].write(array, widen)
         return [stored[role].name for role in values]
 
     slots = {

@@ -34,6 +34,7 @@ from onnxopt.transfer.sharing import retie, untie
 logger = logging.getLogger(__name__)
 
 OnMismatch = Literal["error", "skip", "fit"]
+WeightScales = Literal["keep", "widen"]
 # Where source and target are one network, the result must reproduce the source this well:
 # noise a millionth of the output's power (float32 reordering and BatchNorm folding stay
 # far below it; a scale or a layer the match missed does not).
@@ -56,6 +57,9 @@ class TransferSettings:
         mapping: target tensor name -> source tensor name, pairs taken before any matching.
         pruning: the pruning report of a pruned target (its ``pruning`` JSON section, or the
             whole report): source weights are sliced to the channels it kept.
+        weight_scales: an int8 target's weight scales: ``keep`` them (new weights they would
+            clip are an error) or ``widen`` those that would clip (with the int32 biases'
+            scales; the activations' ranges stay).
     """
 
     match: MatchMode = "auto"
@@ -64,6 +68,7 @@ class TransferSettings:
     exclude: tuple[str, ...] = ()
     mapping: Mapping[str, str] = dataclasses.field(default_factory=dict)
     pruning: Mapping[str, Any] | None = None
+    weight_scales: WeightScales = "keep"
 
 
 @dataclasses.dataclass
@@ -227,7 +232,9 @@ def transfer_weights(
                 continue
             row.source, row.match = counterpart.name, how
             value = counterpart.read()
-            notes = _storage_notes(counterpart.stored, slot.stored)
+            notes = _storage_notes(
+                counterpart.stored, slot.stored, settings.weight_scales == "widen"
+            )
             kept = kept_slice(value, slot.name, slot.axes or tuple(range(value.ndim)), removed)
             if kept is not None:
                 value, kept_notes = kept
@@ -253,7 +260,7 @@ def transfer_weights(
             values[role] = value
         if values:
             try:
-                report.written += layer.write(values)
+                report.written += layer.write(values, widen=settings.weight_scales == "widen")
             except (RequantizationError, ValueError) as error:
                 clipping.append(str(error))
         report.slots += rows
@@ -265,10 +272,10 @@ def transfer_weights(
         )
     if clipping:
         raise InputError(
-            "the target cannot store some new weights",
+            f"{len(clipping)} target tensor(s) cannot store their new weights",
             details=clipping[:LISTED],
-            fix="transfer into the float model and quantize it again, or leave these out "
-            "with --exclude",
+            fix="--weight-scales widen (raise the scales that would clip), or transfer into "
+            "the float model and quantize it again, or leave these out with --exclude",
         )
     if report.transferred == 0:
         raise InputError(
@@ -339,7 +346,7 @@ def _pruning_section(pruning: Mapping[str, Any]) -> Mapping[str, Any]:
     return section
 
 
-def _storage_notes(source: str, target: str) -> list[str]:
+def _storage_notes(source: str, target: str, widen: bool) -> list[str]:
     notes = []
     if source.endswith("+ BatchNorm") and not target.endswith("+ BatchNorm"):
         notes.append("BatchNorm folded")
@@ -349,6 +356,8 @@ def _storage_notes(source: str, target: str) -> list[str]:
         notes.append("transposed")
     if target.startswith(("int", "uint")):
         notes.append(f"requantized to {target.split()[0]}")
+        if widen:
+            notes.append("scales widened where needed")
     return [note for note in notes if note]
 
 
@@ -388,13 +397,27 @@ def _outputs(
 
 
 def _same_signature(target: ir.Model, source: ir.Model) -> bool:
-    def signature(model: ir.Model) -> list:
+    """Whether the graphs take and give the same tensors: types, ranks, and the sizes both
+    fix (one export may leave the batch free where the other fixes it)."""
+
+    def signature(model: ir.Model) -> list[tuple]:
         return [
-            (value.dtype, tuple(value.shape) if value.shape is not None else None)
+            (value.dtype, None if value.shape is None else tuple(value.shape))
             for value in (*model.graph.inputs, *model.graph.outputs)
         ]
 
-    return signature(target) == signature(source)
+    def agree(a: tuple, b: tuple) -> bool:
+        if a[0] != b[0] or (a[1] is None) != (b[1] is None):
+            return False
+        if a[1] is None:
+            return True
+        return len(a[1]) == len(b[1]) and all(
+            x == y or not isinstance(x, int) or not isinstance(y, int)
+            for x, y in zip(a[1], b[1], strict=True)
+        )
+
+    mine, theirs = signature(target), signature(source)
+    return len(mine) == len(theirs) and all(agree(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
 def _output_changes(

@@ -196,9 +196,24 @@ def test_int8_target_refuses_weights_its_scales_would_clip(exports, tmp_path):
     for value in louder.graph.initializers.values():
         if value.name.endswith("weight"):
             value.const_value = ir.tensor(value.const_value.numpy() * 10)
-    with pytest.raises(InputError, match="cannot store") as error:
+    with pytest.raises(InputError, match="cannot store their new weights") as error:
         transfer_weights(quantized.model.clone(), louder)
-    assert "clipping" in str(error.value)
+    assert "clipping" in str(error.value) and "--weight-scales widen" in str(error.value)
+
+    # A fine-tune that moves weights past their channel's largest: widening keeps it.
+    tuned = fine_tuned(0, scale=0.3)
+    source = ir.load(export(tuned, tmp_path / "tuned.onnx", dynamo=True))
+    with pytest.raises(InputError, match="cannot store their new weights"):
+        transfer_weights(quantized.model.clone(), source)
+    widened = quantized.model.clone()
+    report = transfer_weights(widened, source, TransferSettings(weight_scales="widen"))
+    assert any("scales widened" in slot.transform for slot in report.slots)
+    expected = torch_outputs(tuned, image())
+    got = output(widened, image())
+    cosine = np.dot(got.ravel(), expected.ravel()) / (
+        np.linalg.norm(got) * np.linalg.norm(expected)
+    )
+    assert cosine > 0.99
 
 
 def test_another_class_count_keeps_the_shared_classes(tmp_path):
