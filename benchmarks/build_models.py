@@ -347,6 +347,65 @@ def build_efficientnet_lite0() -> None:
     report_files([model_path, calibration_path, evaluation_path])
 
 
+# A fine-tune for the weight-transfer benchmark (benchmarks/transfer.py): self-training on
+# new augmented crops, BatchNorm statistics updated, then the dynamo exporter, whose names
+# differ from the TorchScript export's and whose weights hold BatchNorm folded in.
+FINETUNE_SEED = 20261207
+FINETUNE_STEPS = 40
+FINETUNE_BATCH = 16
+FINETUNE_LEARNING_RATE = 1e-4
+
+
+def build_efficientnet_lite0_finetuned() -> None:
+    """EfficientNet-Lite0 fine-tuned a few steps, exported by the other exporter: the source
+    of the weight-transfer benchmark, whose target is the deployed ``efficientnet_lite0.onnx``."""
+    model_path = OUTPUT_DIRECTORY / "efficientnet_lite0_finetuned.onnx"
+    network = load_efficientnet_lite0()
+    teacher = load_efficientnet_lite0()
+    photos = load_photos()
+    names = sorted(photos)
+    rng = np.random.default_rng(FINETUNE_SEED)
+    torch.manual_seed(FINETUNE_SEED)
+    optimizer = torch.optim.Adam(network.parameters(), FINETUNE_LEARNING_RATE)
+    network.train()
+    for step in range(FINETUNE_STEPS):
+        crops = np.stack(
+            [
+                random_crop(photos[names[int(rng.integers(len(names)))]], rng)
+                for _ in range(FINETUNE_BATCH)
+            ]
+        )
+        images = torch.from_numpy(normalize_images(crops))
+        with torch.no_grad():
+            labels = teacher(torch.flip(images, dims=[3])).argmax(1)
+        loss = torch.nn.functional.cross_entropy(network(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            print(f"  step {step}: loss {loss.item():.3f}")
+    network.eval()
+    example = torch.from_numpy(normalize_images(crops[:1]))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            network,
+            (example,),
+            model_path,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamo=True,
+            external_data=False,
+        )
+    reference = torch_logits(network, example.numpy())
+    logits = run_onnx(model_path, {"image": example.numpy()}, "logits")
+    difference = float(np.max(np.abs(logits - reference)))
+    print(f"  max |onnx - torch| logits: {difference:.2e}")
+    if difference >= MAX_LOGIT_DIFFERENCE:
+        sys.exit(f"the fine-tuned export disagrees with PyTorch (limit {MAX_LOGIT_DIFFERENCE})")
+    report_files([model_path])
+
+
 # --- MiniLM sentence encoder ----------------------------------------------------------------
 
 # Everyday sentences from templates, to mix with the technical prose of the docstrings.
@@ -804,6 +863,7 @@ def build_ppocr_rec() -> None:
 
 BUILDERS: dict[str, Callable[[], None]] = {
     "efficientnet_lite0": build_efficientnet_lite0,
+    "efficientnet_lite0_finetuned": build_efficientnet_lite0_finetuned,
     "minilm": build_minilm,
     "ppocr_rec": build_ppocr_rec,
 }

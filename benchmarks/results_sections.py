@@ -15,6 +15,7 @@ OWNED_HEADINGS = (
     "## Sparsity",
     "## Structured pruning",
     "## Pruning presets on more models",
+    "## Weight transfer",
 )
 
 
