@@ -151,7 +151,10 @@ def render_transfer(report: TransferReport | None, console: Console, rows: int =
     if len(report.slots) > rows:
         table.add_row(f"... {len(report.slots) - rows} more in the JSON report", "", "", "")
     console.print(table)
-    counts = ", ".join(f"{count} by {how}" for how, count in report.counts().items())
+    counts = ", ".join(
+        f"{count} left" if how == "left" else f"{count} by {how}"
+        for how, count in report.counts().items()
+    )
     console.print(
         f"{report.transferred} of {len(report.slots)} target tensors transferred ({counts}); "
         f"{report.paired_layers} of {report.target_layers} layers paired with the source's "

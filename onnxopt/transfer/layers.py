@@ -448,16 +448,41 @@ def _matmul(node: ir.Node, absorbed: set[int]) -> Layer | None:
     weight = _weight(node, 1)
     if weight is None or weight.read().ndim != 2 or _weight(node, 0) is not None:
         return _generic(node, kind=node.op_type)
-    add = _only_consumer(node, "Add")
-    bias = None
     out = weight.read().shape[1]
-    if add is not None:
-        other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-        candidate = _weight(add, 1 if add.inputs[1] is other else 0)
+    bias = None
+    reader = _bias_reader(node)
+    if reader is not None:
+        consumer, index = reader
+        candidate = _weight(consumer, index)
         if candidate is not None and candidate.read().shape == (out,):
             bias = candidate
-            absorbed.add(id(add))
+            absorbed.add(id(consumer))
     return _dense(node, weight, True, 1.0, bias, 1.0, None, absorbed)
+
+
+# onnxruntime's fusions of a MatMul's bias Add with the activation after it: the bias input.
+BIAS_ACTIVATIONS = {"BiasGelu": 1, "FastGelu": 1}
+
+
+def _bias_reader(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """The node that adds a bias to ``node``'s output, when it alone reads it, and where the
+    bias is among its inputs: an Add, or onnxruntime's BiasGelu and FastGelu."""
+    output = node.outputs[0]
+    uses = list(output.uses())
+    if len(uses) != 1 or output.is_graph_output():
+        return None
+    consumer, index = uses[0].node, uses[0].idx
+    if consumer.op_type == "Add" and is_default_domain(consumer) and len(consumer.inputs) == 2:
+        return consumer, 1 - index
+    position = BIAS_ACTIVATIONS.get(consumer.op_type)
+    if (
+        consumer.domain == MICROSOFT
+        and position is not None
+        and index == 0
+        and len(consumer.inputs) > position
+    ):
+        return consumer, position
+    return None
 
 
 def _dense(

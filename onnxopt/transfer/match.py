@@ -5,9 +5,9 @@ name can hold other values (one export folds BatchNorm into ``conv.weight``, the
 not). Structure is compared on the graph of layers (``layers.Layer``; the nodes between them
 are looked through, so an exporter's extra Reshape or a fused activation changes nothing):
 each layer gets a Weisfeiler-Lehman hash, its label refined ``DEPTH`` times by the hashes of
-the layers it reads and the layers that read it. Layers of one hash in the two graphs are
-paired in graph order when both graphs have as many of them; what is left is tried at
-shallower depths. ``auto`` pairs names first where a name is on one layer in each graph
+the layers it reads and the layers that read it. Layers of one hash (first also of the same
+shapes, then of any) in the two graphs are paired in graph order when both graphs have as
+many of them; what is left is tried at shallower depths. ``auto`` pairs names first where a name is on one layer in each graph
 with the same label and structure does not pair either layer elsewhere.
 """
 
@@ -82,16 +82,17 @@ def pair_layers(
     ambiguous: dict[str, list[str]] = {}
     if mode in ("auto", "structure"):
         for depth in range(DEPTH, -1, -1):
-            classes_target = _classes(target, hashes_target, depth, used_target)
-            classes_source = _classes(source, hashes_source, depth, used_source)
-            for key, members in classes_target.items():
-                candidates = classes_source.get(key, [])
-                if candidates and len(candidates) == len(members):
-                    for t, s in zip(members, candidates, strict=True):
-                        take(t, s, "structure")
-                elif candidates and depth == 0:
-                    for t in members:
-                        ambiguous[t.name] = [s.name for s in candidates]
+            for with_shapes in (True, False):
+                classes_target = _classes(target, hashes_target, depth, used_target, with_shapes)
+                classes_source = _classes(source, hashes_source, depth, used_source, with_shapes)
+                for key, members in classes_target.items():
+                    candidates = classes_source.get(key, [])
+                    if candidates and len(candidates) == len(members):
+                        for t, s in zip(members, candidates, strict=True):
+                            take(t, s, "structure")
+                    elif candidates and depth == 0 and not with_shapes:
+                        for t in members:
+                            ambiguous[t.name] = [s.name for s in candidates]
     pairs.sort(key=lambda pair: pair[0].order)
     return Pairing(pairs, ambiguous)
 
@@ -118,12 +119,19 @@ def _unique_structural(
 
 
 def _classes(
-    layers: Sequence[Layer], hashes: Mapping[int, list[str]], depth: int, used: set[int]
-) -> dict[str, list[Layer]]:
-    classes: dict[str, list[Layer]] = collections.defaultdict(list)
+    layers: Sequence[Layer],
+    hashes: Mapping[int, list[str]],
+    depth: int,
+    used: set[int],
+    with_shapes: bool,
+) -> dict[tuple, list[Layer]]:
+    """The unpaired layers by their hash at ``depth`` (and their slots' shapes: a first,
+    stricter pass that tells apart layers of one structure but different widths)."""
+    classes: dict[tuple, list[Layer]] = collections.defaultdict(list)
     for layer in sorted(layers, key=lambda item: item.order):
         if id(layer) not in used:
-            classes[hashes[id(layer)][depth]].append(layer)
+            shapes = tuple(slot.shape for slot in layer.slots.values()) if with_shapes else ()
+            classes[(hashes[id(layer)][depth], shapes)].append(layer)
     return classes
 
 

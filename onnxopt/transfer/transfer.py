@@ -284,7 +284,12 @@ def transfer_weights(
             fix="--on-mismatch fit, or check that the source is the right model",
         )
     retie(target, copies)
-    report.equivalent = exact and not report.unused_source and _same_signature(target, source)
+    report.equivalent = (
+        exact
+        and not report.unused_source
+        and _same_signature(target, source)
+        and activation_families(target) == activation_families(source)
+    )
     after = _outputs(target, check_feeds)
     report.check_samples = len(check_feeds)
     report.outputs = _output_changes(target, before, after, source_outputs)
@@ -418,6 +423,48 @@ def _same_signature(target: ir.Model, source: ir.Model) -> bool:
 
     mine, theirs = signature(target), signature(source)
     return len(mine) == len(theirs) and all(agree(a, b) for a, b in zip(mine, theirs, strict=True))
+
+
+# Nonlinear ops by the function they compute, whatever the op or fusion that holds it: two
+# graphs whose layers all pair are one network only when they compute the same functions.
+FAMILIES = {
+    "Erf": "Gelu",
+    "Gelu": "Gelu",
+    "BiasGelu": "Gelu",
+    "FastGelu": "Gelu",
+    "QuickGelu": "Gelu",
+    "Relu": "Relu",
+    "LeakyRelu": "LeakyRelu",
+    "Elu": "Elu",
+    "Selu": "Selu",
+    "Sigmoid": "Sigmoid",
+    "HardSigmoid": "HardSigmoid",
+    "HardSwish": "HardSwish",
+    "Tanh": "Tanh",
+    "Softmax": "Softmax",
+    "LogSoftmax": "LogSoftmax",
+    "Softplus": "Softplus",
+    "Mish": "Mish",
+    "Clip": "Clip",
+    "Exp": "Exp",
+    "Log": "Log",
+    "Sqrt": "Sqrt",
+    "Sin": "Sin",
+    "Cos": "Cos",
+}
+
+
+def activation_families(model: ir.Model) -> frozenset[str]:
+    """The nonlinear functions the main graph computes (FAMILIES), fused activations included."""
+    found = set()
+    for node in model.graph:
+        family = FAMILIES.get(node.op_type)
+        if family is not None:
+            found.add(family)
+        if node.op_type in ("FusedConv", "FusedGemm") and "activation" in node.attributes:
+            name = node.attributes.get_string("activation")
+            found.add(FAMILIES.get(name, name))
+    return frozenset(found)
 
 
 def _output_changes(

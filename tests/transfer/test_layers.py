@@ -63,6 +63,29 @@ def test_transfer_between_dense_storages_keeps_the_outputs(target_form):
     assert ("transposed" in report.slots[0].transform) == (target_form != "gemm")
 
 
+def test_bias_of_a_matmul_fused_with_its_activation_is_the_dense_layers_bias():
+    """onnxruntime fuses MatMul + Add(bias) + Gelu into MatMul + BiasGelu(bias)."""
+    import onnx.parser
+
+    weights = ", ".join(map(str, WEIGHT.T.ravel()))
+    fused = ir.from_proto(
+        onnx.parser.parse_model(
+            f"""
+            <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+            agraph (float[1, 4] x) => (float[1, 3] y)
+            <float[4, 3] w = {{{weights}}}, float[3] b = {{0.0, 0.0, 0.0}}>
+            {{ xw = MatMul(x, w)
+               y = com.microsoft.BiasGelu(xw, b) }}
+            """
+        )
+    )
+    [layer] = find_layers(fused)
+    assert layer.kind == "dense" and layer.slots["bias"].name == "b"
+    report = transfer_weights(fused, dense("matmul"))
+    assert report.transferred == 2
+    np.testing.assert_array_equal(fused.graph.initializers["b"].const_value.numpy(), BIAS)
+
+
 BRANCHES = """
     <ir_version: 8, opset_import: ["" : 17]>
     agraph (float[1, 4] x) => (float[1, 3] y) {{
@@ -128,3 +151,34 @@ def test_untie_gives_each_reader_a_copy_and_retie_merges_equal_ones():
     retie(model, copies)
     names = sorted(node.inputs[1].name for node in readers)
     assert names.count("shared") == 2 and len(set(names)) == 2
+
+
+def two_widths(first: str, seed: int) -> ir.Model:
+    """x -> a Gemm of 3 outputs and a Gemm of 5, concatenated; ``first`` says which of the
+    two nodes the graph lists first."""
+    rng = np.random.default_rng(seed)
+    narrow = ", ".join(f"{v:.3f}" for v in rng.standard_normal(12))
+    wide = ", ".join(f"{v:.3f}" for v in rng.standard_normal(20))
+    nodes = {
+        "narrow": "a = Gemm <transB: int = 1>(x, n)",
+        "wide": "b = Gemm <transB: int = 1>(x, w)",
+    }
+    order = [nodes[first], nodes["wide" if first == "narrow" else "narrow"]]
+    return model_from_text(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[1, 4] x) => (float[1, 8] y)
+        <float[3, 4] n = {{{narrow}}}, float[5, 4] w = {{{wide}}}>
+        {{ {order[0]}
+           {order[1]}
+           y = Concat <axis: int = 1>(a, b) }}
+        """
+    )
+
+
+def test_layers_of_one_structure_pair_by_their_shapes_first():
+    target, source = two_widths("narrow", 0), two_widths("wide", 1)
+    report = transfer_weights(target, source, TransferSettings(match="structure"))
+    assert report.equivalent
+    x = {"x": np.array([[1.0, -2.0, 3.0, 0.5]], np.float32)}
+    np.testing.assert_allclose(run_model(target, x)[0], run_model(source, x)[0], rtol=1e-6)
