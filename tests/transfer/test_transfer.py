@@ -95,6 +95,17 @@ def test_cleanup_optimized_target(exports, tmp_path):
     np.testing.assert_allclose(
         output(ir.load(tmp_path / "out.onnx"), image()), expected, rtol=1e-5, atol=1e-5
     )
+    # A source that keeps its BatchNorms, into graphs where cleanup and onnxruntime folded them.
+    for folded in (tmp_path / "clean.onnx", paths["a_ort"]):
+        target = ir.load(folded)
+        assert "BatchNormalization" not in count_ops(target)
+        target_before = output(target, image())
+        source = export(nets["b"], tmp_path / "b_bn.onnx", keep_batchnorm=True)
+        report = transfer_weights(target, ir.load(source))
+        assert report.equivalent
+        assert any(slot.transform == "BatchNorm folded" for slot in report.slots)
+        assert not np.allclose(target_before, expected, atol=1e-3)
+        np.testing.assert_allclose(output(target, image()), expected, rtol=1e-5, atol=1e-5)
 
 
 def calibration(tmp_path, name: str, count: int = 32):
