@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxopt.errors import InputError
+
 # (tensor name, stored axis) -> original positions removed by pruning.
 RemovedPositions = Mapping[tuple[str, int], np.ndarray]
 
@@ -53,9 +55,11 @@ def kept_slice(
             continue
         length = result.shape[canonical_axis]
         if positions[-1] >= length:
-            raise ValueError(
+            raise InputError(
                 f"{name}: the pruning report removes position {positions[-1]} of axis "
-                f"{stored_axis}, but the source has {length}"
+                f"{stored_axis}, but the source has {length}",
+                fix="give the report of the prune run that made this target from a model "
+                "of the source's shapes",
             )
         result = np.delete(result, positions, axis=canonical_axis)
         notes.append(f"kept {length - positions.size} of {length} on axis {canonical_axis}")

@@ -20,10 +20,10 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import constant_array, is_default_domain, set_constant
+from onnxopt.graph import is_default_domain
+from onnxopt.transfer.storage import StoredTensor, stored_constant
 
 MICROSOFT = "com.microsoft"
-QUANTIZED_SUFFIX = "_quantized"
 # Ops whose float constants are settings of the architecture, not learned weights.
 NOT_LEARNED = frozenset(
     {
@@ -46,13 +46,6 @@ NOT_LEARNED = frozenset(
         "Size",
     }
 )
-# A weight requantized with the target's scales clips badly when what clipping loses
-# exceeds this share of the weight's norm.
-MAX_CLIPPED_ERROR = 0.01
-
-
-class RequantizationError(ValueError):
-    """New weights that the target's int8 scales cannot hold without clipping badly."""
 
 
 @dataclasses.dataclass
@@ -137,7 +130,7 @@ def _read_layer(node: ir.Node, absorbed: set[int]) -> Layer | None:
         return _matmul(node, absorbed)
     if op == "BatchNormalization" and is_default_domain(node):
         return _batchnorm(node)
-    if op == "Gather" and _weight(node, 0) is not None:
+    if op == "Gather" and stored_constant(node, 0) is not None:
         return _generic(node, kind="embedding", roles={0: "weight"})
     return _generic(node, kind=node.op_type)
 
@@ -147,134 +140,6 @@ def _canonical_op(node: ir.Node) -> str:
     if node.domain == MICROSOFT and node.op_type in ("FusedConv", "FusedGemm"):
         return node.op_type[len("Fused") :]
     return node.op_type if is_default_domain(node) else f"{node.domain}.{node.op_type}"
-
-
-# Storage of one constant input: a float initializer, or int8 values behind a DequantizeLinear.
-
-
-@dataclasses.dataclass
-class _Stored:
-    value: ir.Value
-    name: str
-    dequantize: ir.Node | None = None
-
-    def read(self) -> np.ndarray:
-        array = constant_array(self.value).astype(np.float32)
-        if self.dequantize is None:
-            return array
-        scale, zero_point = self._parameters(array.ndim)
-        return ((array - zero_point) * scale).astype(np.float32)
-
-    @property
-    def stored(self) -> str:
-        if self.dequantize is None:
-            return "float"
-        return str(self.value.dtype).lower().replace("datatype.", "")
-
-    def write(self, array: np.ndarray, widen: bool = False) -> np.ndarray | None:
-        """Store ``array``; int8 values with the target's scales, or where those would clip,
-        with ``widen`` the scales raised just enough (returned: each scale's new / old, one
-        per channel or one in all; None when no scale changed)."""
-        if self.dequantize is None:
-            dtype = self.value.const_value.numpy().dtype
-            set_constant(self.value, np.ascontiguousarray(array, dtype=dtype))
-            return None
-        integers = self.value.const_value.numpy()
-        scale, zero_point = self._parameters(integers.ndim)
-        info = np.iinfo(integers.dtype)
-        ratio = None
-        if widen:
-            needed = _needed_scale(array, scale, zero_point, info)
-            if np.any(needed > scale):
-                widened = np.maximum(scale, needed)
-                ratio = (widened / scale).reshape(-1)
-                self.scale_by(ratio)
-                scale = widened
-        exact = array / scale + zero_point
-        rounded = np.clip(np.rint(exact), info.min, info.max)
-        clipped = (exact < info.min - 0.5) | (exact > info.max + 0.5)
-        if clipped.any():
-            lost = np.linalg.norm(((exact - rounded) * scale)[clipped])
-            norm = np.linalg.norm(array)
-            if lost > MAX_CLIPPED_ERROR * max(norm, np.finfo(np.float32).tiny):
-                raise RequantizationError(
-                    f"{self.name}: {int(clipped.sum())} of {array.size} new values lie outside "
-                    f"what its {self.stored} scales hold (clipping loses {lost / norm:.1%} of the "
-                    "weight's norm)"
-                )
-        set_constant(self.value, rounded.astype(integers.dtype))
-        return ratio
-
-    def scale_by(self, ratio: np.ndarray) -> None:
-        """Multiply the DequantizeLinear's scales by ``ratio`` (one per scale, or one)."""
-        scale_value = self.dequantize.inputs[1]
-        scale = constant_array(scale_value)
-        widened = (scale.astype(np.float64).reshape(-1) * ratio).astype(scale.dtype)
-        set_constant(scale_value, widened.reshape(scale.shape))
-
-    def _parameters(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-        """The DequantizeLinear's scales and zero points, shaped to broadcast over the values."""
-        node = self.dequantize
-        scale = constant_array(node.inputs[1]).astype(np.float64)
-        zero = node.inputs[2] if len(node.inputs) > 2 else None
-        zero_point = (
-            np.zeros_like(scale) if zero is None else constant_array(zero).astype(np.float64)
-        )
-        if scale.ndim == 1 and scale.size > 1:
-            axis = node.attributes.get_int("axis", 1) % ndim
-            shape = [1] * ndim
-            shape[axis] = scale.size
-            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-        return scale, zero_point
-
-
-def _needed_scale(
-    array: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, info: np.iinfo
-) -> np.ndarray:
-    """The smallest scales (shaped like ``scale``) that hold ``array`` with ``zero_point``."""
-    axes = tuple(index for index, size in enumerate(scale.shape) if size == 1)
-    if scale.ndim == 0:
-        axes = None
-    high = np.max(array, axis=axes, keepdims=scale.ndim > 0).astype(np.float64)
-    low = np.min(array, axis=axes, keepdims=scale.ndim > 0).astype(np.float64)
-    above = np.where(high > 0, high / np.maximum(info.max - zero_point, 1), 0.0)
-    below = np.where(low < 0, low / np.minimum(info.min - zero_point, -1), 0.0)
-    return np.maximum(above, below).reshape(scale.shape)
-
-
-def _weight(node: ir.Node, index: int) -> _Stored | None:
-    """How input ``index`` of ``node`` is stored when it is a learned float constant."""
-    value = node.inputs[index] if len(node.inputs) > index else None
-    if value is None:
-        return None
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Identity" and is_default_domain(producer):
-        return _weight(producer, 0)
-    if producer is None:
-        if value.const_value is None or not value.is_initializer():
-            return None
-        if value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
-            return None
-        return _Stored(value, value.name)
-    if producer.op_type != "DequantizeLinear" or not is_default_domain(producer):
-        return None
-    integers = producer.inputs[0]
-    if (
-        integers is None
-        or not integers.is_initializer()
-        or integers.const_value is None
-        or constant_array(producer.inputs[1]) is None
-        or (
-            len(producer.inputs) > 2
-            and producer.inputs[2] is not None
-            and constant_array(producer.inputs[2]) is None
-        )
-    ):
-        return None
-    name = integers.name
-    if name.endswith(QUANTIZED_SUFFIX):
-        name = name[: -len(QUANTIZED_SUFFIX)]
-    return _Stored(integers, name, producer)
 
 
 def _only_consumer(node: ir.Node, op: str) -> ir.Node | None:
@@ -293,7 +158,7 @@ def _foldable_batchnorm(node: ir.Node, channels: int) -> ir.Node | None:
     batchnorm = _only_consumer(node, "BatchNormalization")
     if batchnorm is None or len(batchnorm.outputs) != 1 or len(batchnorm.inputs) < 5:
         return None
-    parameters = [_weight(batchnorm, index) for index in range(1, 5)]
+    parameters = [stored_constant(batchnorm, index) for index in range(1, 5)]
     if any(p is None or p.dequantize is not None for p in parameters):
         return None
     if any(p.read().shape != (channels,) for p in parameters):
@@ -307,7 +172,7 @@ class _BatchNorm:
     def __init__(self, node: ir.Node):
         self.node = node
         self.gamma, self.beta, self.mean, self.variance = (
-            _weight(node, index) for index in range(1, 5)
+            stored_constant(node, index) for index in range(1, 5)
         )
         self.epsilon = node.attributes.get_float("epsilon", 1e-5)
 
@@ -329,10 +194,10 @@ class _BatchNorm:
 
 
 def _convolution(node: ir.Node, op: str, absorbed: set[int]) -> Layer | None:
-    weight = _weight(node, 1)
+    weight = stored_constant(node, 1)
     if weight is None:
         return _generic(node, kind=node.op_type)
-    bias = _weight(node, 2)
+    bias = stored_constant(node, 2)
     shape = weight.read().shape
     group = node.attributes.get_int("group", 1)
     # A ConvTranspose's weight is [in, out / group, ...]: its output channels run along axis 1.
@@ -392,13 +257,13 @@ def _convolution(node: ir.Node, op: str, absorbed: set[int]) -> Layer | None:
     return Layer(node, kind, label, slots, write)
 
 
-def _described(stored: _Stored | None, folded: _BatchNorm | None) -> str:
+def _described(stored: StoredTensor | None, folded: _BatchNorm | None) -> str:
     text = stored.stored if stored is not None else "none"
     return f"{text} + BatchNorm" if folded is not None else text
 
 
 def _follow_weight_scales(
-    bias: _Stored | None, ratio: np.ndarray | None, array: np.ndarray
+    bias: StoredTensor | None, ratio: np.ndarray | None, array: np.ndarray
 ) -> list[str]:
     """An int32 bias's scales are the input's times the weights': where the weights' scales
     were widened, widen the bias's alike and store ``array`` with them."""
@@ -409,7 +274,9 @@ def _follow_weight_scales(
     return [bias.name]
 
 
-def _write_bias(node: ir.Node, index: int, bias: _Stored | None, array: np.ndarray) -> list[str]:
+def _write_bias(
+    node: ir.Node, index: int, bias: StoredTensor | None, array: np.ndarray
+) -> list[str]:
     """Store a bias; a Conv or Gemm without one gets a new initializer when it is not zero."""
     if bias is not None:
         bias.write(array)
@@ -430,13 +297,13 @@ def _write_bias(node: ir.Node, index: int, bias: _Stored | None, array: np.ndarr
 
 
 def _gemm(node: ir.Node, absorbed: set[int]) -> Layer | None:
-    weight = _weight(node, 1)
+    weight = stored_constant(node, 1)
     if weight is None or node.attributes.get_int("transA", 0) or weight.read().ndim != 2:
         return _generic(node, kind=node.op_type)
     transposed = not node.attributes.get_int("transB", 0)
     alpha = node.attributes.get_float("alpha", 1.0)
     beta = node.attributes.get_float("beta", 1.0)
-    bias = _weight(node, 2)
+    bias = stored_constant(node, 2)
     stored_shape = weight.read().shape
     out = stored_shape[1] if transposed else stored_shape[0]
     if bias is not None and bias.read().size not in (1, out):
@@ -445,15 +312,15 @@ def _gemm(node: ir.Node, absorbed: set[int]) -> Layer | None:
 
 
 def _matmul(node: ir.Node, absorbed: set[int]) -> Layer | None:
-    weight = _weight(node, 1)
-    if weight is None or weight.read().ndim != 2 or _weight(node, 0) is not None:
+    weight = stored_constant(node, 1)
+    if weight is None or weight.read().ndim != 2 or stored_constant(node, 0) is not None:
         return _generic(node, kind=node.op_type)
     out = weight.read().shape[1]
     bias = None
     reader = _bias_reader(node)
     if reader is not None:
         consumer, index = reader
-        candidate = _weight(consumer, index)
+        candidate = stored_constant(consumer, index)
         if candidate is not None and candidate.read().shape == (out,):
             bias = candidate
             absorbed.add(id(consumer))
@@ -487,10 +354,10 @@ def _bias_reader(node: ir.Node) -> tuple[ir.Node, int] | None:
 
 def _dense(
     node: ir.Node,
-    weight: _Stored,
+    weight: StoredTensor,
     transposed: bool,
     alpha: float,
-    bias: _Stored | None,
+    bias: StoredTensor | None,
     beta: float,
     bias_index: int | None,
     absorbed: set[int],
@@ -555,7 +422,7 @@ def _dense(
 
 
 def _batchnorm(node: ir.Node) -> Layer | None:
-    parameters = [_weight(node, index) for index in range(1, 5)]
+    parameters = [stored_constant(node, index) for index in range(1, 5)]
     if len(node.outputs) != 1 or any(p is None or p.dequantize for p in parameters):
         return _generic(node, kind=node.op_type)
     batchnorm = _BatchNorm(node)
@@ -589,9 +456,9 @@ def _generic(node: ir.Node, kind: str, roles: dict[int, str] | None = None) -> L
     per-channel shift, a normalization's parameters, an embedding table."""
     if node.op_type in NOT_LEARNED and is_default_domain(node):
         return None
-    stored: dict[str, _Stored] = {}
+    stored: dict[str, StoredTensor] = {}
     for index in range(len(node.inputs)):
-        weight = _weight(node, index)
+        weight = stored_constant(node, index)
         if weight is None or weight.read().size < 2:
             continue
         stored[(roles or {}).get(index, f"input{index}")] = weight

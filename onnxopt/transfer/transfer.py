@@ -12,7 +12,6 @@ outputs where the two graphs are the same network, raises instead of writing gar
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -22,24 +21,30 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
-from onnxopt.errors import InputError, ProcessingError
-from onnxopt.metrics import OutputFidelity, compare_outputs
-from onnxopt.runtime import Feed, create_session, run, runnable_random_feeds
+from onnxopt.errors import InputError
+from onnxopt.runtime import Feed
+from onnxopt.transfer.checks import (
+    OutputChange,
+    activation_families,
+    check_reproduces,
+    output_changes,
+    outputs,
+    random_feeds,
+    renamed,
+    same_signature,
+)
 from onnxopt.transfer.finetune import TuningResult
-from onnxopt.transfer.fit import fitted, kept_slice, removed_by_pruning
-from onnxopt.transfer.layers import Layer, RequantizationError, find_layers
-from onnxopt.transfer.match import MatchMode, pair_layers
+from onnxopt.transfer.fit import RemovedPositions, fitted, kept_slice, removed_by_pruning
+from onnxopt.transfer.layers import Layer, find_layers
+from onnxopt.transfer.match import MatchMode, Pairing, pair_layers
 from onnxopt.transfer.sharing import retie, untie
-
-logger = logging.getLogger(__name__)
+from onnxopt.transfer.storage import RequantizationError
 
 OnMismatch = Literal["error", "skip", "fit"]
 WeightScales = Literal["keep", "widen"]
-# Where source and target are one network, the result must reproduce the source this well:
-# noise a millionth of the output's power (float32 reordering and BatchNorm folding stay
-# far below it; a scale or a layer the match missed does not).
-EQUIVALENT_MIN_SQNR_DB = 60.0
 CHECK_SAMPLES = 4
+# Transforms that change how a value is stored, not what the network computes.
+LOSSLESS = frozenset({"BatchNorm folded", "into the BatchNorm", "transposed"})
 LISTED = 10
 
 
@@ -95,19 +100,6 @@ class SlotTransfer:
 
 
 @dataclasses.dataclass
-class OutputChange:
-    """One target output on the check samples: its cosine with the source model's output
-    before and after the transfer (None where the shapes differ), its SQNR against the
-    source's after, and its cosine with its own output before the transfer."""
-
-    name: str
-    cosine_with_source_before: float | None
-    cosine_with_source_after: float | None
-    cosine_with_target_before: float
-    sqnr_db_with_source_after: float | None = None
-
-
-@dataclasses.dataclass
 class TransferReport:
     """What ``transfer_weights`` did (and the fine-tune after it, where one ran).
 
@@ -159,9 +151,9 @@ def transfer_weights(
     LiftConstantsToInitializersPass(size_limit=0)(source)
     LiftConstantsToInitializersPass(size_limit=0)(target)
     copies = untie(target)
-    check_feeds = list(feeds[:CHECK_SAMPLES]) or _random_feeds(target)
-    before = _outputs(target, check_feeds)
-    source_outputs = _outputs(source, _renamed(check_feeds, target, source), quiet=True)
+    check_feeds = list(feeds[:CHECK_SAMPLES]) or random_feeds(target, CHECK_SAMPLES)
+    before = outputs(target, check_feeds)
+    source_outputs = outputs(source, renamed(check_feeds, target, source), quiet=True)
     target_layers = [layer for layer in find_layers(target) if _selected(layer, settings)]
     source_layers = find_layers(source)
     if not target_layers:
@@ -174,24 +166,7 @@ def transfer_weights(
     pairing = pair_layers(
         target_layers, source_layers, target.graph, source.graph, settings.match, explicit
     )
-    paired = {id(t) for t, _, _ in pairing.pairs}
-    ambiguous = {name: options for name, options in pairing.ambiguous.items()}
-    ambiguous = {
-        layer.name: ambiguous[layer.name]
-        for layer in target_layers
-        if id(layer) not in paired and layer.name in ambiguous
-    }
-    if ambiguous:
-        raise InputError(
-            f"{len(ambiguous)} target layer(s) match several source layers alike",
-            details=[
-                f"{name}: candidates {', '.join(options[:4])}"
-                + (" ..." if len(options) > 4 else "")
-                for name, options in list(ambiguous.items())[:LISTED]
-            ],
-            fix="pair them with --map FILE (lines 'TARGET_TENSOR SOURCE_TENSOR') or leave "
-            "them out with --exclude",
-        )
+    _refuse_ambiguous(pairing, target_layers)
     if not pairing.pairs:
         raise InputError(
             "the source and target graphs have no layer in common "
@@ -207,76 +182,20 @@ def transfer_weights(
     )
     used_source = {id(s) for _, s, _ in pairing.pairs}
     report.unused_source = [layer.name for layer in source_layers if id(layer) not in used_source]
-    exact = True
-    mismatched: list[str] = []
-    clipping: list[str] = []
+    problems = _Problems()
     pairs = {id(t): (s, how) for t, s, how in pairing.pairs}
+    exact = True
     for layer in target_layers:
-        if id(layer) not in pairs:
+        if id(layer) in pairs:
+            other, how = pairs[id(layer)]
+            exact &= _transfer_layer(layer, other, how, settings, removed, report, problems)
+        else:
             report.slots += [
                 SlotTransfer(slot.name, layer.node.name, role, left="no source layer matched")
                 for role, slot in layer.slots.items()
             ]
             exact = False
-            continue
-        other, how = pairs[id(layer)]
-        values: dict[str, np.ndarray] = {}
-        rows = []
-        for role, slot in layer.slots.items():
-            row = SlotTransfer(slot.name, layer.node.name, role)
-            rows.append(row)
-            counterpart = other.slots.get(role)
-            if counterpart is None:
-                row.left = f"the source layer {other.name} has no {role}"
-                exact = False
-                continue
-            row.source, row.match = counterpart.name, how
-            value = counterpart.read()
-            notes = _storage_notes(
-                counterpart.stored, slot.stored, settings.weight_scales == "widen"
-            )
-            kept = kept_slice(value, slot.name, slot.axes or tuple(range(value.ndim)), removed)
-            if kept is not None:
-                value, kept_notes = kept
-                notes += kept_notes
-                exact = False
-            if value.shape != slot.shape:
-                exact = False
-                if settings.on_mismatch == "fit":
-                    result = fitted(value, slot.read(), 1 if _input_conv(layer, role) else None)
-                    if result is not None:
-                        value, note = result
-                        notes.append(note)
-                if value.shape != slot.shape:
-                    reason = f"shape {list(value.shape)} in the source, {list(slot.shape)} here"
-                    if settings.on_mismatch == "error":
-                        mismatched.append(f"{slot.name} <- {counterpart.name}: {reason}")
-                    row.source = row.match = None
-                    row.left = reason
-                    continue
-            if slot.stored.startswith(("int", "uint")):
-                exact = False
-            row.transform = ", ".join(notes) or "copy"
-            values[role] = value
-        if values:
-            try:
-                report.written += layer.write(values, widen=settings.weight_scales == "widen")
-            except (RequantizationError, ValueError) as error:
-                clipping.append(str(error))
-        report.slots += rows
-    if mismatched:
-        raise InputError(
-            f"{len(mismatched)} target tensor(s) have another shape than their source",
-            details=mismatched[:LISTED] + (["..."] if len(mismatched) > LISTED else []),
-            fix="--on-mismatch fit (slice or pad) or skip, or leave them out with --exclude",
-        )
-    if clipping:
-        raise InputError(
-            f"{len(clipping)} target tensor(s) cannot store their new weights",
-            details=clipping[:LISTED],
-            fix="--weight-scales widen (raise the scales that would clip), or transfer into "
-            "the float model and quantize it again, or leave these out with --exclude",
-        )
+    problems.raise_any()
     if report.transferred == 0:
         raise InputError(
             "no target tensor received a weight: every paired layer was left",
@@ -287,16 +206,121 @@ def transfer_weights(
     report.equivalent = (
         exact
         and not report.unused_source
-        and _same_signature(target, source)
+        and same_signature(target, source)
         and activation_families(target) == activation_families(source)
     )
-    after = _outputs(target, check_feeds)
+    after = outputs(target, check_feeds)
     report.check_samples = len(check_feeds)
-    report.outputs = _output_changes(target, before, after, source_outputs)
+    report.outputs = output_changes(target, before, after, source_outputs)
     if report.equivalent:
-        _check_reproduces(report.outputs)
+        check_reproduces(report.outputs)
     report.seconds = time.perf_counter() - start
     return report
+
+
+@dataclasses.dataclass
+class _Problems:
+    """What stops a transfer, gathered over all layers so the error lists every tensor."""
+
+    mismatched: list[str] = dataclasses.field(default_factory=list)
+    unstorable: list[str] = dataclasses.field(default_factory=list)
+
+    def raise_any(self) -> None:
+        if self.mismatched:
+            raise InputError(
+                f"{len(self.mismatched)} target tensor(s) have another shape than their source",
+                details=_listed(self.mismatched),
+                fix="--on-mismatch fit (slice or pad) or skip, or leave them out with --exclude",
+            )
+        if self.unstorable:
+            raise InputError(
+                f"{len(self.unstorable)} target tensor(s) cannot store their new weights",
+                details=_listed(self.unstorable),
+                fix="where int8 scales would clip, --weight-scales widen, or transfer into the "
+                "float model and quantize it again; or leave these out with --exclude",
+            )
+
+
+def _listed(lines: list[str]) -> list[str]:
+    return lines[:LISTED] + ([f"... {len(lines) - LISTED} more"] if len(lines) > LISTED else [])
+
+
+def _refuse_ambiguous(pairing: Pairing, target_layers: Sequence[Layer]) -> None:
+    """Raise for target layers left unpaired because several source layers fit them alike."""
+    paired = {id(t) for t, _, _ in pairing.pairs}
+    ambiguous = {
+        layer.name: pairing.ambiguous[layer.name]
+        for layer in target_layers
+        if id(layer) not in paired and layer.name in pairing.ambiguous
+    }
+    if ambiguous:
+        raise InputError(
+            f"{len(ambiguous)} target layer(s) match several source layers alike",
+            details=_listed(
+                [
+                    f"{name}: candidates {', '.join(options[:4])}"
+                    + (" ..." if len(options) > 4 else "")
+                    for name, options in ambiguous.items()
+                ]
+            ),
+            fix="pair them with --map FILE (lines 'TARGET_TENSOR SOURCE_TENSOR') or leave "
+            "them out with --exclude",
+        )
+
+
+def _transfer_layer(
+    layer: Layer,
+    other: Layer,
+    how: str,
+    settings: TransferSettings,
+    removed: RemovedPositions,
+    report: TransferReport,
+    problems: _Problems,
+) -> bool:
+    """Write ``other``'s values into ``layer``, a row per slot in ``report``; whether every
+    value went in unchanged (no slice, fit or requantization, nothing left)."""
+    exact = True
+    values: dict[str, np.ndarray] = {}
+    widen = settings.weight_scales == "widen"
+    for role, slot in layer.slots.items():
+        row = SlotTransfer(slot.name, layer.node.name, role)
+        report.slots.append(row)
+        counterpart = other.slots.get(role)
+        if counterpart is None:
+            row.left = f"the source layer {other.name} has no {role}"
+            exact = False
+            continue
+        value = counterpart.read()
+        notes = _storage_notes(counterpart.stored, slot.stored, widen)
+        kept = kept_slice(value, slot.name, slot.axes or tuple(range(value.ndim)), removed)
+        if kept is not None:
+            value, kept_notes = kept
+            notes += kept_notes
+        if value.shape != slot.shape and settings.on_mismatch == "fit":
+            result = fitted(value, slot.read(), 1 if _input_conv(layer, role) else None)
+            if result is not None:
+                value, note = result
+                notes.append(note)
+        if value.shape != slot.shape:
+            row.left = f"shape {list(value.shape)} in the source, {list(slot.shape)} here"
+            if settings.on_mismatch == "error":
+                problems.mismatched.append(f"{slot.name} <- {counterpart.name}: {row.left}")
+            exact = False
+            continue
+        exact &= not notes or notes in (
+            ["BatchNorm folded"],
+            ["into the BatchNorm"],
+            ["transposed"],
+        )
+        row.source, row.match = counterpart.name, how
+        row.transform = ", ".join(notes) or "copy"
+        values[role] = value
+    if values:
+        try:
+            report.written += layer.write(values, widen=widen)
+        except (RequantizationError, ValueError) as error:
+            problems.unstorable.append(str(error))
+    return exact
 
 
 def _selected(layer: Layer, settings: TransferSettings) -> bool:
@@ -368,153 +392,3 @@ def _storage_notes(source: str, target: str, widen: bool) -> list[str]:
 
 def _input_conv(layer: Layer, role: str) -> bool:
     return layer.kind == "conv" and role == "weight" and layer.reads_input
-
-
-def _random_feeds(model: ir.Model) -> list[Feed]:
-    feeds, failure = runnable_random_feeds(model, CHECK_SAMPLES)
-    if failure is not None:
-        logger.warning("the target's outputs are not compared: %s", failure)
-    return feeds
-
-
-def _renamed(feeds: Sequence[Feed], target: ir.Model, source: ir.Model) -> list[Feed]:
-    """The target's samples under the source's input names (inputs paired by position)."""
-    if len(target.graph.inputs) != len(source.graph.inputs):
-        return []
-    names = {
-        mine.name: theirs.name
-        for mine, theirs in zip(target.graph.inputs, source.graph.inputs, strict=True)
-    }
-    return [{names[name]: array for name, array in feed.items()} for feed in feeds]
-
-
-def _outputs(
-    model: ir.Model, feeds: Sequence[Feed], quiet: bool = False
-) -> list[list[np.ndarray]] | None:
-    if not feeds:
-        return None
-    try:
-        return run(create_session(model), feeds)
-    except Exception as error:  # onnxruntime raises several unrelated types
-        log = logger.debug if quiet else logger.warning
-        log("cannot run '%s' on the check samples: %s", model.graph.name, error)
-        return None
-
-
-def _same_signature(target: ir.Model, source: ir.Model) -> bool:
-    """Whether the graphs take and give the same tensors: types, ranks, and the sizes both
-    fix (one export may leave the batch free where the other fixes it)."""
-
-    def signature(model: ir.Model) -> list[tuple]:
-        return [
-            (value.dtype, None if value.shape is None else tuple(value.shape))
-            for value in (*model.graph.inputs, *model.graph.outputs)
-        ]
-
-    def agree(a: tuple, b: tuple) -> bool:
-        if a[0] != b[0] or (a[1] is None) != (b[1] is None):
-            return False
-        if a[1] is None:
-            return True
-        return len(a[1]) == len(b[1]) and all(
-            x == y or not isinstance(x, int) or not isinstance(y, int)
-            for x, y in zip(a[1], b[1], strict=True)
-        )
-
-    mine, theirs = signature(target), signature(source)
-    return len(mine) == len(theirs) and all(agree(a, b) for a, b in zip(mine, theirs, strict=True))
-
-
-# Nonlinear ops by the function they compute, whatever the op or fusion that holds it: two
-# graphs whose layers all pair are one network only when they compute the same functions.
-FAMILIES = {
-    "Erf": "Gelu",
-    "Gelu": "Gelu",
-    "BiasGelu": "Gelu",
-    "FastGelu": "Gelu",
-    "QuickGelu": "Gelu",
-    "Relu": "Relu",
-    "LeakyRelu": "LeakyRelu",
-    "Elu": "Elu",
-    "Selu": "Selu",
-    "Sigmoid": "Sigmoid",
-    "HardSigmoid": "HardSigmoid",
-    "HardSwish": "HardSwish",
-    "Tanh": "Tanh",
-    "Softmax": "Softmax",
-    "LogSoftmax": "LogSoftmax",
-    "Softplus": "Softplus",
-    "Mish": "Mish",
-    "Clip": "Clip",
-    "Exp": "Exp",
-    "Log": "Log",
-    "Sqrt": "Sqrt",
-    "Sin": "Sin",
-    "Cos": "Cos",
-}
-
-
-def activation_families(model: ir.Model) -> frozenset[str]:
-    """The nonlinear functions the main graph computes (FAMILIES), fused activations included."""
-    found = set()
-    for node in model.graph:
-        family = FAMILIES.get(node.op_type)
-        if family is not None:
-            found.add(family)
-        if node.op_type in ("FusedConv", "FusedGemm") and "activation" in node.attributes:
-            name = node.attributes.get_string("activation")
-            found.add(FAMILIES.get(name, name))
-    return frozenset(found)
-
-
-def _output_changes(
-    target: ir.Model,
-    before: list[list[np.ndarray]] | None,
-    after: list[list[np.ndarray]] | None,
-    source: list[list[np.ndarray]] | None,
-) -> list[OutputChange]:
-    if before is None or after is None:
-        return []
-    names = [value.name for value in target.graph.outputs]
-    with_before = compare_outputs(names, before, after)
-    comparable = source is not None and all(
-        len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b, strict=True))
-        for a, b in zip(source, after, strict=True)
-    )
-    with_source_before: list[OutputFidelity | None] = [None] * len(names)
-    with_source_after: list[OutputFidelity | None] = [None] * len(names)
-    if comparable:
-        with_source_before = compare_outputs(names, source, before)
-        with_source_after = compare_outputs(names, source, after)
-    return [
-        OutputChange(
-            name,
-            None if b is None else b.cosine,
-            None if a is None else a.cosine,
-            own.cosine,
-            None if a is None else a.sqnr_db,
-        )
-        for name, b, a, own in zip(
-            names, with_source_before, with_source_after, with_before, strict=True
-        )
-    ]
-
-
-def _check_reproduces(outputs: Sequence[OutputChange]) -> None:
-    wrong = [
-        change
-        for change in outputs
-        if change.sqnr_db_with_source_after is not None
-        and change.sqnr_db_with_source_after < EQUIVALENT_MIN_SQNR_DB
-    ]
-    if wrong:
-        raise ProcessingError(
-            "every weight was transferred between what look like one network, but the "
-            "result does not reproduce the source's outputs",
-            details=[
-                f"{change.name}: SQNR {change.sqnr_db_with_source_after:.1f} dB against the "
-                f"source's (cosine {change.cosine_with_source_after:.6f})"
-                for change in wrong
-            ],
-            fix="pair the layers explicitly with --map FILE, or report the two models as a bug",
-        )
