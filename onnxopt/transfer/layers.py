@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.graph import is_default_domain
-from onnxopt.transfer.storage import StoredTensor, stored_constant
+from onnxopt.transfer.storage import StoredTensor, scaled_integers, stored_constant
 
 MICROSOFT = "com.microsoft"
 # Ops whose float constants are settings of the architecture, not learned weights.
@@ -102,25 +102,40 @@ class Layer:
 
 
 def find_layers(model: ir.Model) -> list[Layer]:
-    """Every node of the main graph holding learned float constants, in graph order."""
+    """Every node of the main graph holding learned float constants, in graph order.
+
+    Layers that take in the nodes around them (a BatchNorm after a convolution, a bias Add,
+    the rescaling of int8 products) are read first, so those nodes are not read again as
+    layers of their own wherever a topological order puts them.
+    """
     graph = model.graph
     absorbed: set[int] = set()
-    layers: list[Layer] = []
-    inputs = {id(value) for value in graph.inputs}
-    for order, node in enumerate(graph):
-        if id(node) in absorbed:
-            continue
+    found: dict[int, Layer] = {}
+    nodes = list(graph)
+    for order, node in enumerate(nodes):
         layer = _read_layer(node, absorbed)
-        if layer is None:
+        if layer is not None:
+            found[order] = layer
+    for order, node in enumerate(nodes):
+        if order not in found and id(node) not in absorbed:
+            layer = _generic(node, kind=node.op_type)
+            if layer is not None:
+                found[order] = layer
+    inputs = {id(value) for value in graph.inputs}
+    layers = []
+    for order in sorted(found):
+        layer = found[order]
+        if id(layer.node) in absorbed:
             continue
         layer.order = order
-        data = node.inputs[0] if node.inputs else None
+        data = layer.node.inputs[0] if layer.node.inputs else None
         layer.reads_input = data is not None and id(data) in inputs
         layers.append(layer)
     return layers
 
 
 def _read_layer(node: ir.Node, absorbed: set[int]) -> Layer | None:
+    """``node`` as a layer with the nodes it takes in, or None for the second pass."""
     op = _canonical_op(node)
     if op in ("Conv", "ConvTranspose"):
         return _convolution(node, op, absorbed)
@@ -128,11 +143,14 @@ def _read_layer(node: ir.Node, absorbed: set[int]) -> Layer | None:
         return _gemm(node, absorbed)
     if op == "MatMul":
         return _matmul(node, absorbed)
+    if op == "MatMulInteger":
+        return _dynamic_matmul(node, absorbed)
     if op == "BatchNormalization" and is_default_domain(node):
         return _batchnorm(node)
-    if op == "Gather" and stored_constant(node, 0) is not None:
-        return _generic(node, kind="embedding", roles={0: "weight"})
-    return _generic(node, kind=node.op_type)
+    if op == "Gather":
+        table = stored_constant(node, 0) or _integer_table(node, absorbed)
+        return _layer_of(node, "embedding", {"weight": table}) if table is not None else None
+    return None
 
 
 def _canonical_op(node: ir.Node) -> str:
@@ -140,6 +158,56 @@ def _canonical_op(node: ir.Node) -> str:
     if node.domain == MICROSOFT and node.op_type in ("FusedConv", "FusedGemm"):
         return node.op_type[len("Fused") :]
     return node.op_type if is_default_domain(node) else f"{node.domain}.{node.op_type}"
+
+
+def _dynamic_matmul(node: ir.Node, absorbed: set[int]) -> Layer | None:
+    """x -> DynamicQuantizeLinear -> MatMulInteger with integer weights -> Cast -> Mul by the
+    product of x's and the weights' scales (-> Add a bias): a dense layer, as onnxopt's and
+    onnxruntime's dynamic quantization write one."""
+    cast = _sole_reader(node, "Cast")
+    rescale = _sole_reader(cast, "Mul") if cast is not None else None
+    if rescale is None or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    other = rescale.inputs[1] if rescale.inputs[0] is cast.outputs[0] else rescale.inputs[0]
+    combined = other.producer() if other is not None else None
+    if combined is None or combined.op_type != "Mul" or not is_default_domain(combined):
+        return None
+    scales = [stored_constant(combined, index) for index in range(2)]
+    scale = next((item for item in scales if item is not None), None)
+    zero = node.inputs[3] if len(node.inputs) > 3 else None
+    weight = scaled_integers(node.inputs[1], scale, zero, 1)
+    if weight is None or weight.read().ndim != 2:
+        return None
+    absorbed.update({id(cast), id(rescale), id(combined)})
+    bias = _bias_of(rescale, weight.read().shape[1], absorbed)
+    return _dense(node, weight, True, 1.0, bias, 1.0, None, absorbed)
+
+
+def _integer_table(node: ir.Node, absorbed: set[int]) -> StoredTensor | None:
+    """Gather(integer rows, ids) -> Cast -> Mul by Gather(row scales, ids): an embedding
+    table as onnxopt's int8 quantization stores one."""
+    cast = _sole_reader(node, "Cast")
+    rescale = _sole_reader(cast, "Mul") if cast is not None else None
+    if rescale is None:
+        return None
+    other = rescale.inputs[1] if rescale.inputs[0] is cast.outputs[0] else rescale.inputs[0]
+    gather = other.producer() if other is not None else None
+    if gather is None or gather.op_type != "Gather" or gather.inputs[1] is not node.inputs[1]:
+        return None
+    table = scaled_integers(node.inputs[0], stored_constant(gather, 0), None, None)
+    if table is not None:
+        absorbed.update({id(cast), id(rescale), id(gather)})
+    return table
+
+
+def _sole_reader(node: ir.Node, op: str) -> ir.Node | None:
+    """The one node, of type ``op``, that reads ``node``'s only output."""
+    output = node.outputs[0] if len(node.outputs) == 1 else None
+    uses = list(output.uses()) if output is not None else []
+    if len(uses) != 1 or output.is_graph_output():
+        return None
+    reader = uses[0].node
+    return reader if reader.op_type == op and is_default_domain(reader) else None
 
 
 def _only_consumer(node: ir.Node, op: str) -> ir.Node | None:
@@ -159,7 +227,7 @@ def _foldable_batchnorm(node: ir.Node, channels: int) -> ir.Node | None:
     if batchnorm is None or len(batchnorm.outputs) != 1 or len(batchnorm.inputs) < 5:
         return None
     parameters = [stored_constant(batchnorm, index) for index in range(1, 5)]
-    if any(p is None or p.dequantize is not None for p in parameters):
+    if any(p is None or p.quantized for p in parameters):
         return None
     if any(p.read().shape != (channels,) for p in parameters):
         return None
@@ -196,7 +264,7 @@ class _BatchNorm:
 def _convolution(node: ir.Node, op: str, absorbed: set[int]) -> Layer | None:
     weight = stored_constant(node, 1)
     if weight is None:
-        return _generic(node, kind=node.op_type)
+        return None
     bias = stored_constant(node, 2)
     shape = weight.read().shape
     group = node.attributes.get_int("group", 1)
@@ -267,7 +335,7 @@ def _follow_weight_scales(
 ) -> list[str]:
     """An int32 bias's scales are the input's times the weights': where the weights' scales
     were widened, widen the bias's alike and store ``array`` with them."""
-    if ratio is None or bias is None or bias.dequantize is None:
+    if ratio is None or bias is None or not bias.quantized:
         return []
     bias.scale_by(np.broadcast_to(ratio, array.shape) if ratio.size > 1 else ratio)
     bias.write(array)
@@ -299,7 +367,7 @@ def _write_bias(
 def _gemm(node: ir.Node, absorbed: set[int]) -> Layer | None:
     weight = stored_constant(node, 1)
     if weight is None or node.attributes.get_int("transA", 0) or weight.read().ndim != 2:
-        return _generic(node, kind=node.op_type)
+        return None
     transposed = not node.attributes.get_int("transB", 0)
     alpha = node.attributes.get_float("alpha", 1.0)
     beta = node.attributes.get_float("beta", 1.0)
@@ -307,24 +375,29 @@ def _gemm(node: ir.Node, absorbed: set[int]) -> Layer | None:
     stored_shape = weight.read().shape
     out = stored_shape[1] if transposed else stored_shape[0]
     if bias is not None and bias.read().size not in (1, out):
-        return _generic(node, kind=node.op_type)
+        return None
     return _dense(node, weight, transposed, alpha, bias, beta, 2, absorbed)
 
 
 def _matmul(node: ir.Node, absorbed: set[int]) -> Layer | None:
     weight = stored_constant(node, 1)
     if weight is None or weight.read().ndim != 2 or stored_constant(node, 0) is not None:
-        return _generic(node, kind=node.op_type)
-    out = weight.read().shape[1]
-    bias = None
-    reader = _bias_reader(node)
-    if reader is not None:
-        consumer, index = reader
-        candidate = stored_constant(consumer, index)
-        if candidate is not None and candidate.read().shape == (out,):
-            bias = candidate
-            absorbed.add(id(consumer))
+        return None
+    bias = _bias_of(node, weight.read().shape[1], absorbed)
     return _dense(node, weight, True, 1.0, bias, 1.0, None, absorbed)
+
+
+def _bias_of(node: ir.Node, out: int, absorbed: set[int]) -> StoredTensor | None:
+    """The constant bias ``[out]`` of the node that alone adds one to ``node``'s output."""
+    reader = _bias_reader(node)
+    if reader is None:
+        return None
+    consumer, index = reader
+    bias = stored_constant(consumer, index)
+    if bias is None or bias.read().shape != (out,):
+        return None
+    absorbed.add(id(consumer))
+    return bias
 
 
 # onnxruntime's fusions of a MatMul's bias Add with the activation after it: the bias input.
@@ -423,8 +496,8 @@ def _dense(
 
 def _batchnorm(node: ir.Node) -> Layer | None:
     parameters = [stored_constant(node, index) for index in range(1, 5)]
-    if len(node.outputs) != 1 or any(p is None or p.dequantize for p in parameters):
-        return _generic(node, kind=node.op_type)
+    if len(node.outputs) != 1 or any(p is None or p.quantized for p in parameters):
+        return None
     batchnorm = _BatchNorm(node)
     channels = batchnorm.gamma.read().shape
 
@@ -451,19 +524,21 @@ def _batchnorm(node: ir.Node) -> Layer | None:
     return Layer(node, "batchnorm", ("batchnorm",), slots, write)
 
 
-def _generic(node: ir.Node, kind: str, roles: dict[int, str] | None = None) -> Layer | None:
+def _generic(node: ir.Node, kind: str) -> Layer | None:
     """A node whose float constant inputs (of two values or more) are learned: a scale, a
-    per-channel shift, a normalization's parameters, an embedding table."""
+    per-channel shift, a normalization's parameters."""
     if node.op_type in NOT_LEARNED and is_default_domain(node):
         return None
     stored: dict[str, StoredTensor] = {}
     for index in range(len(node.inputs)):
         weight = stored_constant(node, index)
-        if weight is None or weight.read().size < 2:
-            continue
-        stored[(roles or {}).get(index, f"input{index}")] = weight
-    if not stored:
-        return None
+        if weight is not None and weight.read().size >= 2:
+            stored[f"input{index}"] = weight
+    return _layer_of(node, kind, stored) if stored else None
+
+
+def _layer_of(node: ir.Node, kind: str, stored: dict[str, StoredTensor]) -> Layer:
+    """A layer whose slots are ``stored`` as they are, by role."""
 
     def write(values: dict[str, np.ndarray], widen: bool = False) -> list[str]:
         for role, array in values.items():

@@ -291,6 +291,9 @@ def _transfer_layer(
             exact = False
             continue
         value = counterpart.read()
+        if slot.stored == "none" and counterpart.stored == "none":
+            report.slots.remove(row)  # no bias on either side: nothing to move
+            continue
         notes = _storage_notes(counterpart.stored, slot.stored, widen)
         kept = kept_slice(value, slot.name, slot.axes or tuple(range(value.ndim)), removed)
         if kept is not None:
