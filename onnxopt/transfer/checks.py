@@ -98,32 +98,28 @@ def same_signature(target: ir.Model, source: ir.Model) -> bool:
     return len(mine) == len(theirs) and all(agree(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
-# Nonlinear ops by the function they compute, whatever the op or fusion that holds it: two
-# graphs whose layers all pair are one network only when they compute the same functions.
+# Activations by the function they are built from, whatever op or fusion holds them: two
+# graphs whose layers all pair are one network only when they apply the same activations.
+# (Square roots and the like are left out: a LayerNorm spelled out has them, a fused one not.)
 FAMILIES = {
     "Erf": "Gelu",
     "Gelu": "Gelu",
     "BiasGelu": "Gelu",
-    "FastGelu": "Gelu",
-    "QuickGelu": "Gelu",
+    "FastGelu": "Tanh",  # the tanh approximation, as exporters spell it out
+    "QuickGelu": "Sigmoid",  # x * sigmoid(1.702 x)
     "Relu": "Relu",
     "LeakyRelu": "LeakyRelu",
     "Elu": "Elu",
     "Selu": "Selu",
     "Sigmoid": "Sigmoid",
     "HardSigmoid": "HardSigmoid",
-    "HardSwish": "HardSwish",
+    "HardSwish": "HardSigmoid",  # x * HardSigmoid(x)
     "Tanh": "Tanh",
     "Softmax": "Softmax",
     "LogSoftmax": "LogSoftmax",
     "Softplus": "Softplus",
     "Mish": "Mish",
     "Clip": "Clip",
-    "Exp": "Exp",
-    "Log": "Log",
-    "Sqrt": "Sqrt",
-    "Sin": "Sin",
-    "Cos": "Cos",
 }
 
 
@@ -132,6 +128,8 @@ def activation_families(model: ir.Model) -> frozenset[str]:
     found = set()
     for node in model.graph:
         family = FAMILIES.get(node.op_type)
+        if node.op_type == "Gelu" and node.attributes.get_string("approximate", "none") == "tanh":
+            family = "Tanh"
         if family is not None:
             found.add(family)
         if node.op_type in ("FusedConv", "FusedGemm") and "activation" in node.attributes:

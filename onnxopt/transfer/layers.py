@@ -5,10 +5,11 @@ after a convolution or folded into it, a Gemm with ``transB`` or a MatMul readin
 out]``, onnxruntime's ``FusedConv`` and ``FusedGemm``, int8 weights behind a
 DequantizeLinear. ``find_layers`` reads every node that holds learned constants as a
 ``Layer`` whose ``Slot``s give their values in one form whatever the storage: dense and
-convolution weights ``[out, in, ...]`` with BatchNorm folded on the fly, a standalone
+convolution weights ``[out, in, ...]`` with a BatchNorm, Mul or Add per channel after them
+folded on the fly (``affine.py``), a standalone
 BatchNorm as the per-channel affine map it computes, int8 weights dequantized. A slot also
 writes a value given in that form back into the graph's own storage (requantized with the
-target's scales, a BatchNorm made an identity that adds the bias, ...), so the target graph
+target's scales, the ops after a convolution made identities, ...), so the target graph
 keeps its structure.
 """
 
@@ -21,10 +22,17 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.graph import is_default_domain
-from onnxopt.transfer.storage import StoredTensor, scaled_integers, stored_constant
+from onnxopt.transfer.affine import BatchNormAffine, compose, following_affine
+from onnxopt.transfer.storage import (
+    StoredTensor,
+    UnstorableError,
+    scaled_integers,
+    stored_constant,
+)
 
 MICROSOFT = "com.microsoft"
-# Ops whose float constants are settings of the architecture, not learned weights.
+# Ops whose float constants are settings of the architecture, not learned weights, or that
+# only reshape a constant for the node reading it (which reads it through them).
 NOT_LEARNED = frozenset(
     {
         "Identity",
@@ -37,6 +45,10 @@ NOT_LEARNED = frozenset(
         "Clip",
         "Range",
         "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Flatten",
+        "Transpose",
         "Expand",
         "Tile",
         "Slice",
@@ -58,7 +70,8 @@ class Slot:
             one stored as ``<name>_quantized``).
         shape: the canonical shape.
         read: the canonical value (float32).
-        stored: how the value is stored (``float``, ``int8``, ``folded BatchNorm`` ...), for the report.
+        stored: how the value is stored (``float``, ``int8``, ``float16``; with `` + BatchNorm,
+            Mul`` when ops after it fold into it), for the report.
         axes: for each axis of the stored tensor ``name``, the canonical axis it is.
     """
 
@@ -81,7 +94,7 @@ class Layer:
             architecture rather than its width (kernel size, depthwise or not, rank).
         slots: by role.
         write: store canonical values by role (the others keep theirs); int8 storage keeps
-            its scales and raises ``RequantizationError`` where they would clip badly, or
+            its scales and raises ``UnstorableError`` where they would clip badly, or
             with ``widen=True`` widens the scales that would clip (an int32 bias's with them).
         reads_input: the layer reads a graph input directly (an input convolution).
         order: the node's position in the graph (ties in structure matching go by it).
@@ -145,8 +158,14 @@ def _read_layer(node: ir.Node, absorbed: set[int]) -> Layer | None:
         return _matmul(node, absorbed)
     if op == "MatMulInteger":
         return _dynamic_matmul(node, absorbed)
+    if op == f"{MICROSOFT}.FusedMatMul":
+        return _fused_matmul(node, absorbed)
     if op == "BatchNormalization" and is_default_domain(node):
         return _batchnorm(node)
+    if op == "LayerNormalization":
+        return _normalization(node)
+    if op == "Mul":
+        return _decomposed_normalization(node, absorbed)
     if op == "Gather":
         table = stored_constant(node, 0) or _integer_table(node, absorbed)
         return _layer_of(node, "embedding", {"weight": table}) if table is not None else None
@@ -222,45 +241,6 @@ def _only_consumer(node: ir.Node, op: str) -> ir.Node | None:
     return consumer
 
 
-def _foldable_batchnorm(node: ir.Node, channels: int) -> ir.Node | None:
-    batchnorm = _only_consumer(node, "BatchNormalization")
-    if batchnorm is None or len(batchnorm.outputs) != 1 or len(batchnorm.inputs) < 5:
-        return None
-    parameters = [stored_constant(batchnorm, index) for index in range(1, 5)]
-    if any(p is None or p.quantized for p in parameters):
-        return None
-    if any(p.read().shape != (channels,) for p in parameters):
-        return None
-    return batchnorm
-
-
-class _BatchNorm:
-    """A BatchNorm's parameters as the affine map ``y = x * scale + shift`` per channel."""
-
-    def __init__(self, node: ir.Node):
-        self.node = node
-        self.gamma, self.beta, self.mean, self.variance = (
-            stored_constant(node, index) for index in range(1, 5)
-        )
-        self.epsilon = node.attributes.get_float("epsilon", 1e-5)
-
-    def affine(self) -> tuple[np.ndarray, np.ndarray]:
-        scale = self.gamma.read().astype(np.float64) / np.sqrt(
-            self.variance.read().astype(np.float64) + self.epsilon
-        )
-        shift = self.beta.read() - self.mean.read() * scale
-        return scale, shift
-
-    def set_affine(self, scale: np.ndarray, shift: np.ndarray) -> list[str]:
-        """Store the map as gamma = scale, beta = shift, mean 0 and variance 1 - epsilon."""
-        variance = np.full_like(scale, 1.0 - self.epsilon)
-        self.gamma.write(scale)
-        self.beta.write(shift)
-        self.mean.write(np.zeros_like(scale))
-        self.variance.write(variance)
-        return [self.gamma.name, self.beta.name, self.mean.name, self.variance.name]
-
-
 def _convolution(node: ir.Node, op: str, absorbed: set[int]) -> Layer | None:
     weight = stored_constant(node, 1)
     if weight is None:
@@ -271,63 +251,54 @@ def _convolution(node: ir.Node, op: str, absorbed: set[int]) -> Layer | None:
     # A ConvTranspose's weight is [in, out / group, ...]: its output channels run along axis 1.
     out_axis = 1 if op == "ConvTranspose" else 0
     channels = shape[out_axis] * (group if op == "ConvTranspose" else 1)
-    batchnorm = _foldable_batchnorm(node, channels) if (op == "Conv" or group == 1) else None
-    if batchnorm is not None:
-        absorbed.add(id(batchnorm))
-    folded = _BatchNorm(batchnorm) if batchnorm is not None else None
+    chain = following_affine(node, channels, len(shape)) if (op == "Conv" or group == 1) else []
+    absorbed.update(id(step.node) for step in chain)
+    folded = " + " + ", ".join(step.name for step in chain) if chain else ""
     depthwise = "depthwise" if group > 1 and group == channels else ("grouped" if group > 1 else "")
     broadcast = [1] * len(shape)
     broadcast[out_axis] = channels
 
     def read_weight() -> np.ndarray:
         array = weight.read()
-        if folded is None:
+        if not chain:
             return array
-        scale, _ = folded.affine()
+        scale, _ = compose(chain, channels)
         return (array * scale.reshape(broadcast)).astype(np.float32)
 
     def read_bias() -> np.ndarray:
         base = bias.read() if bias is not None else np.zeros(channels, np.float32)
-        if folded is None:
+        if not chain:
             return base
-        scale, shift = folded.affine()
+        scale, shift = compose(chain, channels)
         return (base * scale + shift).astype(np.float32)
 
     def write(values: dict[str, np.ndarray], widen: bool = False) -> list[str]:
         new_weight = values.get("weight", read_weight())
         new_bias = values.get("bias", read_bias())
         written = []
-        if "weight" in values or folded is not None:
+        if "weight" in values or chain:
             ratio = weight.write(new_weight, widen)
             written.append(weight.name)
             written += _follow_weight_scales(bias, ratio, new_bias)
-        if folded is not None:
-            if bias is not None:
-                bias.write(np.zeros(channels, np.float32))
-                written.append(bias.name)
-            return written + folded.set_affine(np.ones(channels), new_bias)
-        if "bias" in values:
+        if "bias" in values or chain:
             written += _write_bias(node, 2, bias, new_bias)
+        for step in chain:
+            written += step.set_identity()
         return list(dict.fromkeys(written))
 
     slots = {
-        "weight": Slot("weight", weight.name, shape, read_weight, _described(weight, folded)),
+        "weight": Slot("weight", weight.name, shape, read_weight, weight.stored + folded),
         "bias": Slot(
             "bias",
             bias.name if bias is not None else f"{weight.name}:bias",
             (channels,),
             read_bias,
-            _described(bias, folded) if bias is not None else "none",
+            (bias.stored if bias is not None else "none") + folded,
         ),
     }
     kind = "conv" if op == "Conv" else "conv_transpose"
     label = (kind, tuple(shape[2:]), depthwise)
     return Layer(node, kind, label, slots, write)
-
-
-def _described(stored: StoredTensor | None, folded: _BatchNorm | None) -> str:
-    text = stored.stored if stored is not None else "none"
-    return f"{text} + BatchNorm" if folded is not None else text
 
 
 def _follow_weight_scales(
@@ -385,6 +356,24 @@ def _matmul(node: ir.Node, absorbed: set[int]) -> Layer | None:
         return None
     bias = _bias_of(node, weight.read().shape[1], absorbed)
     return _dense(node, weight, True, 1.0, bias, 1.0, None, absorbed)
+
+
+def _fused_matmul(node: ir.Node, absorbed: set[int]) -> Layer | None:
+    """onnxruntime's FusedMatMul (transposes and a scale folded into a MatMul) with constant
+    weights: a dense layer (a transposed input changes nothing in the weights)."""
+    weight = stored_constant(node, 1)
+    if (
+        weight is None
+        or weight.read().ndim != 2
+        or stored_constant(node, 0) is not None
+        or node.attributes.get_int("transBatchB", 0)
+    ):
+        return None
+    transposed = not node.attributes.get_int("transB", 0)
+    alpha = node.attributes.get_float("alpha", 1.0)
+    out = weight.read().shape[1 if transposed else 0]
+    bias = _bias_of(node, out, absorbed)
+    return _dense(node, weight, transposed, alpha, bias, 1.0, None, absorbed)
 
 
 def _bias_of(node: ir.Node, out: int, absorbed: set[int]) -> StoredTensor | None:
@@ -462,11 +451,13 @@ def _dense(
             new_bias = values["bias"] / np.float32(beta)
             if bias is not None and bias.read().size == 1 and out > 1:
                 if not np.allclose(new_bias, new_bias[0]):
-                    raise ValueError(f"{bias.name}: one shared bias cannot hold per-unit biases")
+                    raise UnstorableError(
+                        f"{bias.name}: one shared bias cannot hold per-unit biases"
+                    )
                 new_bias = new_bias[:1]
             if bias is None and bias_index is None:
                 if np.any(new_bias):
-                    raise ValueError(
+                    raise UnstorableError(
                         f"{weight.name}: the target's MatMul has no bias to hold the source's"
                     )
                 return written
@@ -498,12 +489,16 @@ def _batchnorm(node: ir.Node) -> Layer | None:
     parameters = [stored_constant(node, index) for index in range(1, 5)]
     if len(node.outputs) != 1 or any(p is None or p.quantized for p in parameters):
         return None
-    batchnorm = _BatchNorm(node)
+    batchnorm = BatchNormAffine(node, parameters)
     channels = batchnorm.gamma.read().shape
 
     def write(values: dict[str, np.ndarray], widen: bool = False) -> list[str]:
+        """Store the map as gamma = scale, beta = shift, mean 0 and variance 1 - epsilon."""
         scale, shift = batchnorm.affine()
-        return batchnorm.set_affine(values.get("scale", scale), values.get("bias", shift))
+        written = batchnorm.set_identity()
+        batchnorm.gamma.write(values.get("scale", scale))
+        batchnorm.beta.write(values.get("bias", shift))
+        return written
 
     slots = {
         "scale": Slot(
@@ -522,6 +517,54 @@ def _batchnorm(node: ir.Node) -> Layer | None:
         ),
     }
     return Layer(node, "batchnorm", ("batchnorm",), slots, write)
+
+
+def _normalization(node: ir.Node) -> Layer | None:
+    """A LayerNormalization's scale and bias, as the ``norm`` layer a decomposed one reads as."""
+    scale, bias = stored_constant(node, 1), stored_constant(node, 2)
+    if scale is None:
+        return None
+    return _layer_of(node, "norm", {"scale": scale, **({"bias": bias} if bias else {})})
+
+
+# The ops that divide by the standard deviation in a LayerNorm exporters spelled out.
+_NORMALIZING = frozenset({"Div", "Mul"})
+_DEVIATION = frozenset({"Sqrt", "Reciprocal", "Pow"})
+
+
+def _decomposed_normalization(node: ir.Node, absorbed: set[int]) -> Layer | None:
+    """A LayerNorm spelled out, ``(x - mean) / sqrt(var + eps) * scale + bias``: the Mul by
+    the scale and the Add of the bias read as one ``norm`` layer, so it pairs with a fused
+    LayerNormalization (onnxruntime's LayerNormFusion, a newer exporter)."""
+    if len(node.inputs) != 2:
+        return None
+    for index in (0, 1):
+        scale = stored_constant(node, 1 - index)
+        normalized = node.inputs[index].producer() if node.inputs[index] is not None else None
+        if scale is None or scale.read().ndim != 1 or not _divides_by_deviation(normalized):
+            continue
+        add = _sole_reader(node, "Add")
+        bias = None
+        if add is not None:
+            other = 1 if add.inputs[0] is node.outputs[0] else 0
+            bias = stored_constant(add, other)
+        if bias is None or bias.read().shape != scale.read().shape:
+            return _layer_of(node, "norm", {"scale": scale})
+        absorbed.add(id(add))
+        return _layer_of(node, "norm", {"scale": scale, "bias": bias})
+    return None
+
+
+def _divides_by_deviation(node: ir.Node | None) -> bool:
+    """Whether ``node`` divides (or multiplies) by a square root or its reciprocal."""
+    if node is None or node.op_type not in _NORMALIZING:
+        return False
+    return any(
+        value is not None
+        and value.producer() is not None
+        and value.producer().op_type in _DEVIATION
+        for value in node.inputs
+    )
 
 
 def _generic(node: ir.Node, kind: str) -> Layer | None:

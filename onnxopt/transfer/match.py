@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -24,7 +25,7 @@ import onnx_ir as ir
 from onnxopt.transfer.layers import Layer
 
 MatchMode = Literal["auto", "name", "structure"]
-DEPTH = 4
+DEPTH = 8
 _INPUT, _OUTPUT = "graph input", "graph output"
 
 
@@ -50,6 +51,7 @@ def pair_layers(
     pairs: list[tuple[Layer, Layer, str]] = []
     by_name_target = {layer.name: layer for layer in target}
     by_name_source = {layer.name: layer for layer in source}
+    by_key_source = _by_name_key(source)
     used_target: set[int] = set()
     used_source: set[int] = set()
 
@@ -66,7 +68,7 @@ def pair_layers(
         unique = _unique_structural(target, source, hashes_target, hashes_source)
         partner_of_source = {id(other): key for key, other in unique.items()}
         for layer in target:
-            other = by_name_source.get(layer.name)
+            other = by_key_source.get(name_key(layer.name))
             if id(layer) in used_target or other is None or id(other) in used_source:
                 continue
             if other.label != layer.label:
@@ -95,6 +97,25 @@ def pair_layers(
                             ambiguous[t.name] = [s.name for s in candidates]
     pairs.sort(key=lambda pair: pair[0].order)
     return Pairing(pairs, ambiguous)
+
+
+# What optimizers add to the names of weights they rewrite: onnxruntime's
+# "ConvBnFusion_W_conv1.weight" and "..._token_3", onnxopt's "..._float16".
+_OPTIMIZER_PREFIX = re.compile(r"^[A-Za-z]+Fusion_(?:[A-Z]+_)+")
+_OPTIMIZER_SUFFIX = re.compile(r"(?:_token_\d+|_float16)$")
+
+
+def name_key(name: str) -> str:
+    """A weight's name without what optimizers add to the names of weights they rewrite."""
+    return _OPTIMIZER_SUFFIX.sub("", _OPTIMIZER_PREFIX.sub("", name))
+
+
+def _by_name_key(layers: Sequence[Layer]) -> dict[str, Layer]:
+    """Layers by the key of their name, where one layer alone has that key."""
+    found: dict[str, list[Layer]] = collections.defaultdict(list)
+    for layer in layers:
+        found[name_key(layer.name)].append(layer)
+    return {key: members[0] for key, members in found.items() if len(members) == 1}
 
 
 def _unique_structural(
@@ -143,8 +164,8 @@ def layer_hashes(layers: Sequence[Layer], graph: ir.Graph) -> dict[int, list[str
     for _ in range(DEPTH):
         refined = {}
         for key, value in current.items():
-            before = sorted(current.get(other, other) for other in writers.get(key, ()))
-            after = sorted(current.get(other, other) for other in readers.get(key, ()))
+            before = sorted(f"{current.get(other, other)}{tag}" for other, tag in writers[key])
+            after = sorted(f"{current.get(other, other)}{tag}" for other, tag in readers[key])
             refined[key] = _digest(f"{value}|{','.join(before)}|{','.join(after)}")
         current = refined
         for layer in layers:
@@ -156,37 +177,59 @@ def _labels(layers: Sequence[Layer]) -> dict[int, tuple]:
     return {id(layer): layer.label for layer in layers}
 
 
+# Ops whose inputs play different parts, by the op they count as: which input of them a
+# path enters tells apart layers alike in all else (attention's query, entering its scores'
+# MatMul first, and key, second). Exporters and optimizers agree on these; not on the ops
+# in between (Reshape or Flatten, an extra Transpose, a division by a constant folded into
+# a MatMul's alpha), which paths pass through unrecorded.
+POSITIONAL = {"MatMul": "MatMul", "FusedMatMul": "MatMul", "Concat": "Concat"}
+# Ops whose outputs describe a tensor rather than carry it: paths stop there (one export
+# computes a Reshape's target from Shape nodes, another holds it constant).
+SHAPE_OPS = frozenset({"Shape", "Size"})
+
+
 def _layer_edges(
     layers: Sequence[Layer], graph: ir.Graph
-) -> tuple[dict[int, list], dict[int, list]]:
-    """For each layer, the layers (or graph input/output markers) reading its output and
-    those it reads, looking through the nodes that hold no learned constants."""
+) -> tuple[dict[int, list[tuple]], dict[int, list[tuple]]]:
+    """For each layer, the layers (or graph output markers) reading its output and those
+    (or graph input markers) it reads, each with the tag of the path between them, looking
+    through the nodes that hold no learned constants. A tag lists the inputs of POSITIONAL
+    ops the path enters. Markers carry the input's or output's position: the heads of a
+    detector, alike in every layer, differ in the output they write."""
     layer_of = {id(layer.node): layer for layer in layers}
-    upstream: dict[int, frozenset] = {}
-    for value in graph.inputs:
-        upstream[id(value)] = frozenset([_INPUT])
-    writers: dict[int, list] = collections.defaultdict(list)
-    readers: dict[int, list] = collections.defaultdict(list)
+    # For each value: the layers (or input markers) it comes from, each with its path tags.
+    upstream: dict[int, dict[object, frozenset[str]]] = {}
+    for index, value in enumerate(graph.inputs):
+        upstream[id(value)] = {f"{_INPUT} {index}": frozenset([""])}
+    writers: dict[int, list[tuple]] = collections.defaultdict(list)
+    readers: dict[object, list[tuple]] = collections.defaultdict(list)
     for node in graph:
-        sources: set = set()
-        for value in node.inputs:
-            if value is not None:
-                sources |= upstream.get(id(value), frozenset())
         layer = layer_of.get(id(node))
+        step = POSITIONAL.get(node.op_type)
+        arriving: dict[object, set[str]] = collections.defaultdict(set)
+        for position, value in enumerate(node.inputs):
+            if value is None:
+                continue
+            for origin, tags in upstream.get(id(value), {}).items():
+                mark = f">{step}{position}" if step and layer is None else ""
+                arriving[origin].update(tag + mark for tag in tags)
+        if node.op_type in SHAPE_OPS:
+            arriving.clear()  # a tensor's shape carries no layer's values
         if layer is not None:
-            for origin in sorted(sources, key=str):
-                writers[id(layer)].append(origin)
-                if origin != _INPUT:
-                    readers[origin].append(id(layer))
-            produced = frozenset([id(layer)])
+            for origin in sorted(arriving, key=str):
+                for tag in sorted(arriving[origin]):
+                    writers[id(layer)].append((origin, tag))
+                    if not isinstance(origin, str):
+                        readers[origin].append((id(layer), tag))
+            produced = {id(layer): frozenset([""])}
         else:
-            produced = frozenset(sources)
+            produced = {origin: frozenset(tags) for origin, tags in arriving.items()}
         for output in node.outputs:
             upstream[id(output)] = produced
-    for value in graph.outputs:
-        for origin in upstream.get(id(value), frozenset()):
-            if origin != _INPUT:
-                readers[origin].append(_OUTPUT)
+    for index, value in enumerate(graph.outputs):
+        for origin, tags in upstream.get(id(value), {}).items():
+            if not isinstance(origin, str):
+                readers[origin].extend((f"{_OUTPUT} {index}", tag) for tag in sorted(tags))
     return readers, writers
 
 

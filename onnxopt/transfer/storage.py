@@ -21,8 +21,9 @@ QUANTIZED_SUFFIX = "_quantized"
 MAX_CLIPPED_ERROR = 0.01
 
 
-class RequantizationError(ValueError):
-    """New weights that the target's int8 scales cannot hold without clipping badly."""
+class UnstorableError(ValueError):
+    """New values the target's storage cannot hold: int8 scales that would clip badly, a
+    MatMul without a bias for a bias, one shared bias for biases per unit."""
 
 
 @dataclasses.dataclass
@@ -41,10 +42,13 @@ class StoredTensor:
     scale: StoredTensor | None = None
     zero_point: ir.Value | None = None
     axis: int | None = None
+    views: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def read(self) -> np.ndarray:
         array = constant_array(self.value).astype(np.float32)
         if self.scale is None:
+            for kind, operand in self.views:
+                array = array.reshape(operand) if kind == "reshape" else array.transpose(operand)
             return array
         scale, zero_point = self._parameters(array.ndim)
         return ((array - zero_point) * scale).astype(np.float32)
@@ -85,7 +89,7 @@ class StoredTensor:
             lost = np.linalg.norm(((exact - rounded) * scale)[clipped])
             norm = np.linalg.norm(array)
             if lost > MAX_CLIPPED_ERROR * max(norm, np.finfo(np.float32).tiny):
-                raise RequantizationError(
+                raise UnstorableError(
                     f"{self.name}: {int(clipped.sum())} of {array.size} new values lie outside "
                     f"what its {self.stored} scales hold (clipping loses {lost / norm:.1%} of the "
                     "weight's norm)"
@@ -99,7 +103,20 @@ class StoredTensor:
         self.scale.write((scale.astype(np.float64).reshape(-1) * ratio).reshape(scale.shape))
 
     def _write_float(self, array: np.ndarray) -> None:
-        dtype = self.value.const_value.numpy().dtype
+        stored = self.value.const_value.numpy()
+        array = np.asarray(array)
+        shapes = [stored.shape] if self.views else []
+        for kind, operand in self.views[:-1]:
+            probe = np.empty(shapes[-1], dtype=np.bool_)
+            shapes.append(
+                (probe.reshape(operand) if kind == "reshape" else probe.transpose(operand)).shape
+            )
+        for (kind, operand), shape in zip(reversed(self.views), reversed(shapes), strict=True):
+            array = (
+                array.reshape(shape) if kind == "reshape" else array.transpose(np.argsort(operand))
+            )
+        array = array.reshape(stored.shape)
+        dtype = stored.dtype
         converted = np.ascontiguousarray(array, dtype=dtype)
         if dtype != np.float32 and not np.array_equal(converted.astype(np.float32), array):
             converted = np.ascontiguousarray(array, dtype=np.float32)
@@ -156,6 +173,14 @@ def float_constant(value: ir.Value) -> StoredTensor | None:
         return None
     if producer.op_type == "Identity":
         return float_constant(producer.inputs[0])
+    if producer.op_type in VIEW_OPS:
+        inner = float_constant(producer.inputs[0])
+        if inner is None or inner.scale is not None:
+            return None
+        view = _view(producer, inner.read().shape)
+        if view is None:
+            return None
+        return dataclasses.replace(inner, name=value.name or inner.name, views=(*inner.views, view))
     if producer.op_type == "Cast" and value.dtype == ir.DataType.FLOAT:
         inner = float_constant(producer.inputs[0])
         if inner is None or inner.scale is not None:
@@ -169,6 +194,50 @@ def float_constant(value: ir.Value) -> StoredTensor | None:
             producer.inputs[0], scale, zero, producer.attributes.get_int("axis", 1)
         )
     return None
+
+
+# Ops that only give a constant another shape or order (a Paddle export's bias reshaped to
+# [1, C, 1, 1], a weight transposed before its MatMul).
+VIEW_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"})
+
+
+def _view(node: ir.Node, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
+    """What ``node`` (one of VIEW_OPS) does to an input of ``shape``: ``("transpose",
+    perm)`` or ``("reshape", new shape)``; None where its shape or axes are not constants."""
+    if node.op_type == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        return (
+            "transpose",
+            tuple(perm) if perm is not None else tuple(reversed(range(len(shape)))),
+        )
+    new_shape = _view_shape(node, shape)
+    return None if new_shape is None else ("reshape", new_shape)
+
+
+def _view_shape(node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape ``node`` (a reshaping op of VIEW_OPS, its shape or axes constant) gives an
+    input of ``shape``; None where they are not constants or do not fit."""
+    probe = np.empty(shape, dtype=np.bool_)
+    operand = node.inputs[1] if len(node.inputs) > 1 else None
+    given = constant_array(operand) if operand is not None else None
+    try:
+        if node.op_type == "Reshape":
+            if given is None:
+                return None
+            target = [
+                shape[index] if size == 0 and not node.attributes.get_int("allowzero", 0) else size
+                for index, size in enumerate(given.astype(np.int64).tolist())
+            ]
+            return probe.reshape(target).shape
+        if node.op_type == "Flatten":
+            axis = node.attributes.get_int("axis", 1) % max(len(shape), 1)
+            return (int(np.prod(shape[:axis])), int(np.prod(shape[axis:])))
+        axes = given if given is not None else node.attributes.get_ints("axes", None)
+        if node.op_type == "Unsqueeze":
+            return None if axes is None else np.expand_dims(probe, tuple(axes)).shape
+        return np.squeeze(probe, None if axes is None else tuple(axes)).shape
+    except (ValueError, IndexError, np.exceptions.AxisError):
+        return None
 
 
 def scaled_integers(

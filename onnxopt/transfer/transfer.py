@@ -38,13 +38,11 @@ from onnxopt.transfer.fit import RemovedPositions, fitted, kept_slice, removed_b
 from onnxopt.transfer.layers import Layer, find_layers
 from onnxopt.transfer.match import MatchMode, Pairing, pair_layers
 from onnxopt.transfer.sharing import retie, untie
-from onnxopt.transfer.storage import RequantizationError
+from onnxopt.transfer.storage import UnstorableError
 
 OnMismatch = Literal["error", "skip", "fit"]
 WeightScales = Literal["keep", "widen"]
 CHECK_SAMPLES = 4
-# Transforms that change how a value is stored, not what the network computes.
-LOSSLESS = frozenset({"BatchNorm folded", "into the BatchNorm", "transposed"})
 LISTED = 10
 
 
@@ -310,18 +308,14 @@ def _transfer_layer(
                 problems.mismatched.append(f"{slot.name} <- {counterpart.name}: {row.left}")
             exact = False
             continue
-        exact &= not notes or notes in (
-            ["BatchNorm folded"],
-            ["into the BatchNorm"],
-            ["transposed"],
-        )
+        exact &= all(_lossless(note) for note in notes)
         row.source, row.match = counterpart.name, how
         row.transform = ", ".join(notes) or "copy"
         values[role] = value
     if values:
         try:
             report.written += layer.write(values, widen=widen)
-        except (RequantizationError, ValueError) as error:
+        except UnstorableError as error:
             problems.unstorable.append(str(error))
     return exact
 
@@ -379,18 +373,27 @@ def _pruning_section(pruning: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _storage_notes(source: str, target: str, widen: bool) -> list[str]:
+    """What the stored forms of a source and a target tensor (``StoredTensor.stored``, with
+    `` + BatchNorm, Mul`` for ops folded in) make the transfer do to the value."""
     notes = []
-    if source.endswith("+ BatchNorm") and not target.endswith("+ BatchNorm"):
-        notes.append("BatchNorm folded")
-    if target.endswith("+ BatchNorm"):
-        notes.append("into the BatchNorm" if not source.endswith("+ BatchNorm") else "")
+    source_ops = source.partition(" + ")[2].split(" [")[0]
+    target_ops = target.partition(" + ")[2].split(" [")[0]
+    if source_ops and source_ops != target_ops:
+        notes.append(f"{source_ops} folded")
+    if target_ops and source_ops != target_ops:
+        notes.append(f"{target_ops} made identity")
     if source.endswith("[in, out]") != target.endswith("[in, out]"):
         notes.append("transposed")
     if target.startswith(("int", "uint")):
         notes.append(f"requantized to {target.split()[0]}")
         if widen:
             notes.append("scales widened where needed")
-    return [note for note in notes if note]
+    return notes
+
+
+def _lossless(note: str) -> bool:
+    """A transform that changes how a value is stored, not what the network computes."""
+    return note == "transposed" or note.endswith((" folded", " made identity"))
 
 
 def _input_conv(layer: Layer, role: str) -> bool:

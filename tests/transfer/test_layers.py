@@ -9,6 +9,7 @@ import pytest
 from onnxopt.errors import InputError
 from onnxopt.transfer import TransferSettings, transfer_weights
 from onnxopt.transfer.layers import find_layers
+from onnxopt.transfer.match import name_key
 from onnxopt.transfer.sharing import retie, untie
 from tests.helpers import model_from_text, run_model
 
@@ -182,3 +183,94 @@ def test_layers_of_one_structure_pair_by_their_shapes_first():
     assert report.equivalent
     x = {"x": np.array([[1.0, -2.0, 3.0, 0.5]], np.float32)}
     np.testing.assert_allclose(run_model(target, x)[0], run_model(source, x)[0], rtol=1e-6)
+
+
+def conv_with_affine(folded: bool, seed: int) -> ir.Model:
+    """x -> Conv -> (Mul by a scale, Add of a shift, each reshaped to [1, C, 1, 1] by a node,
+    as Paddle exports them) -> Relu; or the same network with both folded into the Conv."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, 4).astype(np.float32)
+    shift = rng.standard_normal(4).astype(np.float32)
+    if folded:
+        weight, bias = weight * scale[:, None, None, None], bias * scale + shift
+
+    def values(array: np.ndarray) -> str:
+        return ", ".join(f"{v:.9g}" for v in array.ravel())
+
+    nodes = (
+        "z = Conv <pads: ints = [1, 1, 1, 1]>(x, w, b)\n y = Relu(z)"
+        if folded
+        else """c = Conv <pads: ints = [1, 1, 1, 1]>(x, w, b)
+           s4 = Reshape(s, shape)
+           m = Mul(c, s4)
+           t4 = Unsqueeze(t, axes)
+           z = Add(t4, m)
+           y = Relu(z)"""
+    )
+    return model_from_text(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y)
+        <float[4, 3, 3, 3] w = {{{values(weight)}}}, float[4] b = {{{values(bias)}}},
+         float[4] s = {{{values(scale)}}}, float[4] t = {{{values(shift)}}},
+         int64[4] shape = {{1, 4, 1, 1}}, int64[3] axes = {{0, 2, 3}}>
+        {{ {nodes} }}
+        """
+    )
+
+
+def test_a_scale_and_shift_after_a_conv_fold_when_read_and_become_identities_when_written():
+    image = {"x": np.random.default_rng(0).standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    unfolded_source = conv_with_affine(folded=False, seed=1)
+    folded_target = conv_with_affine(folded=True, seed=2)
+    report = transfer_weights(folded_target, unfolded_source)
+    assert report.equivalent
+    assert {slot.transform for slot in report.slots} == {"Mul, Add folded"}
+    expected = run_model(unfolded_source, image)[0]
+    np.testing.assert_allclose(run_model(folded_target, image)[0], expected, rtol=1e-5, atol=1e-5)
+
+    unfolded_target = conv_with_affine(folded=False, seed=3)
+    report = transfer_weights(unfolded_target, conv_with_affine(folded=True, seed=1))
+    assert {slot.transform for slot in report.slots} == {"Mul, Add made identity"}
+    assert [node.op_type for node in unfolded_target.graph].count("Mul") == 1
+    np.testing.assert_allclose(run_model(unfolded_target, image)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def heads(order: tuple[int, int], seed: int) -> ir.Model:
+    """x -> two Gemms alike, each to its own graph output, listed in ``order``."""
+    rng = np.random.default_rng(seed)
+    weights = [", ".join(f"{v:.3f}" for v in rng.standard_normal(12)) for _ in range(2)]
+    nodes = [f"y{i} = Gemm <transB: int = 1>(x, w{i})" for i in order]
+    return model_from_text(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        agraph (float[1, 4] x) => (float[1, 3] y0, float[1, 3] y1)
+        <float[3, 4] w0 = {{{weights[0]}}}, float[3, 4] w1 = {{{weights[1]}}}>
+        {{ {nodes[0]}
+           {nodes[1]} }}
+        """
+    )
+
+
+def test_heads_alike_pair_by_the_output_they_write_whatever_the_node_order():
+    target, source = heads((0, 1), seed=0), heads((1, 0), seed=1)
+    report = transfer_weights(target, source, TransferSettings(match="structure"))
+    assert report.equivalent
+    x = {"x": np.array([[1.0, -2.0, 3.0, 0.5]], np.float32)}
+    for got, expected in zip(run_model(target, x), run_model(source, x), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_names_an_optimizer_rewrote_still_pair():
+    assert name_key("ConvBnFusion_W_conv1.weight") == "conv1.weight"
+    assert name_key("ConvBnFusion_BN_B_bn1.bias_token_2") == "bn1.bias"
+    assert name_key("b1_float16") == "b1"
+    target = dense("gemm", weight=np.ones((3, 4), np.float32))
+    initializers = target.graph.initializers
+    value = initializers.pop("w")
+    value.name = "MatMulAddFusion_W_w"
+    initializers[value.name] = value
+    report = transfer_weights(target, dense("gemm"), TransferSettings(match="name"))
+    assert [slot.match for slot in report.slots if slot.role == "weight"] == ["name"]
