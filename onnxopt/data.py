@@ -255,9 +255,25 @@ def _open_path(path: str, specs: list[InputSpec]) -> DataSource:
 
 
 def _npz_names(folder: str, specs: list[InputSpec]) -> list[str]:
-    """The .npz files of a folder, sorted by name; hidden files such as '._x.npz' are not data."""
+    """The .npz files of a folder, sorted by name; hidden files such as '._x.npz' are not data.
+    A link to a file outside the folder is refused: a data folder is read as a tree of its own."""
     found = sorted(os.listdir(folder))
     names = [name for name in found if name.endswith(".npz") and not name.startswith(".")]
+    root = os.path.realpath(folder)
+    outside = [
+        name
+        for name in names
+        if os.path.commonpath([root, os.path.realpath(os.path.join(folder, name))]) != root
+    ]
+    if outside:
+        raise InputError(
+            f"data folder '{folder}' links to files outside it",
+            details=[
+                f"{name} -> {os.path.realpath(os.path.join(folder, name))}" for name in outside[:10]
+            ],
+            fix="onnxopt follows no link out of a data folder: copy those files into it, or "
+            "pass a file itself as the data",
+        )
     if not names:
         listing = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
         raise InputError(

@@ -36,13 +36,7 @@ def load(path: str | os.PathLike) -> ir.Model:
             fix="check that the file is a complete .onnx file (a truncated download or a file of another format?)",
         ) from error
     _check_graph(path, model)
-    missing = sorted(str(file) for file in external_data_files(model) if not file.exists())
-    if missing:
-        raise InputError(
-            f"model '{path}' stores weights in external data files that do not exist",
-            details=[f"missing: {file}" for file in missing],
-            fix="keep the external data files next to the .onnx file, as they were exported",
-        )
+    _check_external_data(path, model)
     return model
 
 
@@ -52,6 +46,58 @@ def _check_graph(path: Path, model: ir.Model) -> None:
         raise InputError(
             f"'{path}' is not an ONNX model: its graph has no outputs",
             fix="check that the file is an ONNX model and not some other protobuf or a truncated file",
+        )
+
+
+def _external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield name, value.const_value
+
+
+def _check_external_data(path: Path, model: ir.Model) -> None:
+    """Refuse external data a model must not or cannot be read from, before any is read:
+    a location outside the model's folder (``../../etc/passwd``, or a link pointing out),
+    a file that is missing, and a tensor the file is too short to hold (a truncated file,
+    or sizes declared to make a reader allocate more than there is)."""
+    outside, missing, short = [], set(), []
+    sizes: dict[Path, int] = {}
+    for name, tensor in _external_tensors(model):
+        folder = Path(tensor.base_dir).resolve()
+        file = (Path(tensor.base_dir) / tensor.location).resolve()
+        if not file.is_relative_to(folder):
+            outside.append(f"'{name}' reads '{tensor.location}', which resolves to '{file}'")
+            continue
+        if not file.is_file():
+            missing.add(str(Path(tensor.base_dir) / tensor.location))
+            continue
+        if file not in sizes:
+            sizes[file] = file.stat().st_size
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[file] or (tensor.length is not None and tensor.length < tensor.nbytes):
+            short.append(
+                f"'{name}' needs bytes up to {end:,} of '{tensor.location}', which has {sizes[file]:,}"
+            )
+    if outside:
+        raise InputError(
+            f"model '{path}' points to external data outside its folder",
+            details=outside[:10],
+            fix="onnxopt reads external data only from the model's folder and below; move the "
+            "data files there (and do not load models from untrusted sources)",
+        )
+    if missing:
+        raise InputError(
+            f"model '{path}' stores weights in external data files that do not exist",
+            details=[f"missing: {file}" for file in sorted(missing)],
+            fix="keep the external data files next to the .onnx file, as they were exported",
+        )
+    if short:
+        raise InputError(
+            f"model '{path}' declares weights its external data files do not hold",
+            details=short[:10],
+            fix="the data file is truncated or does not belong to this model: copy it again "
+            "from where the model was exported",
         )
 
 
@@ -133,11 +179,19 @@ def save(
     staging = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=output.parent))
     try:
         staged_model = staging / output.name
-        with _initializer_types_left_to_tensors(model):
-            if external_data:
-                ir.save(model, staged_model, external_data=data_name)
-            else:
-                ir.save(_with_inline_weights(model), staged_model)
+        try:
+            with _initializer_types_left_to_tensors(model):
+                if external_data:
+                    ir.save(model, staged_model, external_data=data_name)
+                else:
+                    ir.save(_with_inline_weights(model), staged_model)
+        except OSError as error:
+            raise InputError(
+                f"cannot write '{output}': {error.strerror or error}",
+                details=[f"{type(error).__name__}: {error}"],
+                fix="free space on its disk or choose another folder; nothing was written, "
+                "and a file already at that path is unchanged",
+            ) from error
         written = []
         if external_data:
             os.replace(staging / data_name, output.parent / data_name)

@@ -513,3 +513,22 @@ def test_labels_that_start_after_the_first_sample_name_the_sample_without(model)
     partial = [feeds(1)[0], {**feeds(1)[0], "labels": np.array([1])}]
     with pytest.raises(InputError, match="sample 1 has a 'labels' array, but sample 0 has none"):
         open_data(partial, model).take_labels(2)
+
+
+def test_folder_follows_no_link_out_of_itself(tmp_path, model):
+    outside = tmp_path / "elsewhere.npz"
+    np.savez(outside, **samples(2))
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.savez(folder / "a.npz", **samples(3))
+    (folder / "inside.npz").symlink_to(folder / "a.npz")
+    assert open_data(folder, model).count == 6
+    (folder / "b.npz").symlink_to(outside)
+    message = error_of(folder, model)
+    assert "links to files outside it" in message and "b.npz" in message
+
+
+def test_npz_with_pickled_objects_is_not_unpickled(tmp_path, model):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.array([{"a": 1}] * 2, dtype=object), ids=samples(2)["ids"])
+    assert "pickle" in error_of(path, model).lower() or "object" in error_of(path, model).lower()

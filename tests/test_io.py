@@ -136,3 +136,126 @@ def test_save_writes_no_value_info_for_initializers_and_keeps_their_types(tmp_pa
     assert initializers and not initializers & {info.name for info in proto.graph.value_info}
     onnx.checker.check_model(proto, full_check=True)
     assert weight.shape == weight.const_value.shape and weight.dtype == ir.DataType.FLOAT
+
+
+def external_model(folder, location: str = "m.onnx.data"):
+    """The classifier with its weights in an external file at ``location``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proto = classifier_proto()
+    onnx.save(
+        proto,
+        str(folder / "m.onnx"),
+        save_as_external_data=True,
+        location="m.onnx.data",
+        size_threshold=0,
+    )
+    if location != "m.onnx.data":
+        stored = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+        for tensor in stored.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        onnx.save(stored, str(folder / "m.onnx"))
+    return folder / "m.onnx"
+
+
+@pytest.mark.parametrize("escape", ["relative", "absolute", "link"])
+def test_load_refuses_external_data_outside_the_models_folder(tmp_path, escape):
+    secret = tmp_path / "secret.data"
+    external_model(tmp_path / "source")
+    secret.write_bytes((tmp_path / "source" / "m.onnx.data").read_bytes())
+    folder = tmp_path / "models" / "sub"
+    if escape == "link":
+        path = external_model(folder)
+        (folder / "m.onnx.data").unlink()
+        (folder / "m.onnx.data").symlink_to(secret)
+    else:
+        path = external_model(folder, "../../secret.data" if escape == "relative" else str(secret))
+    with pytest.raises(InputError, match="outside its folder") as raised:
+        io.load(path)
+    assert "secret.data" in raised.value.render()
+
+
+def test_load_refuses_external_data_shorter_than_its_tensors_declare(tmp_path):
+    path = external_model(tmp_path)
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(InputError, match="do not hold") as raised:
+        io.load(path)
+    assert "which has 100" in raised.value.render()
+
+
+@pytest.mark.parametrize("command", ["inspect", "optimize"])
+def test_cli_exits_2_on_external_data_outside_the_folder(tmp_path, capsys, command):
+    from onnxopt.cli import main
+
+    external_model(tmp_path / "source")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "secret.data").write_bytes(
+        (tmp_path / "source" / "m.onnx.data").read_bytes()
+    )
+    path = external_model(tmp_path / "models" / "sub", "../secret.data")
+    output = tmp_path / "out.onnx"
+    arguments = [command, str(path)] + (["-o", str(output)] if command == "optimize" else [])
+    assert main(arguments) == 2
+    captured = capsys.readouterr()
+    assert "outside its folder" in captured.err and "Traceback" not in captured.err
+    assert not output.exists()
+
+
+def test_a_failed_write_leaves_the_old_output_and_no_partial_file(
+    tmp_path, classifier_path, monkeypatch
+):
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "out.onnx"
+    output.write_bytes(b"previous model")
+
+    def full_disk(model, path, **_):
+        with open(path, "wb") as file:
+            file.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.ir, "save", full_disk)
+    with pytest.raises(InputError, match="No space left") as raised:
+        io.save(io.load(classifier_path), output)
+    assert "free space" in raised.value.render()
+    assert output.read_bytes() == b"previous model"
+    assert sorted(path.name for path in output.parent.iterdir()) == ["out.onnx"]
+
+
+KILLED_DURING_SAVE = """
+import sys, time
+import onnx_ir as ir
+from onnxopt import io
+
+def slow(model, path, **_):
+    with open(path, "wb") as file:
+        file.write(b"partial")
+        file.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+
+ir.save = slow
+io.save(io.load(sys.argv[1]), sys.argv[2])
+"""
+
+
+def test_a_process_killed_while_saving_leaves_the_old_output(tmp_path, classifier_path):
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "out.onnx"
+    output.write_bytes(b"previous model")
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_DURING_SAVE, str(classifier_path), str(output)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert output.read_bytes() == b"previous model"
+    leftovers = [path.name for path in output.parent.iterdir() if path.name != "out.onnx"]
+    assert all(name.startswith(".onnxopt-") for name in leftovers)

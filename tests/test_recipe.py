@@ -100,3 +100,15 @@ def test_unknown_preset_lists_presets():
 def test_missing_recipe_file():
     with pytest.raises(InputError, match="does not exist"):
         load_recipe("nowhere/recipe.toml")
+
+
+def test_recipes_and_overrides_are_data_never_code(tmp_path):
+    marker = tmp_path / "ran"
+    code = f"__import__('pathlib').Path('{marker}').touch()"
+    path = tmp_path / "mine.toml"
+    path.write_text(f'name = "mine"\n[[passes]]\nname = "validate"\nmin_cosine = "{code}"\n')
+    with pytest.raises(InputError):
+        build_passes(load_recipe(path))
+    with pytest.raises(InputError):
+        build_passes(apply_overrides(load_recipe("cleanup"), [f"validate.min_cosine={code}"]))
+    assert not marker.exists()
