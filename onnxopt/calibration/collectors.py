@@ -1,7 +1,8 @@
 """Per-tensor statistics that calibration folds activations into, one batch at a time.
 
 A ``TensorStatistics`` is plain data of a fixed size, whatever the number of samples: min and max,
-exact sums of per-sample min and max, a histogram, per-channel sums and a count of NaN and Inf.
+exact sums of per-sample min and max, a histogram, exact per-channel sums and a count of NaN and
+Inf.
 Two of them merge exactly and in any order, so statistics collected in parts (or cached and
 extended) equal those of one pass over all the data, bit for bit.
 
@@ -46,20 +47,85 @@ CHUNK_VALUES = 2**16
 # layers float). Minimum, maximum and channel sums still see every value.
 HISTOGRAM_VALUES_PER_SAMPLE = 2**15
 
+# Exact channel sums: units of 2**-20 and 2**-60, and the largest run sum kept exactly.
+_CHANNEL_HIGH_SCALE = 2.0**20
+_CHANNEL_LOW_SCALE = 2.0**40
+_CHANNEL_SUM_LIMIT = 2.0**43
+
 # Axes with per-channel means: axis 1 (NCHW channels) and the last axis (hidden size, NHWC).
 CHANNEL_AXES = {"axis1": 1, "last_axis": -1}
 
 
 @dataclasses.dataclass
 class ChannelSums:
-    """Sums of a tensor along every axis but one, and how many values each sum holds."""
+    """Sums of a tensor along every axis but one, and how many values each sum holds.
 
-    sums: np.ndarray
+    Kept exactly, so that sums add up alike in any order (statistics collected in parts,
+    by several processes, equal one pass's bit for bit): each run's float64 sums are split
+    into whole multiples of 2**-20 (``high``) and the rest in multiples of 2**-60 (``low``),
+    both int64. A sum that is not finite, or of 2**43 or more in one run, goes to ``rest``
+    as a float (infinities and NaN add up alike in any order too).
+    """
+
+    high: np.ndarray
+    low: np.ndarray
+    rest: np.ndarray
     count: int
+
+    @classmethod
+    def of(cls, sums: np.ndarray, count: int) -> ChannelSums:
+        """The exact form of one run's float sums."""
+        sums = np.asarray(sums, dtype=np.float64)
+        exact = np.isfinite(sums) & (np.abs(sums) < _CHANNEL_SUM_LIMIT)
+        scaled = np.where(exact, sums, 0.0) * _CHANNEL_HIGH_SCALE
+        high = np.floor(scaled)
+        low = np.rint((scaled - high) * _CHANNEL_LOW_SCALE)
+        rest = np.where(exact, 0.0, sums)
+        return cls(high.astype(np.int64), low.astype(np.int64), rest, count)
+
+    def plus(self, other: ChannelSums) -> ChannelSums:
+        with np.errstate(invalid="ignore", over="ignore"):
+            rest = self.rest + other.rest
+        return ChannelSums(
+            self.high + other.high, self.low + other.low, rest, self.count + other.count
+        )
+
+    def copy(self) -> ChannelSums:
+        return ChannelSums(self.high.copy(), self.low.copy(), self.rest.copy(), self.count)
+
+    @property
+    def sums(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return (
+                self.high / _CHANNEL_HIGH_SCALE
+                + self.low / (_CHANNEL_HIGH_SCALE * _CHANNEL_LOW_SCALE)
+                + self.rest
+            )
 
     @property
     def means(self) -> np.ndarray:
         return self.sums / self.count
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "high": self.high.tolist(),
+            "low": self.low.tolist(),
+            "rest": self.rest.tolist(),
+            "count": self.count,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChannelSums:
+        """What ``to_dict`` wrote, or the float ``sums`` caches of earlier versions hold."""
+        count = int(data["count"])
+        if "sums" in data:
+            return cls.of(np.asarray(data["sums"], dtype=np.float64), count)
+        return cls(
+            np.asarray(data["high"], dtype=np.int64),
+            np.asarray(data["low"], dtype=np.int64),
+            np.asarray(data["rest"], dtype=np.float64),
+            count,
+        )
 
 
 @dataclasses.dataclass(eq=False)
@@ -209,9 +275,7 @@ class TensorStatistics:
             "sample_maximum_sum": self.sample_maximum_sum,
             "nonfinite_count": self.nonfinite_count,
             "channel_sums": {
-                axis: None
-                if channel is None
-                else {"sums": channel.sums.tolist(), "count": channel.count}
+                axis: None if channel is None else channel.to_dict()
                 for axis, channel in self.channel_sums.items()
             },
         }
@@ -237,11 +301,7 @@ class TensorStatistics:
             if axis not in CHANNEL_AXES:
                 raise ValueError(f"unknown channel axis '{axis}'")
             statistics.channel_sums[axis] = (
-                None
-                if channel is None
-                else ChannelSums(
-                    np.asarray(channel["sums"], dtype=np.float64), int(channel["count"])
-                )
+                None if channel is None else ChannelSums.from_dict(channel)
             )
         return statistics
 
@@ -288,23 +348,19 @@ class TensorStatistics:
                     sums = np.zeros(channels, dtype=np.float64)
                     for start in range(0, rows.shape[0], block):
                         sums += rows[start : start + block].sum(axis=0)
-            self._add_channel_sums(axis, ChannelSums(sums, values.size // channels))
+            self._add_channel_sums(axis, ChannelSums.of(sums, values.size // channels))
 
     def _add_channel_sums(self, axis: str, channel: ChannelSums | None) -> None:
         if axis not in self.channel_sums:
-            self.channel_sums[axis] = (
-                None if channel is None else ChannelSums(channel.sums.copy(), channel.count)
-            )
+            self.channel_sums[axis] = None if channel is None else channel.copy()
             return
         current = self.channel_sums[axis]
-        if current is None or channel is None or current.sums.shape != channel.sums.shape:
+        if current is None or channel is None or current.high.shape != channel.high.shape:
             if current is not None:
                 logger.debug("channel count along %s varies; dropping its means", axis)
             self.channel_sums[axis] = None
             return
-        with np.errstate(invalid="ignore", over="ignore"):
-            current.sums = current.sums + channel.sums
-        current.count += channel.count
+        self.channel_sums[axis] = current.plus(channel)
 
 
 def _histogram_sample(rows: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from onnxopt.calibration import collectors
-from onnxopt.calibration.collectors import TensorStatistics
+from onnxopt.calibration.collectors import ChannelSums, TensorStatistics
 from onnxopt.calibration.ranges import percentile_range
 
 UNIT_FLOATS = st.floats(-1.0, 1.0, width=32)
@@ -147,7 +147,7 @@ def test_size_does_not_grow_with_samples():
             statistics.update(rng.standard_normal((2, 8, 16)).astype(np.float32), per_sample=True)
         sizes.append(
             statistics.histogram.nbytes
-            + sum(channel.sums.nbytes for channel in statistics.channel_sums.values())
+            + sum(channel.high.nbytes for channel in statistics.channel_sums.values())
         )
     assert sizes[0] == sizes[1] == sizes[2]
 
@@ -170,3 +170,25 @@ def test_large_samples_add_a_fixed_sample_of_their_values_to_the_histogram():
     assert one_by_one.to_dict() == statistics.to_dict()
     high = percentile_range(statistics, 99.9)[1]
     assert high == pytest.approx(np.percentile(batch, 99.9), rel=0.02)
+
+
+def test_channel_sums_add_up_alike_in_any_order_and_stay_accurate():
+    rng = np.random.default_rng(5)
+    runs = [rng.standard_normal(6) * 10.0 ** rng.integers(-6, 9) for _ in range(50)]
+    runs[7][2] = np.inf
+    forward = ChannelSums.of(runs[0], 10)
+    for run in runs[1:]:
+        forward = forward.plus(ChannelSums.of(run, 10))
+    backward = ChannelSums.of(runs[-1], 10)
+    for run in reversed(runs[:-1]):
+        backward = backward.plus(ChannelSums.of(run, 10))
+    assert forward.to_dict() == backward.to_dict()
+    expected = np.sum(np.array(runs, dtype=np.float64), axis=0)
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(forward.sums[finite], expected[finite], rtol=1e-12, atol=1e-15)
+    assert forward.sums[2] == np.inf and forward.count == 500
+
+
+def test_channel_sums_of_caches_from_earlier_versions_still_read():
+    old = {"sums": [1.5, -2.25], "count": 4}
+    assert ChannelSums.from_dict(old).means.tolist() == [0.375, -0.5625]
