@@ -16,6 +16,7 @@ OWNED_HEADINGS = (
     "## Structured pruning",
     "## Pruning presets on more models",
     "## Weight transfer",
+    "## Sharded calibration",
 )
 
 

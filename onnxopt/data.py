@@ -175,6 +175,18 @@ class DataSource:
         middle = self._stop - kept
         return self._window(self._start, middle), self._window(middle, self._stop)
 
+    @property
+    def in_files(self) -> bool:
+        """Whether the samples live in .npz files, which other processes and machines with
+        the same storage can read themselves (a ``part`` then pickles as paths, not arrays)."""
+        return isinstance(self._samples, _NpzFiles)
+
+    def part(self, start: int, stop: int) -> DataSource:
+        """Samples ``start`` to ``stop`` (excluded) of this source, as a source of its own."""
+        if start < 0 or stop < start or (self.count is not None and stop > self.count):
+            raise ValueError(f"part {start}:{stop} outside the source's {self.count} samples")
+        return self._window(self._start + start, self._start + stop)
+
     def _window(self, start: int, stop: int | None) -> DataSource:
         return DataSource(self.specs, self._samples, self._label, start=start, stop=stop)
 

@@ -13,6 +13,7 @@ from onnxopt.calibration.cache import data_fingerprint, load_cache, model_finger
 from onnxopt.calibration.collect import collect_statistics
 from onnxopt.calibration.collectors import TensorStatistics
 from onnxopt.calibration.ranges import CalibratedTensor, calibrate_tensor
+from onnxopt.calibration.shards import collect_sharded
 from onnxopt.data import DataSource
 from onnxopt.progress import QUIET, Progress
 
@@ -32,6 +33,10 @@ class CalibrationSettings:
         cache: a JSON file to reuse statistics from, when it was made for the same model, data
             and collection settings, and to write them to otherwise.
         tensors: the activations to collect; None for every float activation.
+        workers: processes collecting statistics, each with its own onnxruntime session and
+            a part of the data (``shards``); the statistics equal one process's.
+        ray_address: collect on a Ray cluster instead (``auto``, ``ray://host:port``, or
+            ``local`` for a new one on this machine); needs the ``ray`` extra.
     """
 
     method: str = "minmax"
@@ -41,6 +46,8 @@ class CalibrationSettings:
     samples: int | None = None
     cache: str | os.PathLike | None = None
     tensors: Sequence[str] | None = None
+    workers: int = 1
+    ray_address: str | None = None
 
 
 @dataclasses.dataclass
@@ -141,14 +148,26 @@ def _statistics(
             seen += samples
             advance(samples)
 
-        statistics = collect_statistics(
-            model,
-            settings.tensors,
-            data,
-            batch_size=settings.batch_size,
-            max_samples=settings.samples,
-            progress=count,
-        )
+        if settings.workers > 1 or settings.ray_address:
+            statistics, _ = collect_sharded(
+                model,
+                settings.tensors,
+                data,
+                workers=settings.workers,
+                batch_size=settings.batch_size,
+                max_samples=settings.samples,
+                ray_address=settings.ray_address,
+                progress=count,
+            )
+        else:
+            statistics = collect_statistics(
+                model,
+                settings.tensors,
+                data,
+                batch_size=settings.batch_size,
+                max_samples=settings.samples,
+                progress=count,
+            )
     if fingerprint is None:
         return statistics, seen, None
     save_cache(settings.cache, statistics, fingerprint, samples=seen)

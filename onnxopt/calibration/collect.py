@@ -70,38 +70,87 @@ def collect_statistics(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
-    copy = model.clone()
-    if any(value.dtype is None for value in _activations(copy.graph)):
-        infer_shapes(copy, data_prop=False)
-    values = _collected_values(copy, tensor_names)
-    # Overlapping runs leave onnxruntime one core fewer, as one folds meanwhile.
-    estimate = _sample_bytes(values)
-    overlap = estimate is not None and estimate <= OVERLAP_MAX_BYTES
-    probe = ProbeSession(
-        copy,
-        [value.name for value in values],
-        copy=False,
-        threads=max(1, runtime.cores() - 1) if overlap else None,
-    )
-    runner = _Runner(probe.session, probe.output_names, probe.fetched)
-    collector = _Collector(runner, probe.fed, progress, _channel_axes_read(copy.graph))
     feeds = _limited(data, max_samples)
-    # The first sample runs alone, and shows how much memory a sample's activations take.
     first = next(feeds, None)
-    sample_bytes = 0 if first is None else collector.collect([first])
-    if batch_size > 1 and _takes_batches(model):
-        batch_size = min(batch_size, max(1, MAX_BATCH_BYTES // max(sample_bytes, 1)))
-    else:
-        batch_size = 1
-    collector.collect_all(
-        _groups(feeds, batch_size), overlap and sample_bytes * batch_size <= OVERLAP_MAX_BYTES
-    )
-    logger.info(
-        "collected statistics of %d tensors over %d samples",
-        len(collector.statistics),
-        collector.samples,
-    )
-    return collector.statistics
+    collection = _Collection(model, tensor_names, progress)
+    # The first sample runs alone, and shows how much memory a sample's activations take.
+    sample_bytes = 0 if first is None else collection.collector.collect([first])
+    batch = collection.batch_for(batch_size, sample_bytes)
+    collection.collect_all(_groups(feeds, batch), sample_bytes * batch)
+    return collection.finish()
+
+
+def collect_first(
+    model: ir.Model, tensor_names: Sequence[str] | None, first: Feed, batch_size: int
+) -> tuple[dict[str, TensorStatistics], int]:
+    """The statistics of one sample run alone, and the batch size ``collect_statistics``
+    would run the samples after it in: how a sharded collection groups its samples as one
+    process does (``collect_groups`` then runs the rest, a part at a time)."""
+    collection = _Collection(model, tensor_names, None)
+    sample_bytes = collection.collector.collect([first])
+    return collection.finish(), collection.batch_for(batch_size, sample_bytes)
+
+
+def collect_groups(
+    model: ir.Model,
+    tensor_names: Sequence[str] | None,
+    data: Iterable[Feed],
+    batch: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, TensorStatistics]:
+    """Statistics over ``data`` run in consecutive groups of ``batch`` samples (the batch
+    ``collect_first`` chose), with no sample run alone first."""
+    collection = _Collection(model, tensor_names, progress)
+    collection.collect_all(_groups(iter(data), batch), None)
+    return collection.finish()
+
+
+class _Collection:
+    """A copy of the model with the tensors as outputs, its session and the statistics."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        tensor_names: Sequence[str] | None,
+        progress: Callable[[int], None] | None,
+    ):
+        self.model = model
+        copy = model.clone()
+        if any(value.dtype is None for value in _activations(copy.graph)):
+            infer_shapes(copy, data_prop=False)
+        values = _collected_values(copy, tensor_names)
+        # Overlapping runs leave onnxruntime one core fewer, as one folds meanwhile.
+        estimate = _sample_bytes(values)
+        self.overlap = estimate is not None and estimate <= OVERLAP_MAX_BYTES
+        probe = ProbeSession(
+            copy,
+            [value.name for value in values],
+            copy=False,
+            threads=max(1, runtime.cores() - 1) if self.overlap else None,
+        )
+        runner = _Runner(probe.session, probe.output_names, probe.fetched)
+        self.collector = _Collector(runner, probe.fed, progress, _channel_axes_read(copy.graph))
+
+    def batch_for(self, batch_size: int, sample_bytes: int) -> int:
+        """The samples per run: ``batch_size`` where the model takes batches, fewer when a
+        sample's activations are large."""
+        if batch_size > 1 and _takes_batches(self.model):
+            return min(batch_size, max(1, MAX_BATCH_BYTES // max(sample_bytes, 1)))
+        return 1
+
+    def collect_all(self, groups: Iterable[list[Feed]], batch_bytes: int | None) -> None:
+        """Run every group; overlapped when a batch's activations (``batch_bytes``, None:
+        unknown, estimated from the graph) are small."""
+        overlap = self.overlap and (batch_bytes is None or batch_bytes <= OVERLAP_MAX_BYTES)
+        self.collector.collect_all(groups, overlap)
+
+    def finish(self) -> dict[str, TensorStatistics]:
+        logger.info(
+            "collected statistics of %d tensors over %d samples",
+            len(self.collector.statistics),
+            self.collector.samples,
+        )
+        return self.collector.statistics
 
 
 class _Collector:

@@ -32,6 +32,13 @@ class CalibratePass(OnnxoptPass):
         tensors: "all" float activations, or only those the quantizer can use ("quantizable"):
             inputs and outputs of ops it may quantize, not the tensors around ops that stay float,
             which saves time and memory on models with large activations.
+        workers: processes that collect statistics side by side, each with its own
+            onnxruntime session and part of the data; the statistics are those of one
+            process, bit for bit.
+        ray_address: collect as Ray tasks on a cluster: ``auto`` (the cluster this machine
+            belongs to), ``ray://host:port``, or ``local`` (a new one here); needs
+            ``pip install 'onnxopt[ray]'``. Samples in .npz files are read by the workers
+            (shared storage), other data is sent to them in batches.
     """
 
     name = "calibrate"
@@ -48,10 +55,19 @@ class CalibratePass(OnnxoptPass):
         samples: Annotated[int | None, Range(low=1)] = None,
         cache: str | None = None,
         tensors: Literal["all", "quantizable"] = "all",
+        workers: Annotated[int, Range(low=1)] = 1,
+        ray_address: str | None = None,
     ):
         super().__init__()
         self.settings = CalibrationSettings(
-            method, percentile, per_sample_minmax, batch_size, samples, cache
+            method,
+            percentile,
+            per_sample_minmax,
+            batch_size,
+            samples,
+            cache,
+            workers=workers,
+            ray_address=ray_address,
         )
         self.tensors = tensors
 
