@@ -171,14 +171,7 @@ def test_int8_target_is_requantized_with_its_own_scales(exports, tmp_path):
     paths, _ = exports
     tuned = fine_tuned(0)
     tuned_path = export(tuned, tmp_path / "tuned.onnx", dynamo=True)
-    quantized = optimize(
-        paths["a"],
-        None,
-        recipe="int8",
-        data=calibration(tmp_path, "x"),
-        overrides=["fallback.min_speedup=none", "validate.min_cosine=0"],
-        timing=False,
-    )
+    quantized = int8(paths["a"], calibration(tmp_path, "x"))
     assert "DequantizeLinear" in count_ops(quantized.model)
     result = transfer_model(tuned_path, quantized.model)
     assert any("requantized" in slot.transform for slot in result.report.slots)
@@ -190,16 +183,21 @@ def test_int8_target_is_requantized_with_its_own_scales(exports, tmp_path):
     assert np.abs(got - expected).max() < np.abs(before - expected).max()
     # Within quantization noise of the fine-tuned model quantized from scratch.
     np.savez(tmp_path / "tuned.npz", input=np.load(calibration(tmp_path, "x"))["x"])
-    rebuilt = optimize(
-        tuned_path,
+    rebuilt = int8(tuned_path, tmp_path / "tuned.npz")
+    from_scratch = run_model(rebuilt.model, {"input": image()})[0]
+    assert np.abs(got - from_scratch).max() < 2 * np.abs(from_scratch - expected).max() + 1e-3
+
+
+def int8(path, data):
+    """``path`` through the int8 preset, every layer quantized, nothing written."""
+    return optimize(
+        path,
         None,
         recipe="int8",
-        data=tmp_path / "tuned.npz",
+        data=data,
         overrides=["fallback.min_speedup=none", "validate.min_cosine=0"],
         timing=False,
     )
-    from_scratch = run_model(rebuilt.model, {"input": image()})[0]
-    assert np.abs(got - from_scratch).max() < 2 * np.abs(from_scratch - expected).max() + 1e-3
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -208,14 +206,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_int8_target_refuses_weights_its_scales_would_clip(exports, tmp_path):
     paths, _ = exports
-    quantized = optimize(
-        paths["a"],
-        None,
-        recipe="int8",
-        data=calibration(tmp_path, "x"),
-        overrides=["fallback.min_speedup=none", "validate.min_cosine=0"],
-        timing=False,
-    )
+    quantized = int8(paths["a"], calibration(tmp_path, "x"))
     louder = ir.load(paths["a"])
     for value in louder.graph.initializers.values():
         if value.name.endswith("weight"):
