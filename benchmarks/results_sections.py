@@ -17,6 +17,7 @@ OWNED_HEADINGS = (
     "## Pruning presets on more models",
     "## Weight transfer",
     "## Sharded calibration",
+    "## Large model",
 )
 
 
