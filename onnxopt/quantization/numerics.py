@@ -47,10 +47,40 @@ def rounded_to_half(values: np.ndarray) -> np.ndarray:
 def quantize_values(
     values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dtype: type
 ) -> np.ndarray:
-    """Round half to even and saturate, as QuantizeLinear does."""
+    """Round half to even and saturate, as QuantizeLinear does.
+
+    In float64, a block of rows at a time and in place: a large weight's float64
+    temporaries would otherwise take eight bytes a value, several times over."""
     info = np.iinfo(dtype)
-    quantized = np.round(values.astype(np.float64) / scale) + zero_point.astype(np.float64)
-    return np.clip(quantized, info.min, info.max).astype(dtype)
+    values = np.asarray(values)
+    scale, zero_point = np.asarray(scale), np.asarray(zero_point)
+    result = np.empty(np.broadcast_shapes(values.shape, scale.shape, zero_point.shape), dtype)
+    if result.ndim == 0:
+        quantized = np.round(values.astype(np.float64) / scale) + zero_point.astype(np.float64)
+        return np.clip(quantized, info.min, info.max).astype(dtype)
+    rows = max(1, QUANTIZE_BLOCK_VALUES // max(1, result[0].size))
+    for start in range(0, result.shape[0], rows):
+        block = slice(start, start + rows)
+        quantized = np.divide(
+            _rows(values, block, result.ndim), _rows(scale, block, result.ndim), dtype=np.float64
+        )
+        np.round(quantized, out=quantized)
+        quantized += _rows(zero_point, block, result.ndim)
+        np.clip(quantized, info.min, info.max, out=quantized)
+        result[block] = quantized
+    return result
+
+
+# Values quantized at a time: bounds the float64 temporaries to a few megabytes.
+QUANTIZE_BLOCK_VALUES = 2**20
+
+
+def _rows(array: np.ndarray, block: slice, rank: int) -> np.ndarray:
+    """``array``'s rows in ``block`` when it has rows of its own along the first of ``rank``
+    axes, else the array itself (it broadcasts over them)."""
+    if array.ndim == rank and array.shape[0] > 1:
+        return array[block]
+    return array
 
 
 def weight_limit(reduce_range: bool) -> int:

@@ -83,3 +83,20 @@ def test_rounded_to_half_rounds_only_what_float16_holds_to_11_bits():
     for outside in (1e-6, 1e5):
         values = np.array([1.0, outside], dtype=np.float32)
         np.testing.assert_array_equal(numerics.rounded_to_half(values), values)
+
+
+@pytest.mark.parametrize(
+    ("shape", "scale_shape"), [((37, 5, 3, 3), (37, 1, 1, 1)), ((29, 64), (1, 64)), ((300,), ())]
+)
+def test_quantizing_a_block_of_rows_at_a_time_equals_one_float64_pass(
+    monkeypatch, shape, scale_shape
+):
+    monkeypatch.setattr(numerics, "QUANTIZE_BLOCK_VALUES", 50)
+    rng = np.random.default_rng(2)
+    values = (rng.standard_normal(shape) * 3).astype(np.float32)
+    scale = rng.uniform(0.01, 0.1, scale_shape).astype(np.float32)
+    zero_point = np.zeros(scale_shape, dtype=np.int8)
+    whole = np.clip(np.round(values.astype(np.float64) / scale), -128, 127).astype(np.int8)
+    np.testing.assert_array_equal(
+        numerics.quantize_values(values, scale, zero_point, np.int8), whole
+    )
