@@ -8,6 +8,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from onnxopt import runtime
+from onnxopt.io import load
 from onnxopt.runtime import (
     ProbeSession,
     SerializedModel,
@@ -145,3 +147,23 @@ def test_memory_headroom_counts_memory_freed_below_the_peak():
     block = np.ones(2**24)  # 128 MB, written, so resident
     del block
     assert memory_headroom() >= 100 * 2**20
+
+
+def test_a_session_reads_weights_still_on_disk_in_place_and_runs_like_the_file(tmp_path):
+    ir.save(
+        ir.from_proto(classifier_proto()),
+        tmp_path / "m.onnx",
+        external_data="m.onnx.data",
+        size_threshold_bytes=0,
+    )
+    model = load(tmp_path / "m.onnx")
+    session = runtime.create_session(model)
+    assert session in runtime._HANDED_WEIGHTS
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    expected = runtime.create_session(tmp_path / "m.onnx").run(None, feed)
+    np.testing.assert_array_equal(session.run(None, feed)[0], expected[0])
+    # A weight changed in memory goes into the session's model file; the rest stay on disk.
+    bias = model.graph.initializers["fc.bias"]
+    bias.const_value = ir.tensor(bias.const_value.numpy() + 1.0, name="fc.bias")
+    changed = runtime.create_session(model).run(None, feed)[0]
+    np.testing.assert_allclose(changed, expected[0] + 1.0, rtol=1e-6)
