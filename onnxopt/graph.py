@@ -126,3 +126,12 @@ def take_over_output(node: ir.Node, value: ir.Value) -> None:
     output.replace_all_uses_with(value, replace_graph_outputs=True)
     node.graph.remove(node, safe=True)
     value.name = output.name
+
+
+def sole_use(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """The one node that reads ``node``'s only output, and at which input, when nothing else
+    (no other node, no graph output) reads it: where a rewrite may take the reader in."""
+    if len(node.outputs) != 1 or node.outputs[0].is_graph_output():
+        return None
+    uses = list(node.outputs[0].uses())
+    return (uses[0].node, uses[0].idx) if len(uses) == 1 else None

@@ -169,7 +169,8 @@ def create_session(
     A model in memory travels through a temporary file with external data, which onnxruntime
     maps into memory: serializing it into one protobuf message would hold its weights three
     times over while the session loads (MiniLM: 350 MB above its start, against 50 MB; and
-    twice as slow). ``memory_arena=False`` returns each run's memory as it is freed, instead of
+    twice as slow). Weights the model still keeps in its own external data files are handed
+    to onnxruntime as arrays mapped from those files instead of copied into the temporary one. ``memory_arena=False`` returns each run's memory as it is freed, instead of
     keeping the largest run's in an arena for the session's life: for sessions whose runs hold
     many tensors.
     """

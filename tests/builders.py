@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -59,3 +61,16 @@ def classifier_proto(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def external_data_classifier(path: Path) -> Path:
+    """The classifier saved at ``path`` with every weight in ``<name>.data`` beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(
+        classifier_proto(),
+        str(path),
+        save_as_external_data=True,
+        location=f"{path.name}.data",
+        size_threshold=0,
+    )
+    return path

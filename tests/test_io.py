@@ -10,7 +10,7 @@ import pytest
 from onnxopt import io
 from onnxopt.errors import InputError
 from onnxopt.io import atomic_write_text
-from tests.builders import classifier_proto
+from tests.builders import classifier_proto, external_data_classifier
 
 
 def test_load_keeps_external_weights_on_disk_until_used(tmp_path):
@@ -140,15 +140,7 @@ def test_save_writes_no_value_info_for_initializers_and_keeps_their_types(tmp_pa
 
 def external_model(folder, location: str = "m.onnx.data"):
     """The classifier with its weights in an external file at ``location``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    proto = classifier_proto()
-    onnx.save(
-        proto,
-        str(folder / "m.onnx"),
-        save_as_external_data=True,
-        location="m.onnx.data",
-        size_threshold=0,
-    )
+    external_data_classifier(folder / "m.onnx")
     if location != "m.onnx.data":
         stored = onnx.load(str(folder / "m.onnx"), load_external_data=False)
         for tensor in stored.graph.initializer:

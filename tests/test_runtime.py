@@ -20,7 +20,7 @@ from onnxopt.runtime import (
     run,
     sample_session,
 )
-from tests.builders import classifier_proto
+from tests.builders import classifier_proto, external_data_classifier
 
 
 def test_probe_session_returns_named_inner_values_and_fed_inputs_without_touching_the_model():
@@ -150,13 +150,7 @@ def test_memory_headroom_counts_memory_freed_below_the_peak():
 
 
 def test_a_session_reads_weights_still_on_disk_in_place_and_runs_like_the_file(tmp_path):
-    ir.save(
-        ir.from_proto(classifier_proto()),
-        tmp_path / "m.onnx",
-        external_data="m.onnx.data",
-        size_threshold_bytes=0,
-    )
-    model = load(tmp_path / "m.onnx")
+    model = load(external_data_classifier(tmp_path / "m.onnx"))
     session = runtime.create_session(model)
     assert session in runtime._HANDED_WEIGHTS
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}

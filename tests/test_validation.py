@@ -10,7 +10,7 @@ from onnxopt.errors import ValidationFailed
 from onnxopt.fidelity import reference_comparison
 from onnxopt.passes.validate import ValidatePass
 from onnxopt.validation import Thresholds, validate
-from tests.builders import classifier_proto
+from tests.builders import classifier_proto, external_data_classifier
 
 
 def perturbed(scale: float) -> ir.Model:
@@ -118,14 +118,7 @@ def test_a_comparison_the_original_cannot_run_is_skipped_and_said(caplog):
 
 def test_a_model_with_external_data_passes_from_another_working_folder(tmp_path, monkeypatch):
     folder = tmp_path / "models"
-    folder.mkdir()
-    onnx.save(
-        classifier_proto(),
-        str(folder / "model.onnx"),
-        save_as_external_data=True,
-        location="model.onnx.data",
-        size_threshold=0,
-    )
+    external_data_classifier(folder / "model.onnx")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

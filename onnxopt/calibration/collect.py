@@ -70,7 +70,7 @@ def collect_statistics(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
-    feeds = _limited(data, max_samples)
+    feeds = limited(data, max_samples)
     first = next(feeds, None)
     collection = _Collection(model, tensor_names, progress)
     # The first sample runs alone, and shows how much memory a sample's activations take.
@@ -372,7 +372,7 @@ def _takes_batches(model: ir.Model) -> bool:
     )
 
 
-def _limited(data: Iterable[Feed], max_samples: int | None) -> Iterator[Feed]:
+def limited(data: Iterable[Feed], max_samples: int | None) -> Iterator[Feed]:
     """The first ``max_samples`` feeds, pulling no more than that from the source."""
     if max_samples is None:
         yield from data

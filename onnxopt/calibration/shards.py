@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import onnx
 import onnx_ir as ir
 
-from onnxopt.calibration.collect import collect_first, collect_groups
+from onnxopt.calibration.collect import collect_first, collect_groups, limited
 from onnxopt.calibration.collectors import TensorStatistics
 from onnxopt.data import DataSource
 from onnxopt.errors import InputError
@@ -70,7 +70,7 @@ def collect_sharded(
                     data.part(start, stop) for start, stop in _parts(count, batch, backend.workers)
                 )
             else:
-                remaining = _limited(samples, None if count is None else count - 1)
+                remaining = limited(samples, None if count is None else count - 1)
                 parts = _chunks(remaining, batch * SEND_GROUPS)
             seen = 1
             for part, part_samples in backend.run(parts, tensor_names, batch):
@@ -108,13 +108,6 @@ def _chunks(samples: Iterator[Feed], size: int) -> Iterator[list[Feed]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def _limited(samples: Iterator[Feed], count: int | None) -> Iterator[Feed]:
-    for index, sample in enumerate(samples):
-        if count is not None and index >= count:
-            return
-        yield sample
 
 
 def _merge(statistics: dict[str, TensorStatistics], part: dict[str, TensorStatistics]) -> None:

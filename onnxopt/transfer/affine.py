@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import is_default_domain
+from onnxopt.graph import is_default_domain, sole_use
 from onnxopt.transfer.storage import StoredTensor, stored_constant
 
 DEFAULT_EPSILON = 1e-5
@@ -96,11 +96,10 @@ def compose(chain: list[Affine], channels: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _next_affine(node: ir.Node, channels: int, rank: int) -> Affine | None:
-    output = node.outputs[0] if len(node.outputs) == 1 else None
-    uses = list(output.uses()) if output is not None else []
-    if len(uses) != 1 or output.is_graph_output():
+    use = sole_use(node)
+    if use is None:
         return None
-    reader, index = uses[0].node, uses[0].idx
+    reader, index = use
     if not is_default_domain(reader) or len(reader.outputs) != 1:
         return None
     if reader.op_type == "BatchNormalization" and index == 0 and len(reader.inputs) >= 5:

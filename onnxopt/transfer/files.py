@@ -50,9 +50,18 @@ def read_pruning_report(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(
             f"pruning report '{path}' is not valid JSON: {error}", fix=PRUNING_FIX
         ) from None
+    section = pruning_section(document)
+    if section is None:
+        raise InputError(f"'{path}' holds no pruning report", fix=PRUNING_FIX)
+    return section
+
+
+def pruning_section(document: Any) -> dict[str, Any] | None:
+    """The pruning report in a whole ``--report`` document, or the document itself when it
+    is that section; None when it holds none."""
     section = document.get("pruning", document) if isinstance(document, dict) else None
     if not isinstance(section, dict) or not isinstance(section.get("groups"), list):
-        raise InputError(f"'{path}' holds no pruning report", fix=PRUNING_FIX)
+        return None
     return section
 
 

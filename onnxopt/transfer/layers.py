@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import is_default_domain
+from onnxopt.graph import is_default_domain, sole_use
 from onnxopt.transfer.affine import BatchNormAffine, compose, following_affine
 from onnxopt.transfer.storage import (
     StoredTensor,
@@ -221,24 +221,10 @@ def _integer_table(node: ir.Node, absorbed: set[int]) -> StoredTensor | None:
 
 def _sole_reader(node: ir.Node, op: str) -> ir.Node | None:
     """The one node, of type ``op``, that reads ``node``'s only output."""
-    output = node.outputs[0] if len(node.outputs) == 1 else None
-    uses = list(output.uses()) if output is not None else []
-    if len(uses) != 1 or output.is_graph_output():
+    use = sole_use(node)
+    if use is None or use[0].op_type != op or not is_default_domain(use[0]):
         return None
-    reader = uses[0].node
-    return reader if reader.op_type == op and is_default_domain(reader) else None
-
-
-def _only_consumer(node: ir.Node, op: str) -> ir.Node | None:
-    """The single node of type ``op`` that reads ``node``'s only output, when nothing else does."""
-    output = node.outputs[0]
-    uses = list(output.uses())
-    if len(node.outputs) != 1 or len(uses) != 1 or output.is_graph_output():
-        return None
-    consumer = uses[0].node
-    if consumer.op_type != op or not is_default_domain(consumer) or uses[0].idx != 0:
-        return None
-    return consumer
+    return use[0]
 
 
 def _convolution(node: ir.Node, op: str, absorbed: set[int]) -> Layer | None:
@@ -396,11 +382,10 @@ BIAS_ACTIVATIONS = {"BiasGelu": 1, "FastGelu": 1}
 def _bias_reader(node: ir.Node) -> tuple[ir.Node, int] | None:
     """The node that adds a bias to ``node``'s output, when it alone reads it, and where the
     bias is among its inputs: an Add, or onnxruntime's BiasGelu and FastGelu."""
-    output = node.outputs[0]
-    uses = list(output.uses())
-    if len(uses) != 1 or output.is_graph_output():
+    use = sole_use(node)
+    if use is None:
         return None
-    consumer, index = uses[0].node, uses[0].idx
+    consumer, index = use
     if consumer.op_type == "Add" and is_default_domain(consumer) and len(consumer.inputs) == 2:
         return consumer, 1 - index
     position = BIAS_ACTIVATIONS.get(consumer.op_type)

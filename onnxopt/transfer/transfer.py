@@ -33,6 +33,7 @@ from onnxopt.transfer.checks import (
     renamed,
     same_signature,
 )
+from onnxopt.transfer.files import pruning_section
 from onnxopt.transfer.finetune import TuningResult
 from onnxopt.transfer.fit import RemovedPositions, fitted, kept_slice, removed_by_pruning
 from onnxopt.transfer.layers import Layer, find_layers
@@ -361,10 +362,9 @@ def _explicit_pairs(
 
 
 def _pruning_section(pruning: Mapping[str, Any]) -> Mapping[str, Any]:
-    section = pruning.get("pruning", pruning) if "groups" not in pruning else pruning
-    if not isinstance(section, Mapping) or not all(
-        "tensors" in group for group in section.get("groups", [])
-    ):
+    """The pruning report's section, which must list each group's tensors."""
+    section = pruning_section(dict(pruning))
+    if section is None or not all("tensors" in group for group in section["groups"]):
         raise InputError(
             "the pruning report lists no tensors per group",
             fix="give the JSON report (--report) of an onnxopt prune run of version 0.1 or later",
