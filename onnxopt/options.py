@@ -13,6 +13,7 @@ import functools
 import inspect
 import math
 import operator
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -62,6 +63,21 @@ class Rule:
     """Any other rule: ``check`` returns what is wrong with a value, or None when it is fine."""
 
     check: Callable[[Any], str | None]
+
+
+def regular_expression_problem(patterns: Sequence[str] | None) -> str | None:
+    """What is wrong with a list of regular expressions (the first that does not compile),
+    or None."""
+    for pattern in patterns or ():
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            return f"has {pattern!r}, which is not a regular expression: {error}"
+    return None
+
+
+# The rule of options that hold regular expressions on node or tensor names.
+REGULAR_EXPRESSIONS = Rule(regular_expression_problem)
 
 
 @dataclasses.dataclass(frozen=True)

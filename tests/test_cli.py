@@ -126,6 +126,10 @@ def test_bad_model_files_exit_2_without_output(tmp_path, classifier_path, capsys
         (("--recipe", "int8", "--set", "quantize.gptq_samples=0"), "must be an integer >= 1"),
         (("--recipe", "int8", "--set", "check-speed.samples=0"), "must be an integer >= 1"),
         (("--recipe", "int8", "--set", "check-speed.min_speedup=-1"), "check-speed.min_speedup"),
+        (("--recipe", "int8", "--set", "calibrate.workers=0"), "must be an integer >= 1"),
+        (("--recipe", "int8", "--set", "quantize.exclude_nodes=['conv[']"), "not a regular"),
+        (("--recipe", "prune", "--set", "prune.exclude=['(']"), "not a regular expression"),
+        (("--recipe", "sparsify", "--set", "sparsify.exclude=['(']"), "not a regular"),
     ],
 )
 def test_bad_recipe_choices_exit_2(tmp_path, classifier_path, capsys, extra, message):

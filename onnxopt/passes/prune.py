@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import onnx_ir as ir
 
-from onnxopt.options import Range
+from onnxopt.options import REGULAR_EXPRESSIONS, Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.pruning.recovery import recover_steps
 from onnxopt.pruning.structured import StructuredSettings, default_samples, prune_structured
@@ -55,7 +55,7 @@ class PrunePass(OnnxoptPass):
         ] = "activation",
         recover: bool = True,
         finetune_steps: Annotated[int, Range(low=0)] = 0,
-        exclude: list[str] | None = None,
+        exclude: Annotated[list[str] | None, REGULAR_EXPRESSIONS] = None,
         protect_first_last: bool = True,
         round_to: Annotated[int, Range(low=1)] = 1,
         allocation: Literal["global", "uniform"] = "global",

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from onnxopt.calibration.moments import LayerBatches
 from onnxopt.errors import InputError
-from onnxopt.options import Range, Rule
+from onnxopt.options import REGULAR_EXPRESSIONS, Range, Rule
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.quantization.fusion import fusion_report
 from onnxopt.quantization.gptq import GptqRounding
@@ -57,7 +57,7 @@ class QuantizePass(OnnxoptPass):
         per_channel: bool = True,
         reduce_range: bool | None = None,
         max_abs_range: Annotated[float, Range(low=0.0, low_open=True)] = 1e4,
-        exclude_nodes: list[str] | None = None,
+        exclude_nodes: Annotated[list[str] | None, REGULAR_EXPRESSIONS] = None,
         exclude_op_types: list[str] | None = None,
         tensor_overrides: Annotated[dict[str, Any] | None, Rule(tensor_overrides_problem)] = None,
         dynamic_matmul: bool = True,

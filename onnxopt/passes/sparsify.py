@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 import onnx_ir as ir
 
-from onnxopt.options import Range, Rule
+from onnxopt.options import REGULAR_EXPRESSIONS, Range, Rule
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.pruning import SparsitySettings, parse_pattern, sparsify_model
 from onnxopt.pruning.budget import sparsify_to_budget
@@ -78,7 +78,7 @@ class SparsifyPass(OnnxoptPass):
         refit_steps: Annotated[int, Range(low=0)] = 30,
         allocation: Literal["auto", "uniform", "global"] = "auto",
         samples: Annotated[int, Range(low=1)] = 32,
-        exclude: list[str] | None = None,
+        exclude: Annotated[list[str] | None, REGULAR_EXPRESSIONS] = None,
         protect_first_last: bool = True,
         min_cosine: Annotated[float | None, Range(-1.0, 1.0)] = 0.99,
         min_sqnr_db: float | None = None,

@@ -8,7 +8,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import InputError
 from onnxopt.io import load
-from onnxopt.options import Range
+from onnxopt.options import REGULAR_EXPRESSIONS, Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.transfer import (
     TransferSettings,
@@ -55,8 +55,8 @@ class TransferPass(OnnxoptPass):
         source: str = "",
         match: Literal["auto", "name", "structure"] = "auto",
         on_mismatch: Literal["error", "skip", "fit"] = "error",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
+        include: Annotated[list[str] | None, REGULAR_EXPRESSIONS] = None,
+        exclude: Annotated[list[str] | None, REGULAR_EXPRESSIONS] = None,
         map: str | None = None,
         pruned: str | None = None,
         weight_scales: Literal["keep", "widen"] = "keep",

@@ -22,6 +22,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from onnxopt.errors import InputError
+from onnxopt.options import regular_expression_problem
 from onnxopt.runtime import Feed
 from onnxopt.transfer.checks import (
     OutputChange,
@@ -146,6 +147,13 @@ def transfer_weights(
     when it raises: give a copy.
     """
     start = time.perf_counter()
+    for option, patterns in (("include", settings.include), ("exclude", settings.exclude)):
+        problem = regular_expression_problem(patterns)
+        if problem is not None:
+            raise InputError(
+                f"transfer's {option} {problem}",
+                fix="escape the characters regular expressions treat specially, e.g. \\[ for [",
+            )
     source = source.clone()
     LiftConstantsToInitializersPass(size_limit=0)(source)
     LiftConstantsToInitializersPass(size_limit=0)(target)

@@ -57,6 +57,7 @@ def test_transfer_writes_the_model_and_a_report(pair, tmp_path, capsys):
         (["--map", "missing.txt"], "cannot read the map"),
         (["--pruned", "BAD"], "holds no pruning report"),
         (["--finetune-steps", "-1"], "must be 0 or more"),
+        (["--include", "conv["], "not a regular expression"),
         (["--finetune-steps", "2"], "has no samples"),
         (["--match", "name", "--include", "^project"], "another shape"),
     ],
