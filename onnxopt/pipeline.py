@@ -11,6 +11,7 @@ import onnx_ir as ir
 from onnxopt.context import Context, ReportRow
 from onnxopt.errors import OnnxoptError, ProcessingError
 from onnxopt.graph import default_opset
+from onnxopt.mapped import mapped_weights, unmap_read_weights
 from onnxopt.passes.base import OnnxoptPass
 from onnxopt.recipe import Recipe, build_passes
 
@@ -54,6 +55,7 @@ class Pipeline:
                 continue
             logger.info("running %s", pass_.name)
             start = time.perf_counter()
+            mapped = mapped_weights(model)
             try:
                 result = pass_(model)
             except OnnxoptError as error:
@@ -69,6 +71,7 @@ class Pipeline:
                     f"pass '{pass_.name}' failed: {type(error).__name__}: {error}",
                     fix=f"leave '{pass_.name}' out of the recipe to skip it, and report the model that breaks it",
                 ) from error
+            unmap_read_weights([*mapped, *mapped_weights(model)])
             changes = getattr(result, "changes", int(result.modified))
             details = dict(getattr(result, "details", {}))
             context.report.append(

@@ -18,6 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from onnxopt.mapped import mapped_weights, unmap_read_weights
 from onnxopt.shapes import known_sizes
 
 # One sample as onnxruntime takes it: an array per model input, by input name.
@@ -169,8 +170,9 @@ def create_session(
     A model in memory travels through a temporary file with external data, which onnxruntime
     maps into memory: serializing it into one protobuf message would hold its weights three
     times over while the session loads (MiniLM: 350 MB above its start, against 50 MB; and
-    twice as slow). Weights the model still keeps in its own external data files are handed
-    to onnxruntime as arrays mapped from those files instead of copied into the temporary one. ``memory_arena=False`` returns each run's memory as it is freed, instead of
+    twice as slow). A model that still keeps weights in its own external data files needs no
+    temporary file: onnxruntime reads those from there, and takes the ones changed in memory
+    as arrays. ``memory_arena=False`` returns each run's memory as it is freed, instead of
     keeping the largest run's in an arena for the session's life: for sessions whose runs hold
     many tensors.
     """
@@ -183,55 +185,97 @@ def create_session(
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
         return ort.InferenceSession(os.fspath(model), options, providers=providers)
+    unmap_read_weights(mapped_weights(model))
+    session = _session_reading_weights_in_place(model, options, providers)
+    if session is not None:
+        return session
     with tempfile.TemporaryDirectory(
         prefix="onnxopt-session-", ignore_cleanup_errors=True
     ) as folder:
         path = os.path.join(folder, MODEL_FILE)
-        handed = _hand_over_external_weights(model, options)
-        if handed is None:
-            ir.save(model, path, external_data=DATA_FILE)
-            return ort.InferenceSession(path, options, providers=providers)
-        ir.save(model, path)
-        session = ort.InferenceSession(path, options, providers=providers)
-        _HANDED_WEIGHTS[session] = handed
-        return session
+        ir.save(model, path, external_data=DATA_FILE)
+        return ort.InferenceSession(path, options, providers=providers)
 
 
-# The weight arrays handed to a session, kept alive as long as it lives (onnxruntime reads
-# them in place).
+# onnxruntime's option naming the folder the external data of a model given as bytes is in.
+EXTERNAL_DATA_FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
+
+# Weights in memory at least this large are handed to a session as arrays, not serialized.
+HANDED_WEIGHT_BYTES = 2**16
+
+# The external data location written for weights handed over as arrays; never read.
+HANDED_LOCATION = "onnxopt-handed-over.bin"
+
+# The arrays handed to a session, kept alive as long as it lives (onnxruntime may read them
+# in place).
 _HANDED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _hand_over_external_weights(
-    model: ir.Model, options: ort.SessionOptions
-) -> list[np.ndarray] | None:
-    """Give onnxruntime the weights a model still keeps in its external data files as arrays
-    mapped from those files, so the session's temporary model file holds the graph and the
-    changed weights only: a copy of every weight was written to disk for each session
-    before (a 1 GB model: about a second a session, and a run of the int8 preset makes
-    several). None, and nothing given, where that cannot be done: weights in subgraphs kept
-    external, types numpy lacks, or more than 2 GB of weights in memory (one protobuf
-    message holds no more)."""
-    names, arrays, inline = [], [], 0
-    for graph in model.graphs():
-        for name, value in graph.initializers.items():
-            tensor = value.const_value
-            if not isinstance(tensor, ir.ExternalTensor):
-                inline += tensor.nbytes if tensor is not None else 0
-                continue
-            if graph is not model.graph:
-                return None
-            names.append(name)
-            arrays.append(tensor)
-    if not names or inline > PROTOBUF_LIMIT_BYTES // 2:
+def _session_reading_weights_in_place(
+    model: ir.Model, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession | None:
+    """A session that reads the weights the model still keeps in its own external data files
+    from those files, as onnxruntime reads a model file, and takes the large weights changed
+    in memory as arrays: no copy of any weight is serialized or written.
+
+    Writing the model to a temporary file copies every weight (a second each GB, per session)
+    and, where the weights come from mapped files, first brings them all into this process's
+    memory: sessions of a 1 GB model peaked at 2x its size where onnxruntime alone, reading
+    the file, peaks at 1x. None where the model keeps no weights on disk, or keeps them in
+    more than one folder.
+    """
+    folders = {os.path.abspath(tensor.base_dir or ".") for tensor in mapped_weights(model)}
+    if len(folders) != 1:
         return None
+    (folder,) = folders
+    handed = _large_weights_in_memory(model)
+    originals = {value: value.const_value for value, _ in handed}
     try:
-        arrays = [np.ascontiguousarray(tensor.numpy()) for tensor in arrays]
-        values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    options.add_external_initializers(names, values)
-    return [*arrays, *values]
+        for value, array in handed:
+            value.const_value = ir.ExternalTensor(
+                HANDED_LOCATION,
+                offset=0,
+                length=array.nbytes,
+                dtype=value.const_value.dtype,
+                shape=value.const_value.shape,
+                name=value.name,
+                base_dir=folder,
+            )
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in originals.items():
+            value.const_value = tensor
+    if handed:
+        options.add_external_initializers(
+            [value.name for value, _ in handed],
+            [ort.OrtValue.ortvalue_from_numpy(array) for _, array in handed],
+        )
+    options.add_session_config_entry(EXTERNAL_DATA_FOLDER_OPTION, folder)
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    if handed:
+        _HANDED_WEIGHTS[session] = [array for _, array in handed]
+    return session
+
+
+def _large_weights_in_memory(model: ir.Model) -> list[tuple[ir.Value, np.ndarray]]:
+    """The main graph's weights held in memory and at least HANDED_WEIGHT_BYTES large, with
+    their arrays, in the types numpy and onnxruntime share."""
+    handed = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if (
+            tensor is None
+            or isinstance(tensor, ir.ExternalTensor)
+            or tensor.nbytes < HANDED_WEIGHT_BYTES
+        ):
+            continue
+        try:
+            array = np.ascontiguousarray(tensor.numpy())
+        except (TypeError, ValueError):
+            continue
+        if array.dtype.kind in "fiub" and array.dtype.itemsize in (1, 2, 4, 8):
+            handed.append((value, array))
+    return handed
 
 
 def release_freed_memory() -> None:

@@ -35,6 +35,7 @@ LAYERS = {
     "options": FOUNDATIONS,
     "graph": FOUNDATIONS,
     "shapes": FOUNDATIONS,
+    "mapped": FOUNDATIONS,
     "runtime": FOUNDATIONS,
     "io": FOUNDATIONS,
     "data": FOUNDATIONS,

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxopt.graph import constant_array, take_over_output
+from onnxopt.mapped import float32_weight
 from onnxopt.quantization import numerics
 from onnxopt.quantization.nodes import QdqBuilder
 from onnxopt.quantization.plan import (
@@ -239,7 +240,7 @@ class _Emitter:
 
     def _quantize_weight(self, planned: PlannedNode, input_scale: np.float32) -> None:
         node, weight = planned.node, planned.weight
-        array = weight.const_value.numpy().astype(np.float32)
+        array = float32_weight(weight)
         axis = weight_axis(node, weight) if self.plan.options.per_channel else None
         scales = numerics.weight_scales(array, axis, self.plan.reduce_range)
         bias_array = constant_array(planned.bias)
@@ -297,7 +298,7 @@ class _Emitter:
         """
         node, table = planned.node, planned.weight
         unique = self.builder.unique
-        array = table.const_value.numpy().astype(np.float32)
+        array = float32_weight(table)
         rows = array.reshape(array.shape[0], -1)
         scales = np.abs(rows).max(axis=1) / numerics.INT8_SYMMETRIC_RANGE[1]
         scales = numerics.rounded_to_half(np.where(scales > 0, scales, 1.0).astype(np.float32))
@@ -348,7 +349,7 @@ class _Emitter:
         """
         node, weight = planned.node, planned.weight
         unique = self.builder.unique
-        array = weight.const_value.numpy().astype(np.float32)
+        array = float32_weight(weight)
         axis = weight_axis(node, weight) if self.plan.options.per_channel else None
         scales = numerics.rounded_to_half(
             numerics.weight_scales(array, axis, self.plan.reduce_range)
