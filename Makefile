@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,torch,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,torch,ray,openvino]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -161,7 +161,11 @@ def optimize(
     if timing:
         reference_model = model if isinstance(model, ir.Model) else input_path
         result.speed = measure_speed(
-            reference_model, written[-1] if written else loaded, _timing_feed(context), progress
+            reference_model,
+            written[-1] if written else loaded,
+            _timing_feed(context),
+            progress,
+            context.runtime_name,
         )
     if failure is not None and raise_on_failure and not force:
         failure.result = result

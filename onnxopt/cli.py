@@ -14,7 +14,9 @@ from rich.console import Console
 
 from onnxopt.__about__ import __version__
 from onnxopt.errors import InputError, OnnxoptError
+from onnxopt.openvino_runtime import require_openvino
 from onnxopt.progress import Progress
+from onnxopt.quantization.targets import RUNTIMES, TARGETS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -57,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PASS.OPTION=VALUE",
         help="override a recipe option, e.g. validate.min_cosine=0.999 (repeatable)",
     )
+    optimize.add_argument(
+        "--target",
+        choices=sorted(TARGETS),
+        default=None,
+        help="the runtime the int8 model is for: "
+        + "; ".join(f"{name}: {target.summary}" for name, target in TARGETS.items())
+        + " (sets quantize.target)",
+    )
     optimize.add_argument("--report", default=None, help="write the full report as JSON here")
     optimize.add_argument(
         "--plot",
@@ -97,7 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=int, default=16, help="samples used for fidelity (default 16)"
     )
     compare.add_argument("--runs", type=int, default=50, help="timed runs per model (default 50)")
-    compare.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    compare.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    compare.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="onnxruntime",
+        help="run both models in onnxruntime (default) or OpenVINO (float parts in float32; "
+        "pip install 'onnxopt[openvino]')",
+    )
     compare.add_argument("--json", action="store_true", help="print JSON instead of tables")
     compare.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -254,7 +271,10 @@ def _optimize(arguments: argparse.Namespace, console: Console) -> int:
         recipe=arguments.recipe or ("int8" if arguments.calib else "cleanup"),
         data=arguments.calib,
         settings=settings,
-        overrides=arguments.overrides,
+        overrides=[
+            *arguments.overrides,
+            *([f"quantize.target={arguments.target}"] if arguments.target else []),
+        ],
         force=arguments.force,
         external_data=arguments.external_data,
         progress=progress,
@@ -307,6 +327,8 @@ def _compare(arguments: argparse.Namespace, console: Console) -> int:
     from onnxopt.io import load
     from onnxopt.runtime import random_feeds
 
+    if arguments.runtime == "openvino":
+        require_openvino()
     model_a, model_b = load(arguments.model_a), load(arguments.model_b)
     if arguments.data:
         feeds = open_data(arguments.data, model_a).take(arguments.samples)
@@ -319,6 +341,7 @@ def _compare(arguments: argparse.Namespace, console: Console) -> int:
         latency_runs=arguments.runs,
         threads=arguments.threads,
         progress=Progress(enabled=not (arguments.quiet or arguments.json)),
+        runtime_name=arguments.runtime,
     )
     if arguments.json:
         print(json.dumps(comparison.as_dict(), indent=2))

@@ -59,7 +59,8 @@ class Comparison:
         outputs: fidelity of each of B's outputs against A's, in A's output order.
         latency_a: A's latency; None when no timed runs were asked for.
         latency_b: B's latency; None when no timed runs were asked for.
-        threads: intra-op threads both sessions used; None for onnxruntime's default.
+        threads: intra-op threads both sessions used; None for the runtime's default.
+        runtime: where both ran: onnxruntime, or openvino (float parts in float32).
     """
 
     samples: int
@@ -67,6 +68,7 @@ class Comparison:
     latency_a: LatencyStats | None
     latency_b: LatencyStats | None
     threads: int | None
+    runtime: str = "onnxruntime"
 
     @property
     def speedup(self) -> float | None:
@@ -95,8 +97,9 @@ def compare_models(
     warmup: int = 5,
     threads: int | None = None,
     progress: Progress | None = None,
+    runtime_name: str = "onnxruntime",
 ) -> Comparison:
-    """Measure B against A on the same samples.
+    """Measure B against A on the same samples, both run in ``runtime_name``.
 
     Args:
         model_a: the reference, usually the original model.
@@ -106,6 +109,7 @@ def compare_models(
         warmup: untimed runs of each model first, so that allocation and caches settle.
         threads: intra-op threads for both sessions; None for onnxruntime's default.
         progress: where to show the two stages, comparing outputs and timing; None shows nothing.
+        runtime_name: onnxruntime, or openvino (the optional extra; float parts in float32).
 
     Raises:
         InputError: the models take or return differently named values, or a sample lacks an input.
@@ -120,8 +124,8 @@ def compare_models(
     input_names = [spec.name for spec in input_specs(model_a)]
     samples = [_select_inputs(feed, input_names, index) for index, feed in enumerate(feeds)]
     output_names = [value.name for value in model_a.graph.outputs]
-    session_a = create_session(model_a, threads=threads)
-    session_b = create_session(model_b, threads=threads)
+    session_a = create_session(model_a, threads=threads, runtime=runtime_name)
+    session_b = create_session(model_b, threads=threads, runtime=runtime_name)
     progress = progress or QUIET
 
     outputs_a, outputs_b = [], []
@@ -152,6 +156,7 @@ def compare_models(
         latency_a=latency_a,
         latency_b=latency_b,
         threads=threads,
+        runtime=runtime_name,
     )
 
 
@@ -252,15 +257,18 @@ def time_models(
     seconds: float = 2.0,
     runs: tuple[int, int] = (5, 200),
     warmup: int = 3,
+    runtime_name: str = "onnxruntime",
 ) -> SpeedComparison:
     """How fast B runs against A on one sample: a short interleaved timing, medians.
 
     After up to ``warmup`` runs of each (fewer once they have taken a quarter of ``seconds``:
     a detector's first run settles it, and each more costs a third of a second), times as
     many rounds as fit in about ``seconds`` (at least ``runs[0]``, at most ``runs[1]``), so a
-    slow model costs seconds, not minutes.
+    slow model costs seconds, not minutes. ``runtime_name`` is onnxruntime or openvino.
     """
-    sessions = [create_session(model, threads=threads) for model in (model_a, model_b)]
+    sessions = [
+        create_session(model, threads=threads, runtime=runtime_name) for model in (model_a, model_b)
+    ]
     start = time.perf_counter()
     warmed = 0
     while warmed < max(warmup, 1) and (warmed == 0 or time.perf_counter() - start < seconds / 4):
@@ -283,10 +291,12 @@ class SpeedReport:
     Attributes:
         comparisons: the timings, ``latency_a`` of the input model, ``latency_b`` of the result.
         skipped: why nothing was timed, or None.
+        runtime: where both were timed: onnxruntime or openvino.
     """
 
     comparisons: list[SpeedComparison]
     skipped: str | None = None
+    runtime: str = "onnxruntime"
 
 
 def measure_speed(
@@ -294,16 +304,20 @@ def measure_speed(
     model_b: ir.Model | str | os.PathLike,
     feed: dict[str, np.ndarray] | None,
     progress: Progress = QUIET,
+    runtime_name: str = "onnxruntime",
 ) -> SpeedReport:
-    """A short interleaved timing of B against A with one thread and with the default threads."""
+    """A short interleaved timing of B against A with one thread and with the default threads,
+    in ``runtime_name`` (onnxruntime or openvino)."""
     if feed is None:
-        return SpeedReport([], "no sample the input model runs on")
+        return SpeedReport([], "no sample the input model runs on", runtime_name)
     comparisons = []
     with progress.task("timing", 2) as advance:
         for threads in (1, None):
-            comparisons.append(time_models(model_a, model_b, feed, threads))
+            comparisons.append(
+                time_models(model_a, model_b, feed, threads, runtime_name=runtime_name)
+            )
             advance(1)
-    return SpeedReport(comparisons)
+    return SpeedReport(comparisons, runtime=runtime_name)
 
 
 def _format_optional(value: float | None, pattern: str) -> str:
@@ -336,7 +350,8 @@ def render_comparison(
         return
     threads = "default threads" if comparison.threads is None else f"{comparison.threads} threads"
     console.print(
-        f"latency over {comparison.latency_a.runs} runs each, {label_a} and {label_b} interleaved, {threads}"
+        f"latency over {comparison.latency_a.runs} runs each, {label_a} and {label_b} "
+        f"interleaved, {threads}, in {comparison.runtime}"
     )
     latency = Table()
     latency.add_column("ms")

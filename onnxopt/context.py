@@ -119,6 +119,14 @@ class Context:
         return self.comparison
 
     @property
+    def runtime_name(self) -> str:
+        """Where this run's model is measured: the quantize pass's target's runtime, else
+        onnxruntime."""
+        if self.quantization is None:
+            return "onnxruntime"
+        return self.quantization.options.target.runtime
+
+    @property
     def int8_declined(self) -> str | None:
         """Why int8 is not worth it on this model, once the speed check found so; else None."""
         if self.speed_check is None or self.speed_check.worthwhile:

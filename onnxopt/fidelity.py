@@ -46,9 +46,12 @@ class ReferenceComparison:
     problem: str | None = None
     padding_mask: str | None = None
 
-    def measure(self, model: ir.Model, rtol: float = 0.0) -> list[OutputFidelity]:
-        """Fidelity of every output of ``model`` against the reference, on the same samples."""
-        session = runtime.sample_session(model)
+    def measure(
+        self, model: ir.Model, rtol: float = 0.0, runtime_name: str = "onnxruntime"
+    ) -> list[OutputFidelity]:
+        """Fidelity of every output of ``model``, run in ``runtime_name`` (onnxruntime or
+        openvino), against the reference, on the same samples."""
+        session = runtime.sample_session(model, runtime_name)
         outputs = runtime.run(session, self.feeds)
         names = [output.name for output in session.get_outputs()]
         fidelity = compare_outputs(

@@ -195,6 +195,7 @@ def speed_json(speed: SpeedReport | None) -> dict[str, Any] | None:
         return None
     return {
         "skipped": speed.skipped,
+        "runtime": speed.runtime,
         "timings": [
             {
                 "threads": comparison.threads if comparison.threads is not None else "default",
@@ -214,7 +215,10 @@ def render_speed(speed: SpeedReport | None, console: Console) -> None:
     if speed.skipped:
         console.print(f"Speed: not timed ({speed.skipped})")
         return
-    table = Table(title="Speed (batch 1, median of interleaved runs)", title_justify="left")
+    table = Table(
+        title=f"Speed in {speed.runtime} (batch 1, median of interleaved runs)",
+        title_justify="left",
+    )
     for column in ("threads", "input", "result", "speedup"):
         table.add_column(column, justify="left" if column == "threads" else "right")
     for comparison in speed.comparisons:

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxopt.mapped import mapped_weights, unmap_read_weights
+from onnxopt.openvino_runtime import OpenVinoSession
 from onnxopt.shapes import known_sizes
 
 # One sample as onnxruntime takes it: an array per model input, by input name.
@@ -164,8 +165,11 @@ def create_session(
     threads: int | None = None,
     optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     memory_arena: bool = True,
-) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a model in memory or on disk.
+    runtime: str = "onnxruntime",
+) -> ort.InferenceSession | OpenVinoSession:
+    """An onnxruntime CPU session for a model in memory or on disk; with
+    ``runtime="openvino"``, the model compiled for OpenVINO's CPU plugin instead, run through
+    the same interface (``openvino_runtime``).
 
     A model in memory travels through a temporary file with external data, which onnxruntime
     maps into memory: serializing it into one protobuf message would hold its weights three
@@ -176,6 +180,8 @@ def create_session(
     keeping the largest run's in an arena for the session's life: for sessions whose runs hold
     many tensors.
     """
+    if runtime == "openvino":
+        return OpenVinoSession(model, threads=threads)
     options = ort.SessionOptions()
     options.graph_optimization_level = optimization_level
     options.enable_cpu_mem_arena = memory_arena
@@ -322,10 +328,12 @@ def concurrently(function: Callable[[_Item], _Result], items: Iterable[_Item]) -
         return list(pool.map(function, items))
 
 
-def sample_session(model: ir.Model | str | os.PathLike) -> ort.InferenceSession:
+def sample_session(
+    model: ir.Model | str | os.PathLike, runtime: str = "onnxruntime"
+) -> ort.InferenceSession | OpenVinoSession:
     """A session to run many samples with ``run``: one intra-op thread, as ``run`` runs the
     samples one per core."""
-    return create_session(model, threads=1)
+    return create_session(model, threads=1, runtime=runtime)
 
 
 def run(session: ort.InferenceSession, feeds: Sequence[Feed]) -> list[list[np.ndarray]]:

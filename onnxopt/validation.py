@@ -105,7 +105,10 @@ def _checkable(model: ir.Model) -> Iterator[Callable[[bool], None]]:
 
 
 def validate(
-    model: ir.Model, comparison: ReferenceComparison | None, thresholds: Thresholds
+    model: ir.Model,
+    comparison: ReferenceComparison | None,
+    thresholds: Thresholds,
+    runtime_name: str = "onnxruntime",
 ) -> ValidationResult:
     """Check the model's structure, load it in onnxruntime, and compare it with the reference.
 
@@ -113,6 +116,8 @@ def validate(
         model: the optimized model.
         comparison: the reference's outputs on the samples to compare on; None skips comparing.
         thresholds: the limits the comparison must meet.
+        runtime_name: where the model's outputs are measured: onnxruntime, or openvino (for
+            a model made for it; it must load in onnxruntime too).
     """
     feeds = comparison.feeds if comparison is not None else []
     description = comparison.description if comparison is not None else ""
@@ -132,9 +137,9 @@ def validate(
         checks.append(Check("comparison with the original", True, comparison.problem, skipped=True))
         return result
     try:
-        result.outputs = comparison.measure(model, rtol=thresholds.rtol)
+        result.outputs = comparison.measure(model, rtol=thresholds.rtol, runtime_name=runtime_name)
     except Exception as error:
-        checks.append(Check("onnxruntime run", False, f"{type(error).__name__}: {error}"))
+        checks.append(Check(f"{runtime_name} run", False, f"{type(error).__name__}: {error}"))
         return result
     checks.extend(fidelity_checks(result.outputs, thresholds))
     return result

@@ -230,7 +230,7 @@ def test_optimize_times_the_result_against_the_input_unless_told_not_to(
 ):
     report = tmp_path / "report.json"
     assert run_cli("optimize", classifier_path, "-o", tmp_path / "a.onnx", "--report", report) == 0
-    assert "Speed (batch 1" in capsys.readouterr().out
+    assert "Speed in onnxruntime (batch 1" in capsys.readouterr().out
     speed = json.loads(report.read_text())["speed"]
     assert speed["skipped"] is None
     assert [timing["threads"] for timing in speed["timings"]] == [1, "default"]

@@ -36,6 +36,7 @@ LAYERS = {
     "graph": FOUNDATIONS,
     "shapes": FOUNDATIONS,
     "mapped": FOUNDATIONS,
+    "openvino_runtime": FOUNDATIONS,
     "runtime": FOUNDATIONS,
     "io": FOUNDATIONS,
     "data": FOUNDATIONS,

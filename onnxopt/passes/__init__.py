@@ -18,6 +18,7 @@ from onnxopt.passes.lift_constants import LiftConstantsPass
 from onnxopt.passes.prune import PrunePass
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.passes.remove_dead_code import RemoveDeadCodePass
+from onnxopt.passes.smooth import SmoothPass
 from onnxopt.passes.sparsify import SparsifyPass
 from onnxopt.passes.transfer import TransferPass
 from onnxopt.passes.upgrade_ir_version import UpgradeIrVersionPass
@@ -40,6 +41,7 @@ PASSES: dict[str, type[OnnxoptPass]] = {
     "prune": PrunePass,
     "quantize": QuantizePass,
     "remove-dead-code": RemoveDeadCodePass,
+    "smooth": SmoothPass,
     "sparsify": SparsifyPass,
     "transfer": TransferPass,
     "upgrade-ir-version": UpgradeIrVersionPass,

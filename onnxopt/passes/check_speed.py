@@ -11,7 +11,7 @@ from onnxopt.calibration import CalibrationSettings, calibrate_model
 from onnxopt.options import Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.passes.fallback import FallbackPass
-from onnxopt.passes.quantize import already_quantized
+from onnxopt.passes.quantize import QuantizePass, already_quantized
 from onnxopt.quantization.plan import AlreadyQuantizedError, QuantizationOptions
 from onnxopt.quantization.prepare import tensors_to_calibrate
 from onnxopt.quantization.speed_check import check_int8_speed
@@ -46,12 +46,19 @@ class CheckSpeedPass(OnnxoptPass):
         super().__init__()
         self.min_speedup = min_speedup
         self.samples = samples
+        self.options = QuantizationOptions()
 
     def configure(self, passes: Sequence[OnnxoptPass]) -> None:
-        """Without a ``min_speedup`` of its own, the check takes the next fallback pass's."""
-        if self.min_speedup is not None or self not in passes:
+        """The check quantizes as the next quantize pass will (its target among its options)
+        and, without a ``min_speedup`` of its own, takes the next fallback pass's."""
+        if self not in passes:
             return
         later = passes[passes.index(self) + 1 :]
+        quantize = next((pass_ for pass_ in later if isinstance(pass_, QuantizePass)), None)
+        if quantize is not None:
+            self.options = quantize.options
+        if self.min_speedup is not None:
+            return
         fallback = next((pass_ for pass_ in later if isinstance(pass_, FallbackPass)), None)
         if fallback is not None:
             self.min_speedup = fallback.min_speedup
@@ -69,7 +76,7 @@ class CheckSpeedPass(OnnxoptPass):
                 model,
                 rough.ranges,
                 rough.problems,
-                QuantizationOptions(),
+                self.options,
                 data.take(1)[0],
                 self.min_speedup,
                 self.context.progress,

@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from onnxopt.calibration.moments import LayerBatches
 from onnxopt.errors import InputError
+from onnxopt.openvino_runtime import require_openvino
 from onnxopt.options import REGULAR_EXPRESSIONS, Range, Rule
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.quantization.fusion import fusion_report
@@ -20,6 +21,7 @@ from onnxopt.quantization.plan import (
 )
 from onnxopt.quantization.qdq import quantize_model
 from onnxopt.quantization.state import QuantizationState
+from onnxopt.quantization.targets import TARGETS, TargetName
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,11 @@ class QuantizePass(OnnxoptPass):
     and the settings in ``context.quantization`` for the repairs after it.
 
     Args:
+        target: the runtime the model is for (``quantization.targets``): ``onnxruntime-cpu``,
+            ``openvino`` or ``generic``. It sets the activation format and which patterns
+            are used, and where check-speed, fallback and validate measure.
+        dynamic_matmul: quantize a float-fed MatMul's input at run time; None takes the
+            target's choice (on for onnxruntime-cpu only).
         rounding: ``gptq`` rounds the weights of Conv, Gemm and MatMul layers so that their
             outputs on calibration samples move least (``quantization.gptq``); ``nearest``
             rounds each weight on its own. Without data, weights round to nearest.
@@ -60,12 +67,16 @@ class QuantizePass(OnnxoptPass):
         exclude_nodes: Annotated[list[str] | None, REGULAR_EXPRESSIONS] = None,
         exclude_op_types: list[str] | None = None,
         tensor_overrides: Annotated[dict[str, Any] | None, Rule(tensor_overrides_problem)] = None,
-        dynamic_matmul: bool = True,
+        dynamic_matmul: bool | None = None,
         rounding: Literal["gptq", "nearest"] = "gptq",
+        target: TargetName = "onnxruntime-cpu",
         gptq_samples: Annotated[int, Range(low=1)] = 16,
     ):
         super().__init__()
-        self.options = QuantizationOptions(
+        if TARGETS[target].runtime == "openvino":
+            require_openvino()
+        self.options = QuantizationOptions.for_target(
+            TARGETS[target],
             per_channel=per_channel,
             reduce_range=reduce_range,
             max_abs_range=max_abs_range,
@@ -102,9 +113,13 @@ class QuantizePass(OnnxoptPass):
             details["dynamic"] = len(report.dynamic)
         if rounding is not None:
             details["gptq rounded"] = len(rounding.rounded)
-        details["integer kernels"] = (
-            f"{state.fusion.integer_kernels}/{state.fusion.integer_kernels + state.fusion.unfused}"
-        )
+        if self.options.target.integer_kernels:
+            fusion = state.fusion
+            details["integer kernels"] = (
+                f"{fusion.integer_kernels}/{fusion.integer_kernels + fusion.unfused}"
+            )
+        else:
+            details["target"] = self.options.target.name
         logger.info(
             "quantized %d nodes; %d kept float", len(report.quantized), len(report.kept_float)
         )

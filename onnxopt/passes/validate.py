@@ -47,7 +47,7 @@ class ValidatePass(OnnxoptPass):
             if self.context.reference is not None
             else None
         )
-        result = validate(model, comparison, self.thresholds)
+        result = validate(model, comparison, self.thresholds, self.context.runtime_name)
         self.context.validation = result
         for check in result.checks:
             if check.skipped:

@@ -191,7 +191,9 @@ def keep_sensitive_layers_float(
         progress: shows the quantizations tried.
     """
     search = _Search(source, comparison, budget, quantized_nodes, progress, max_seconds)
-    first = _Trial((), quantized, *_judge(comparison, quantized, budget))
+    first = _Trial(
+        (), quantized, *_judge(comparison, quantized, budget, source.options.target.runtime)
+    )
     first.speedup = quantized_speedup if min_speedup is not None else None
     search.trials += 1
     if first.met:
@@ -282,9 +284,9 @@ def _kept(trial: _Trial, total: int) -> str:
 
 
 def _judge(
-    comparison: ReferenceComparison, model: ir.Model, budget: Thresholds
+    comparison: ReferenceComparison, model: ir.Model, budget: Thresholds, runtime_name: str
 ) -> tuple[list[OutputFidelity], bool]:
-    outputs = comparison.measure(model, rtol=budget.rtol)
+    outputs = comparison.measure(model, rtol=budget.rtol, runtime_name=runtime_name)
     return outputs, meets(outputs, budget)
 
 
@@ -459,7 +461,9 @@ class _Search:
         self.trials += 1
         start = time.perf_counter()
         model, report, bias_report = quantized or self._quantized(float_layers)
-        outputs, met = _judge(self.comparison, model, self.budget)
+        outputs, met = _judge(
+            self.comparison, model, self.budget, self.source.options.target.runtime
+        )
         logger.debug(
             "%d layers float: budget %s; %s",
             len(float_layers),
@@ -484,7 +488,12 @@ class _Search:
 
     def speedup(self, model: ir.Model) -> float:
         """How much faster ``model`` runs than the float model, one thread, on the first sample."""
-        return time_against_float(self.source.float_model, model, self.comparison.feeds[0])
+        return time_against_float(
+            self.source.float_model,
+            model,
+            self.comparison.feeds[0],
+            self.source.options.target.runtime,
+        )
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
@@ -533,7 +542,7 @@ def _ranking(
         if deadline is not None and time.perf_counter() > deadline:
             break
         model, _ = source.quantized_with_float(other for other in quantized_nodes if other != name)
-        session = runtime.sample_session(model)
+        session = runtime.sample_session(model, source.options.target.runtime)
         isolated[name] = _output_noise_ratio(comparison, feeds, runtime.run(session, feeds))
         del model, session
         runtime.release_freed_memory()

@@ -90,15 +90,17 @@ class QdqBuilder:
         return output
 
     def quantize_dequantize(
-        self, value: ir.Value, scale: np.float32, zero_point: np.uint8
+        self, value: ir.Value, scale: np.float32, zero_point: np.integer
     ) -> ir.Value:
-        """``value`` through QuantizeLinear and DequantizeLinear with one uint8 scale and zero point.
+        """``value`` through QuantizeLinear and DequantizeLinear with one scale and zero point,
+        of the zero point's type (uint8 or int8).
 
         Returns the dequantized value; nothing reads it yet.
         """
         base = value.name
         scale_value = self.constant(f"{base}_scale", np.array(scale, dtype=np.float32))
-        zero_value = self.constant(f"{base}_zero_point", np.array(zero_point, dtype=np.uint8))
+        zero_array = np.array(zero_point)
+        zero_value = self.constant(f"{base}_zero_point", zero_array)
         quantize = ir.node(
             "QuantizeLinear",
             [value, scale_value, zero_value],
@@ -106,7 +108,7 @@ class QdqBuilder:
         )
         quantized = quantize.outputs[0]
         quantized.name = self.unique(f"{base}_quantized")
-        quantized.dtype = ir.DataType.UINT8
+        quantized.dtype = ir.DataType.from_numpy(zero_array.dtype)
         quantized.shape = value.shape
         dequantize = ir.node(
             "DequantizeLinear",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import platform
 from pathlib import Path
@@ -14,15 +15,34 @@ INT8_REDUCED_RANGE = (-63, 63)
 INT32_LIMIT = 2**31 - 1
 
 
-def activation_parameters(low: float, high: float) -> tuple[np.float32, np.uint8]:
-    """Scale and zero point of an asymmetric uint8 tensor; zero is exactly representable.
+@dataclasses.dataclass(frozen=True)
+class ActivationFormat:
+    """How activations are stored: uint8 with a zero point (onnxruntime's CPU kernels), or
+    int8 symmetric around zero (the form TensorRT and other QDQ consumers read)."""
+
+    dtype: type = np.uint8
+    symmetric: bool = False
+
+
+UINT8_ASYMMETRIC = ActivationFormat(np.uint8, symmetric=False)
+INT8_SYMMETRIC = ActivationFormat(np.int8, symmetric=True)
+
+
+def activation_parameters(
+    low: float, high: float, activations: ActivationFormat = UINT8_ASYMMETRIC
+) -> tuple[np.float32, np.integer]:
+    """Scale and zero point of an activation tensor; zero is exactly representable.
 
     The range is widened to include zero (padding and ReLU outputs are exact zeros), and an empty
-    range gets scale 1, which quantizes the constant tensor it describes exactly.
+    range gets scale 1, which quantizes the constant tensor it describes exactly. Symmetric int8
+    spends its 255 levels on [-bound, bound], bound the larger magnitude of the two ends.
     """
     low, high = min(float(low), 0.0), max(float(high), 0.0)
+    zero = activations.dtype(0)
     if high - low < 1e-12:
-        return np.float32(1.0), np.uint8(0)
+        return np.float32(1.0), zero
+    if activations.symmetric:
+        return np.float32(max(-low, high) / INT8_SYMMETRIC_RANGE[1]), zero
     scale = np.float32((high - low) / (UINT8_RANGE[1] - UINT8_RANGE[0]))
     zero_point = np.clip(np.round(-low / float(scale)), *UINT8_RANGE)
     return scale, np.uint8(zero_point)

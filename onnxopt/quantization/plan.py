@@ -21,6 +21,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 from onnxopt.graph import clip_bound, constant_array
 from onnxopt.quantization import numerics
 from onnxopt.quantization.rules import QUANTIZED_OPS, Kind, OpRule, Output, rule_for, weight_axis
+from onnxopt.quantization.targets import DEFAULT_TARGET, Target
 
 TENSOR_OVERRIDE_KEYS = frozenset({"low", "high", "type"})
 
@@ -54,6 +55,9 @@ class QuantizationOptions:
             embedding) gathers int8 rows and scales them back (weight-only int8, one scale per
             row): a quarter of the size, and faster in onnxruntime than gathering float rows.
         min_table_elements: smaller tables stay float.
+        target: the runtime the model is for (``quantization.targets``): activation format,
+            and whether constants of Add and Mul are quantized. ``for_target`` also takes its
+            ``dynamic_matmul`` and ``gather_tables``.
     """
 
     per_channel: bool = True
@@ -65,6 +69,15 @@ class QuantizationOptions:
     dynamic_matmul: bool = True
     gather_tables: bool = True
     min_table_elements: int = 65536
+    target: Target = DEFAULT_TARGET
+
+    @classmethod
+    def for_target(cls, target: Target, **options: object) -> QuantizationOptions:
+        """Options with the target's defaults for what ``options`` leaves unset (or None)."""
+        given = {name: value for name, value in options.items() if value is not None}
+        given.setdefault("dynamic_matmul", target.dynamic_matmul)
+        given.setdefault("gather_tables", target.gather_tables)
+        return cls(target=target, **given)
 
 
 def tensor_overrides_problem(overrides: Mapping[str, object]) -> str | None:
@@ -223,7 +236,7 @@ def plan_quantization(
     TopologicalSortPass()(model)
     planner = _Planner(model, ranges, problems, options)
     for node in list(model.graph):
-        rule = rule_for(node)
+        rule = rule_for(node, options.target.rules)
         if rule is None:
             if _heavy_ops_inside(node):
                 planner.kept_float.append(
@@ -308,6 +321,11 @@ class _Planner:
             return self._plan_table(node, rule)
         if rule.kind is Kind.WEIGHTED:
             if node.op_type == "MatMul" and constant_array(node.inputs[1]) is None:
+                if not self.options.target.activation_matmuls:
+                    return (
+                        f"a MatMul of two activations runs faster in float in "
+                        f"{self.options.target.runtime}"
+                    )
                 return self._plan_activation_node(
                     node,
                     OpRule(Kind.BINARY, (0, 1), Output.OPTIONAL),
@@ -327,7 +345,7 @@ class _Planner:
                 optional
                 and output not in wanted
                 and output not in absorbed_sources
-                and not _feeds_an_add(planned.node)
+                and not (self.options.target.outputs_into_adds and _feeds_an_add(planned.node))
             ):
                 planned.quantize_output = False
                 self.integer_values.discard(output)
@@ -447,7 +465,8 @@ class _Planner:
         quantizes with the range of its own values: the op then runs as an integer kernel."""
         array = constant_array(value)
         if (
-            node.op_type not in CONSTANT_OPERAND_OPS
+            not self.options.target.constant_operands
+            or node.op_type not in CONSTANT_OPERAND_OPS
             or array is None
             or value.dtype != ir.DataType.FLOAT
             or array.size > MAX_CONSTANT_OPERAND_ELEMENTS

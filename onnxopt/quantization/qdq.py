@@ -31,6 +31,7 @@ from onnxopt.quantization.rules import Kind, weight_axis
 
 logger = logging.getLogger(__name__)
 
+# A Softmax's uint8 output: scale 1/256 as onnxruntime's QLinearSoftmax expects.
 SOFTMAX_OUTPUT = (np.float32(1.0 / 256.0), np.uint8(0))
 
 
@@ -168,28 +169,39 @@ class _Emitter:
         TopologicalSortPass()(self.plan.model)
         return self.report
 
-    def _tensor_parameters(self) -> dict[ir.Value, tuple[np.float32, np.uint8]]:
+    def _tensor_parameters(self) -> dict[ir.Value, tuple[np.float32, np.integer]]:
         ranges = self.plan.ranges
-        parameters: dict[ir.Value, tuple[np.float32, np.uint8]] = {}
+        activations = self.plan.options.target.activations
+        parameters: dict[ir.Value, tuple[np.float32, np.integer]] = {}
         for node in self.graph:
             planned = self.plan.planned.get(node)
             if planned is None:
                 continue
             for value in planned.activation_inputs:
                 if value not in parameters:
-                    parameters[value] = numerics.activation_parameters(*ranges[value.name])
+                    parameters[value] = numerics.activation_parameters(
+                        *ranges[value.name], activations
+                    )
             if not planned.quantize_output:
                 continue
             for output in node.outputs:
                 if planned.rule.kind is Kind.SHARED:
                     parameters[output] = parameters[planned.activation_inputs[0]]
                 elif planned.rule.fixed_output_range is not None:
-                    parameters[output] = SOFTMAX_OUTPUT
+                    parameters[output] = (
+                        SOFTMAX_OUTPUT
+                        if activations == numerics.UINT8_ASYMMETRIC
+                        else numerics.activation_parameters(
+                            *planned.rule.fixed_output_range, activations
+                        )
+                    )
                 else:
-                    parameters[output] = numerics.activation_parameters(*ranges[output.name])
+                    parameters[output] = numerics.activation_parameters(
+                        *ranges[output.name], activations
+                    )
         return parameters
 
-    def _insert_pair(self, value: ir.Value, scale: np.float32, zero_point: np.uint8) -> None:
+    def _insert_pair(self, value: ir.Value, scale: np.float32, zero_point: np.integer) -> None:
         """Quantize and dequantize ``value`` for the quantized nodes that read it.
 
         Float readers keep the float tensor, unless its producer is an integer kernel that emits

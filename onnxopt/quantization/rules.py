@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 
 import onnx_ir as ir
 
@@ -99,10 +100,10 @@ QUANTIZED_OPS = frozenset(
 )
 
 
-def rule_for(node: ir.Node) -> OpRule | None:
+def rule_for(node: ir.Node, rules: Mapping[str, OpRule] = RULES) -> OpRule | None:
     if node.domain not in ("", "ai.onnx"):
         return None
-    return RULES.get(node.op_type)
+    return rules.get(node.op_type)
 
 
 def weight_axis(node: ir.Node, weight: ir.Value) -> int | None:

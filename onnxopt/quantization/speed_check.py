@@ -126,14 +126,16 @@ def check_int8_speed(
     nodes = frozenset(report.quantized)
     variants = lighter_variants(node for node in model.graph if node.name in nodes)
     with progress.task("timing int8 against float", 1 + len(variants)) as advance:
-        speedups[EVERY_LAYER_QUANTIZED] = time_against_float(model, quantized, feed)
+        speedups[EVERY_LAYER_QUANTIZED] = time_against_float(
+            model, quantized, feed, options.target.runtime
+        )
         advance(1)
         del quantized
         for description, float_layers in variants:
             if max(speedups.values()) >= min_speedup:
                 break
             variant, _ = quantized_copy(model, ranges, problems, options, float_layers)
-            speedups[description] = time_against_float(model, variant, feed)
+            speedups[description] = time_against_float(model, variant, feed, options.target.runtime)
             advance(1)
             del variant
     runtime.release_freed_memory()
@@ -145,7 +147,11 @@ def check_int8_speed(
     return check
 
 
-def time_against_float(float_model: ir.Model, model: ir.Model, feed: Feed) -> float:
-    """How much faster ``model`` runs than ``float_model`` on ``feed``: one thread, interleaved,
-    TIMING_SECONDS long, float median over ``model``'s median."""
-    return time_models(float_model, model, feed, threads=1, seconds=TIMING_SECONDS).speedup
+def time_against_float(
+    float_model: ir.Model, model: ir.Model, feed: Feed, runtime_name: str = "onnxruntime"
+) -> float:
+    """How much faster ``model`` runs than ``float_model`` on ``feed`` in ``runtime_name``:
+    one thread, interleaved, TIMING_SECONDS long, float median over ``model``'s median."""
+    return time_models(
+        float_model, model, feed, threads=1, seconds=TIMING_SECONDS, runtime_name=runtime_name
+    ).speedup

@@ -327,9 +327,9 @@ def test_lighter_variants_too_slow_to_choose_are_not_judged(monkeypatch):
     judged = []
     real_judge = search_module._judge
 
-    def judge(comparison, candidate, budget):
+    def judge(comparison, candidate, budget, runtime_name):
         judged.append(candidate)
-        return real_judge(comparison, candidate, budget)
+        return real_judge(comparison, candidate, budget, runtime_name)
 
     monkeypatch.setattr(search_module, "_judge", judge)
     monkeypatch.setattr(search_module._Search, "speedup", lambda self, candidate: 0.8)

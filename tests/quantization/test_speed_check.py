@@ -53,7 +53,7 @@ def speeds(monkeypatch, by_float_layers):
         made[id(copy)] = frozenset(float_layers)
         return copy, report
 
-    def speedup(float_model, quantized_model, feed):
+    def speedup(float_model, quantized_model, feed, runtime_name):
         float_layers = made[id(quantized_model)]
         timed.append(float_layers)
         return by_float_layers(float_layers)
