@@ -57,7 +57,8 @@ def quantize_all(model_key: str, folder: Path) -> dict[str, Path | str]:
     reader = NpzSampleReader(model.calibration_path, ORT_SAMPLES)
     path = folder / "ort_best.onnx"
     try:
-        _ort_best(model.model_path, path, reader, [], {})
+        with contextlib.chdir(folder):  # onnxruntime's shape inference leaves files in the cwd
+            _ort_best(model.model_path, path, reader, [], {})
         made[ROWS[0]] = path
     except Exception as error:
         made[ROWS[0]] = f"failed: {type(error).__name__}: {str(error)[:120]}"
@@ -95,7 +96,8 @@ def measure(model_key: str, made: dict[str, Path | str]) -> list[str]:
         try:
             sessions[row] = OpenVinoSession(path, threads=1)
         except Exception as error:
-            problems[row] = f"does not load in OpenVINO: {str(error).splitlines()[-1][:100]}"
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            problems[row] = f"does not load in OpenVINO: {(lines or [''])[-1][:110]}"
     fp32_outputs = evaluation_outputs(reference, model.output_name, feeds)
     scores = {
         row: model.score(

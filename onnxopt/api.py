@@ -201,6 +201,7 @@ def quantize(
     force: bool = False,
     progress: Progress = QUIET,
     timing: bool = True,
+    target: str = "onnxruntime-cpu",
     **unsupported: Any,
 ) -> OptimizeResult:
     """INT8 QDQ quantization with the ``int8`` recipe, called like onnxruntime's ``quantize_static``.
@@ -212,6 +213,8 @@ def quantize(
     ``calibrate_method`` the recipe's method applies (percentile 99.99 in ``int8``).
     onnxruntime's format and type options are accepted only at the values onnxopt produces
     (QDQ, uint8 activations, int8 weights), since any other choice is slower on CPU.
+    ``target`` is the runtime the model is for (``onnxruntime-cpu``, ``openvino``, ``generic``;
+    docs/targets.md).
 
     Returns:
         The result of ``optimize``, with the quantization report in ``result.report()``.
@@ -222,6 +225,7 @@ def quantize(
         "quantize.reduce_range": reduce_range,
         "quantize.exclude_nodes": list(nodes_to_exclude),
         "quantize.exclude_op_types": list(op_types_to_exclude),
+        "quantize.target": target,
     }
     if calibrate_method is not None:
         method = getattr(calibrate_method, "name", calibrate_method)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxopt.errors import InputError
@@ -73,15 +74,22 @@ class OpenVinoSession:
                 self._compiled = core.compile_model(core.read_model(path), "CPU", config)
         else:
             self._compiled = core.compile_model(os.fspath(model), "CPU", config)
-        self._inputs = [port.get_any_name() for port in self._compiled.inputs]
-        self._outputs = [port.get_any_name() for port in self._compiled.outputs]
+        inputs, outputs = _graph_names(model)
+        self._inputs = [_port_name(port, inputs) for port in self._compiled.inputs]
+        self._outputs = [_port_name(port, outputs) for port in self._compiled.outputs]
         self._requests = threading.local()
 
     def get_inputs(self) -> list[NamedValue]:
-        return [NamedValue(port.get_any_name(), _shape(port)) for port in self._compiled.inputs]
+        return [
+            NamedValue(name, _shape(port))
+            for name, port in zip(self._inputs, self._compiled.inputs, strict=True)
+        ]
 
     def get_outputs(self) -> list[NamedValue]:
-        return [NamedValue(port.get_any_name(), _shape(port)) for port in self._compiled.outputs]
+        return [
+            NamedValue(name, _shape(port))
+            for name, port in zip(self._outputs, self._compiled.outputs, strict=True)
+        ]
 
     def run(
         self, output_names: Sequence[str] | None, feed: dict[str, np.ndarray]
@@ -91,9 +99,34 @@ class OpenVinoSession:
         request = getattr(self._requests, "request", None)
         if request is None:
             request = self._requests.request = self._compiled.create_infer_request()
-        request.infer({name: feed[name] for name in self._inputs})
+        request.infer({index: feed[name] for index, name in enumerate(self._inputs)})
         names = list(output_names) if output_names is not None else self._outputs
-        return [np.array(request.get_tensor(name).data, copy=True) for name in names]
+        return [
+            np.array(request.get_output_tensor(self._outputs.index(name)).data, copy=True)
+            for name in names
+        ]
+
+
+def _graph_names(model: ir.Model | str | os.PathLike) -> tuple[set[str], set[str]]:
+    """The names of the model's graph inputs and outputs."""
+    if not isinstance(model, ir.Model):
+        proto = onnx.load(os.fspath(model), load_external_data=False)
+        initializers = {tensor.name for tensor in proto.graph.initializer}
+        return (
+            {value.name for value in proto.graph.input if value.name not in initializers},
+            {value.name for value in proto.graph.output},
+        )
+    return (
+        {value.name for value in model.graph.inputs if value.name},
+        {value.name for value in model.graph.outputs if value.name},
+    )
+
+
+def _port_name(port: Any, graph_names: set[str]) -> str:
+    """The port's name in the ONNX graph: OpenVINO gives a port every name its tensor had,
+    and ``get_any_name`` may pick an inner one (an input's Cast output, say)."""
+    names = sorted(set(port.get_names()) & graph_names)
+    return names[0] if names else port.get_any_name()
 
 
 def _shape(port: Any) -> list[int | str | None]:

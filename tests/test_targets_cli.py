@@ -166,3 +166,29 @@ def test_openvino_without_the_package_names_the_extra(
     assert "onnxopt[openvino]" in capsys.readouterr().err
     assert run_cli("compare", classifier_path, classifier_path, "--runtime", "openvino") == 2
     assert "onnxopt[openvino]" in capsys.readouterr().err
+
+
+def test_the_python_api_takes_a_target(tmp_path, classifier_path, classifier_data):
+    import onnxopt
+    from onnxopt.errors import InputError
+
+    samples = [{"x": array} for array in np.load(classifier_data)["x"]]
+    output = tmp_path / "generic.onnx"
+    onnxopt.quantize(
+        classifier_path,
+        output,
+        samples,
+        target="generic",
+        timing=False,
+        overrides=["fallback.min_speedup=none"],
+    )
+    zero_points = [
+        tensor
+        for tensor in onnx.load(output).graph.initializer
+        if tensor.name.endswith("_zero_point")
+    ]
+    types = {tensor.data_type for tensor in zero_points}
+    assert onnx.TensorProto.INT8 in types and onnx.TensorProto.UINT8 not in types
+    with pytest.raises(InputError, match="onnxruntime-cpu"):
+        onnxopt.quantize(classifier_path, tmp_path / "x.onnx", samples, target="tensorrt")
+    assert not (tmp_path / "x.onnx").exists()
