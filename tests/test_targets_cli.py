@@ -23,6 +23,16 @@ def run_cli(*arguments) -> int:
     return main([str(argument) for argument in arguments])
 
 
+def quantize_cli(model, output, data, *arguments) -> int:
+    """``onnxopt optimize`` with calibration data, and the given further arguments."""
+    return run_cli("optimize", model, "-o", output, "--calib", data, *arguments)
+
+
+def pass_details(report, name: str) -> dict:
+    passes = json.loads(report.read_text())["passes"]
+    return next(row["details"] for row in passes if row["name"] == name)
+
+
 def test_an_openvino_session_runs_like_onnxruntime(classifier_path, classifier_data):
     model = load(classifier_path)
     feed = {name: array[0] for name, array in np.load(classifier_data).items()}
@@ -42,12 +52,9 @@ def test_optimize_for_a_target_writes_its_form_and_measures_it_there(
     tmp_path, classifier_path, classifier_data, target
 ):
     output, report = tmp_path / "int8.onnx", tmp_path / "report.json"
-    code = run_cli(
-        "optimize",
+    code = quantize_cli(
         classifier_path,
-        "-o",
         output,
-        "--calib",
         classifier_data,
         "--target",
         target,
@@ -60,14 +67,8 @@ def test_optimize_for_a_target_writes_its_form_and_measures_it_there(
     written = onnx.load(output)
     op_types = {node.op_type for node in written.graph.node}
     assert "QuantizeLinear" in op_types and "DynamicQuantizeLinear" not in op_types
-    quantize = next(
-        row for row in json.loads(report.read_text())["passes"] if row["name"] == "quantize"
-    )
-    assert quantize["details"]["target"] == target
-    smooth = next(
-        row for row in json.loads(report.read_text())["passes"] if row["name"] == "smooth"
-    )
-    assert smooth["details"]["layers"] == 1  # the classifier's Gemm
+    assert pass_details(report, "quantize")["target"] == target
+    assert pass_details(report, "smooth")["layers"] == 1  # the classifier's Gemm
     speed = json.loads(report.read_text())["speed"]
     assert speed["runtime"] == ("openvino" if target == "openvino" else "onnxruntime")
     zero_points = [
@@ -80,12 +81,9 @@ def test_optimize_for_a_target_writes_its_form_and_measures_it_there(
 
 def test_the_default_target_smooths_nothing(tmp_path, classifier_path, classifier_data):
     report = tmp_path / "report.json"
-    code = run_cli(
-        "optimize",
+    code = quantize_cli(
         classifier_path,
-        "-o",
         tmp_path / "o.onnx",
-        "--calib",
         classifier_data,
         "--report",
         report,
@@ -94,10 +92,7 @@ def test_the_default_target_smooths_nothing(tmp_path, classifier_path, classifie
         *ALWAYS_QUANTIZE,
     )
     assert code == 0
-    smooth = next(
-        row for row in json.loads(report.read_text())["passes"] if row["name"] == "smooth"
-    )
-    assert smooth["details"] == {"skipped": "MatMul inputs quantize at run time"}
+    assert pass_details(report, "smooth") == {"skipped": "MatMul inputs quantize at run time"}
 
 
 def test_compare_runs_both_models_in_openvino(tmp_path, classifier_path, classifier_data, capsys):
@@ -126,15 +121,8 @@ def test_an_unknown_target_is_a_usage_error(tmp_path, classifier_path, classifie
     with pytest.raises(SystemExit) as raised:
         run_cli("optimize", classifier_path, "-o", tmp_path / "o.onnx", "--target", "tensorrt")
     assert raised.value.code == 2
-    code = run_cli(
-        "optimize",
-        classifier_path,
-        "-o",
-        tmp_path / "o.onnx",
-        "--calib",
-        classifier_data,
-        "--set",
-        "quantize.target=tensorrt",
+    code = quantize_cli(
+        classifier_path, tmp_path / "o.onnx", classifier_data, "--set", "quantize.target=tensorrt"
     )
     assert code == 2 and not (tmp_path / "o.onnx").exists()
     assert "onnxruntime-cpu" in capsys.readouterr().err
@@ -152,16 +140,7 @@ def test_openvino_without_the_package_names_the_extra(
 
     monkeypatch.setattr(builtins, "__import__", without_openvino)
     output = tmp_path / "o.onnx"
-    code = run_cli(
-        "optimize",
-        classifier_path,
-        "-o",
-        output,
-        "--calib",
-        classifier_data,
-        "--target",
-        "openvino",
-    )
+    code = quantize_cli(classifier_path, output, classifier_data, "--target", "openvino")
     assert code == 2 and not output.exists()
     assert "onnxopt[openvino]" in capsys.readouterr().err
     assert run_cli("compare", classifier_path, classifier_path, "--runtime", "openvino") == 2
