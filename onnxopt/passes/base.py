@@ -6,12 +6,14 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import onnx_ir as ir
 
 from onnxopt.context import Context
 from onnxopt.options import Option, check_options, declared_options
+
+_Pass = TypeVar("_Pass", bound="OnnxoptPass")
 
 
 @dataclasses.dataclass
@@ -82,6 +84,13 @@ class OnnxoptPass(ir.passes.InPlacePass):
     def configure(self, passes: Sequence[OnnxoptPass]) -> None:
         """Read settings from the other passes of the pipeline (``passes``, this one among
         them) before any runs; most passes need none."""
+
+    def next_pass(self, passes: Sequence[OnnxoptPass], kind: type[_Pass]) -> _Pass | None:
+        """The first pass of ``kind`` after this one in ``passes``, or None."""
+        if self not in passes:
+            return None
+        later = passes[passes.index(self) + 1 :]
+        return next((pass_ for pass_ in later if isinstance(pass_, kind)), None)
 
     def opset_after(self, opset: int) -> int:
         """The default-domain opset of the model after this pass, for checking later passes' needs."""

@@ -51,15 +51,12 @@ class CheckSpeedPass(OnnxoptPass):
     def configure(self, passes: Sequence[OnnxoptPass]) -> None:
         """The check quantizes as the next quantize pass will (its target among its options)
         and, without a ``min_speedup`` of its own, takes the next fallback pass's."""
-        if self not in passes:
-            return
-        later = passes[passes.index(self) + 1 :]
-        quantize = next((pass_ for pass_ in later if isinstance(pass_, QuantizePass)), None)
+        quantize = self.next_pass(passes, QuantizePass)
         if quantize is not None:
             self.options = quantize.options
         if self.min_speedup is not None:
             return
-        fallback = next((pass_ for pass_ in later if isinstance(pass_, FallbackPass)), None)
+        fallback = self.next_pass(passes, FallbackPass)
         if fallback is not None:
             self.min_speedup = fallback.min_speedup
 

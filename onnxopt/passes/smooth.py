@@ -10,6 +10,7 @@ import onnx_ir as ir
 from onnxopt.options import Range, Rule
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.passes.quantize import QuantizePass
+from onnxopt.quantization.plan import QuantizationOptions
 from onnxopt.quantization.smoothing import smooth_dense_inputs
 
 
@@ -46,21 +47,16 @@ class SmoothPass(OnnxoptPass):
         super().__init__()
         self.alpha = alpha
         self.samples = samples
-        self.static_inputs = False
-        self.symmetric_activations = False
+        self.quantize_options: QuantizationOptions | None = None
 
     def configure(self, passes: Sequence[OnnxoptPass]) -> None:
         """Smooth only for a later quantize pass that quantizes MatMul inputs statically."""
-        if self not in passes:
-            return
-        later = passes[passes.index(self) + 1 :]
-        quantize = next((pass_ for pass_ in later if isinstance(pass_, QuantizePass)), None)
-        self.static_inputs = quantize is not None and not quantize.options.dynamic_matmul
-        if quantize is not None:
-            self.symmetric_activations = quantize.options.target.activations.symmetric
+        quantize = self.next_pass(passes, QuantizePass)
+        self.quantize_options = quantize.options if quantize is not None else None
 
     def call(self, model: ir.Model) -> PassResult:
-        if not self.static_inputs:
+        options = self.quantize_options
+        if options is None or options.dynamic_matmul:
             return PassResult(
                 model, modified=False, details={"skipped": "MatMul inputs quantize at run time"}
             )
@@ -71,7 +67,7 @@ class SmoothPass(OnnxoptPass):
             model,
             feeds,
             None if self.alpha == "auto" else self.alpha,
-            self.symmetric_activations,
+            options.target.activations.symmetric,
             self.context.progress,
         )
         layers = sum(len(layers) for layers in report.inputs.values())
