@@ -240,3 +240,27 @@ def test_optimize_times_the_result_against_the_input_unless_told_not_to(
     arguments = ("optimize", classifier_path, "-o", tmp_path / "b.onnx", "--report", report)
     assert run_cli(*arguments, "--no-timing") == 0
     assert json.loads(report.read_text())["speed"] is None
+
+
+def test_a_bad_smoothing_alpha_exits_2_and_writes_nothing(
+    tmp_path, classifier_path, classifier_data, capsys
+):
+    output = tmp_path / "o.onnx"
+    code = run_cli(
+        "optimize",
+        classifier_path,
+        "-o",
+        output,
+        "--calib",
+        classifier_data,
+        "--set",
+        "smooth.alpha=1.5",
+    )
+    assert code == 2 and not output.exists()
+    assert "smooth.alpha" in capsys.readouterr().err
+
+
+def test_compare_refuses_an_unknown_runtime(classifier_path):
+    with pytest.raises(SystemExit) as raised:
+        run_cli("compare", classifier_path, classifier_path, "--runtime", "tensorrt")
+    assert raised.value.code == 2
