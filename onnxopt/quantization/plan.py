@@ -332,6 +332,8 @@ class _Planner:
                     require_integer_inputs=self.options.dynamic_matmul,
                 )
             return self._plan_weighted(node, rule)
+        if node.op_type == "Pad" and (problem := _pad_fill_problem(node)):
+            return problem
         return self._plan_activation_node(node, rule, require_integer_inputs=True)
 
     def drop_unneeded_optional_outputs(self) -> None:
@@ -533,6 +535,17 @@ class _Planner:
 
     def _output_problem(self, value: ir.Value) -> str | None:
         return _graph_output_problem(value) or self._value_problem(value)
+
+
+def _pad_fill_problem(node: ir.Node) -> str | None:
+    """Why a Pad cannot keep its input's scale: a constant fill other than zero. Zero is the
+    zero point exactly; another fill would be rounded into the input's range, or clipped."""
+    if node.attributes.get_string("mode", "constant") != "constant":
+        return None
+    fill = node.inputs[2] if len(node.inputs) > 2 else None
+    if fill is not None and (constant_array(fill) is None or np.any(constant_array(fill) != 0)):
+        return "its fill value is not a constant zero"
+    return None
 
 
 def _heavy_ops_inside(node: ir.Node) -> bool:

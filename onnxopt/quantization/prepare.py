@@ -91,7 +91,7 @@ def tensors_to_calibrate(
     Plans a copy of the model as if every float tensor had a range, with MatMuls quantized
     statically (so their inputs count whether or not they end up quantized at run time): the
     tensors that plan reads are a superset of what any calibration outcome lets the quantizer
-    read. Tensors around ops that stay float (Pad, ConvTranspose, ...) are left out; tensors
+    read. Tensors around ops that stay float (ConvTranspose, HardSwish, ...) are left out; tensors
     that ``prepare_for_int8`` adds get ranges from their inputs', so only the model's own count.
     Values without a type get one from shape inference on the copy, as calibration's own does.
     None, for every tensor, when the model is quantized already (the quantizer refuses it).

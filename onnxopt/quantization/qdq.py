@@ -164,6 +164,10 @@ class _Emitter:
                 self.report.dynamic.append(name)
             elif planned.weight is not None:
                 self._quantize_weight(planned, parameters[planned.activation_inputs[0]][0])
+        if self.plan.options.target.integer_pads:
+            for planned in self.plan.planned.values():
+                if planned.node.op_type == "Pad" and planned.quantize_output:
+                    self._pad_integers(planned.node)
         self._compact_normalization_parameters()
         RemoveUnusedNodesPass()(self.plan.model)
         TopologicalSortPass()(self.plan.model)
@@ -221,6 +225,47 @@ class _Emitter:
                     usage.idx,
                     self._float_layer_input(usage.node, usage.idx, dequantized, per_channel),
                 )
+
+    def _pad_integers(self, node: ir.Node) -> None:
+        """Let a Pad between a DequantizeLinear and a QuantizeLinear of one scale pad the
+        integers themselves, filling with the zero point (what zero quantizes to).
+
+        onnxruntime fuses no DequantizeLinear-Pad-QuantizeLinear pattern: it pads in float
+        between the two conversions. On dlib's face ResNet, whose shortcuts are padded with
+        zero channels, each float Pad also left the residual Add after it in float.
+        """
+        dequantized, output = node.inputs[0], node.outputs[0]
+        dequantize = dequantized.producer()
+        readers = [usage.node for usage in output.uses()]
+        if (
+            dequantize is None
+            or dequantize.op_type != "DequantizeLinear"
+            or len(readers) != 1
+            or readers[0].op_type != "QuantizeLinear"
+            or output.is_graph_output()
+        ):
+            return
+        quantized, _, zero_point = dequantize.inputs
+        inputs = list(node.inputs)
+        inputs[0] = quantized
+        if node.attributes.get_string("mode", "constant") == "constant":
+            inputs += [None] * (3 - len(inputs))
+            inputs[2] = zero_point
+        padded = ir.node(
+            "Pad",
+            inputs,
+            attributes=dict(node.attributes),
+            name=self.builder.unique(f"{node.name or 'Pad'}_integers"),
+        )
+        result = padded.outputs[0]
+        result.name = self.builder.unique(f"{output.name}_quantized")
+        result.dtype = quantized.dtype
+        result.shape = output.shape
+        self.graph.insert_before(node, padded)
+        readers[0].outputs[0].replace_all_uses_with(result)
+        self.graph.remove([readers[0], node], safe=True)
+        if not dequantized.uses():
+            self.graph.remove(dequantize, safe=True)
 
     def _float_layer_input(
         self,

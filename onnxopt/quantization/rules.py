@@ -73,12 +73,12 @@ RULES: dict[str, OpRule] = {
     "Gather": OpRule(Kind.SHARED, output=Output.SHARED),
     "Expand": OpRule(Kind.SHARED, output=Output.SHARED),
     "Tile": OpRule(Kind.SHARED, output=Output.SHARED),
+    "Pad": OpRule(Kind.SHARED, output=Output.SHARED),
     "Relu": OpRule(Kind.ABSORBED),
     "Clip": OpRule(Kind.ABSORBED),
     "ConvTranspose": OpRule(Kind.FLOAT, reason=NO_INTEGER_KERNEL),
     "HardSigmoid": OpRule(Kind.FLOAT, reason=NO_INTEGER_KERNEL),
     "HardSwish": OpRule(Kind.FLOAT, reason=NO_INTEGER_KERNEL),
-    "Pad": OpRule(Kind.FLOAT, reason=NO_INTEGER_KERNEL),
 }
 
 # Ops that betray a model quantized already; quantizing it again would stack errors.

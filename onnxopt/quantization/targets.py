@@ -50,6 +50,9 @@ class Target:
             onnxruntime's integer Add (QLinearAdd) to take it.
         activation_matmuls: a MatMul of two activations (attention's scores and context) is
             quantized when both its inputs are.
+        integer_pads: a quantized Pad pads the int8 tensor itself, with the zero point as its
+            fill: onnxruntime keeps the DequantizeLinear and QuantizeLinear around a Pad and
+            pads in float between them.
     """
 
     name: TargetName
@@ -63,6 +66,7 @@ class Target:
     rules: Mapping[str, OpRule] = dataclasses.field(default_factory=lambda: RULES)
     outputs_into_adds: bool = True
     activation_matmuls: bool = True
+    integer_pads: bool = False
 
 
 # With symmetric activations a quantized Relu or Clip cannot be absorbed into its producer
@@ -95,6 +99,7 @@ TARGETS: dict[str, Target] = {
             gather_tables=True,
             integer_kernels=True,
             summary="onnxruntime's CPU provider (the default)",
+            integer_pads=True,
         ),
         Target(
             "openvino",
