@@ -246,11 +246,9 @@ class _Emitter:
         ):
             return
         quantized, _, zero_point = dequantize.inputs
-        inputs = list(node.inputs)
-        inputs[0] = quantized
-        if node.attributes.get_string("mode", "constant") == "constant":
-            inputs += [None] * (3 - len(inputs))
-            inputs[2] = zero_point
+        # The fill is an input of the data's type, read in constant mode only.
+        inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
+        inputs[0], inputs[2] = quantized, zero_point
         padded = ir.node(
             "Pad",
             inputs,

@@ -13,14 +13,18 @@ from onnxopt.quantization.targets import TARGETS
 from tests.quantization.helpers import build, cosine, feeds, measured_ranges, random_weights, run
 
 
-def padded_shortcut(fill: float | None = None):
+def padded_shortcut(fill: float | None = None, mode: str = "constant"):
     """conv (4 channels) -> Relu -> [conv to 8 channels] + [shortcut padded to 8 channels]
     -> Relu -> conv. ``fill``: the Pad's constant value input (None: none given)."""
     weights = random_weights(conv_a=(4, 3, 3, 3), conv_b=(8, 4, 3, 3), conv_c=(4, 8, 1, 1))
     pads = np.array([0, 0, 0, 0, 0, 4, 0, 0], np.int64)
     constants = {"pads": pads} | ({} if fill is None else {"fill": np.array(fill, np.float32)})
     pad = helper.make_node(
-        "Pad", ["a", "pads", *([] if fill is None else ["fill"])], ["shortcut"], name="pad"
+        "Pad",
+        ["a", "pads", *([] if fill is None else ["fill"])],
+        ["shortcut"],
+        name="pad",
+        mode=mode,
     )
     nodes = [
         helper.make_node("Conv", ["x", "conv_a"], ["a_raw"], pads=[1, 1, 1, 1], name="conv_a"),
@@ -89,3 +93,25 @@ def test_other_targets_keep_explicit_conversions_around_the_pad(target):
     pad = next(node for node in model.graph if node.op_type == "Pad")
     assert report.quantized["pad"] == "Pad"
     assert pad.inputs[0].producer().op_type == "DequantizeLinear"
+
+
+def test_an_edge_pad_with_an_unused_float_fill_pads_the_integers_and_loads():
+    """A fill given to an edge-mode Pad is ignored, but must take the data's type."""
+    model = padded_shortcut(0.5, mode="edge")
+    report, fidelity = quantized(model)
+    pad = next(node for node in model.graph if node.op_type == "Pad")
+    assert report.quantized["pad"] == "Pad"
+    assert pad.inputs[0].producer().op_type == "QuantizeLinear"
+    assert pad.inputs[2].const_value.numpy().dtype == np.uint8
+    assert fidelity > 0.99
+
+
+def test_openvino_runs_the_openvino_targets_padded_shortcut():
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from onnxopt.openvino_runtime import OpenVinoSession
+
+    model, reference = padded_shortcut(), padded_shortcut()
+    quantized(model, "openvino")
+    sample = feeds(reference, 1)
+    result = OpenVinoSession(model).run(None, sample[0])[0]
+    assert cosine(result.reshape(-1), run(reference, sample)) > 0.99
