@@ -18,6 +18,7 @@ OWNED_HEADINGS = (
     "## Weight transfer",
     "## Sharded calibration",
     "## Large model",
+    "## Runtime targets",
 )
 
 
@@ -47,6 +48,8 @@ def owned_sections() -> str:
 def write_section(heading: str, body: str) -> None:
     """Put ``body`` under ``heading`` (one of OWNED_HEADINGS) in RESULTS.md, replacing that
     section and keeping everything else."""
+    if heading not in OWNED_HEADINGS:
+        raise ValueError(f"{heading!r} is not in OWNED_HEADINGS: quantization.py would drop it")
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     rest, kept = _split(text)
     kept[heading] = heading + "\n\n" + body.strip()
