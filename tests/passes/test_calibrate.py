@@ -160,9 +160,9 @@ FLOAT_IN_THE_MIDDLE = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[N, 2, 4, 4] x) => (float[N, 2, 1, 1] y)
   <float[2, 2, 1, 1] w1 = {1.0, 0.5, -0.5, 1.0}, float[2, 2, 1, 1] w2 = {0.5, 1.0, 1.0, -1.0},
-   int64[8] pads = {0, 0, 1, 1, 0, 0, 1, 1}> {
+   int64[8] pads = {0, 0, 1, 1, 0, 0, 1, 1}, float one = {1.0}> {
     c1 = Conv(x, w1)
-    hs = Pad<mode = "reflect">(c1, pads)
+    hs = Pad(c1, pads, one)
     sig = Sigmoid(hs)
     c2 = Conv(sig, w2)
     y = GlobalAveragePool(c2)

@@ -13,15 +13,20 @@ from tests.quantization.test_qdq import cnn
 
 
 def chain_through_relus():
-    """conv -> Relu -> Clip(0, inf) -> Pad -> conv: two absorptions in a row, then a float op,
-    and a conv that stays float since it makes the graph output (which must stay exact)."""
+    """conv -> Relu -> Clip(0, inf) -> Pad (filling with 1) -> conv: two absorptions in a row,
+    then a float op, and a conv that stays float since it makes the graph output (which must
+    stay exact)."""
     weights = random_weights(w1=(4, 3, 3, 3), w2=(4, 4, 3, 3))
-    weights |= {"zero": np.array(0, np.float32), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1])}
+    weights |= {
+        "zero": np.array(0, np.float32),
+        "one": np.array(1, np.float32),
+        "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1]),
+    }
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
         helper.make_node("Clip", ["r1", "zero"], ["r2"], name="clip"),
-        helper.make_node("Pad", ["r2", "pads"], ["p"], name="pad"),
+        helper.make_node("Pad", ["r2", "pads", "one"], ["p"], name="pad"),
         helper.make_node("Conv", ["p", "w2"], ["y"], name="conv2"),
     ]
     return build(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]}, weights)
@@ -45,7 +50,7 @@ def test_the_plan_prints_every_decision():
         "conv1": "int8, output int8",
         "relu": "absorbed into conv1",
         "clip": "absorbed into conv1",
-        "pad": "float: onnxruntime has no integer kernel for it on CPU, so int8 would only add conversions",
+        "pad": "float: its fill value is not a constant zero",
         "conv2": "float: output: it is a graph output, kept float for full output precision",
     }
     lines = plan.describe().splitlines()
