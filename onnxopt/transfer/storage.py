@@ -191,9 +191,28 @@ def float_constant(value: ir.Value) -> StoredTensor | None:
         scale = float_constant(producer.inputs[1]) if len(producer.inputs) > 1 else None
         zero = producer.inputs[2] if len(producer.inputs) > 2 else None
         return scaled_integers(
-            producer.inputs[0], scale, zero, producer.attributes.get_int("axis", 1)
+            _unpadded(producer.inputs[0]), scale, zero, producer.attributes.get_int("axis", 1)
         )
     return None
+
+
+def _unpadded(integers: ir.Value) -> ir.Value:
+    """The constant integers a Pad of zeros widens (onnxopt's int8 stems read their weights
+    padded with zero input channels), else ``integers``: the weight is what the layer learned,
+    the zeros are storage."""
+    pad = integers.producer()
+    if pad is None or pad.op_type != "Pad" or not is_default_domain(pad):
+        return integers
+    fill = constant_array(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] else None
+    source = pad.inputs[0]
+    if (
+        pad.attributes.get_string("mode", "constant") != "constant"
+        or (fill is not None and np.any(fill != 0))
+        or source is None
+        or not source.is_initializer()
+    ):
+        return integers
+    return source
 
 
 # Ops that only give a constant another shape or order (a Paddle export's bias reshaped to
