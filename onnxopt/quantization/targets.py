@@ -53,6 +53,10 @@ class Target:
         integer_pads: a quantized Pad pads the int8 tensor itself, with the zero point as its
             fill: onnxruntime keeps the DequantizeLinear and QuantizeLinear around a Pad and
             pads in float between them.
+        stem_channels: a quantized convolution of fewer input channels than this (an image's
+            1 to 3), with a kernel of at most 5x5, reads them and its weights padded with zero
+            channels to this many; None: never. onnxruntime's integer kernels run 3x3 stems
+            of 3 channels 1.2-1.4x faster with 4.
     """
 
     name: TargetName
@@ -67,6 +71,7 @@ class Target:
     outputs_into_adds: bool = True
     activation_matmuls: bool = True
     integer_pads: bool = False
+    stem_channels: int | None = None
 
 
 # With symmetric activations a quantized Relu or Clip cannot be absorbed into its producer
@@ -100,6 +105,7 @@ TARGETS: dict[str, Target] = {
             integer_kernels=True,
             summary="onnxruntime's CPU provider (the default)",
             integer_pads=True,
+            stem_channels=4,
         ),
         Target(
             "openvino",
