@@ -18,7 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxopt.graph import constant_array, take_over_output
 from onnxopt.mapped import float32_weight
-from onnxopt.quantization import numerics
+from onnxopt.quantization import numerics, stems
 from onnxopt.quantization.nodes import QdqBuilder
 from onnxopt.quantization.plan import (
     PlannedNode,
@@ -116,11 +116,6 @@ def emit_plan(plan: QuantizationPlan, rounding: WeightRounding | None = None) ->
     return _Emitter(plan, rounding).emit()
 
 
-# The largest kernel (height times width) whose few input channels are padded: a 7x7
-# convolution of 3 channels ran slower with 4.
-MAX_STEM_KERNEL_AREA = 25
-
-
 def _float_weight_layout(node: ir.Node, index: int) -> tuple[int, int] | None:
     """The channel axis and size of input ``index`` of ``node``, when ``node`` is a Conv,
     ConvTranspose or Gemm with constant float weights and that input is its activation;
@@ -146,6 +141,7 @@ class _Emitter:
         self.rounding = rounding
         self.graph = plan.model.graph
         self.builder = QdqBuilder(self.graph)
+        self.stems = stems.StemLayouts(self.graph, self.builder)
         self.report = QuantizationReport(kept_float=list(plan.kept_float))
 
     def emit(self) -> QuantizationReport:
@@ -323,8 +319,7 @@ class _Emitter:
             axis,
         )
         node.replace_input_with(1, dequantized)
-        if self._pads_input_channels(node, quantized.shape):
-            self._read_padded_channels(node, quantized.shape[1])
+        self._lay_out_stem(node, quantized.shape)
         if bias_array is not None:
             bias_values, bias_scales = numerics.quantize_bias(
                 bias_array, input_scale, np.broadcast_to(scales, bias_array.shape)
@@ -341,78 +336,15 @@ class _Emitter:
             )
             node.replace_input_with(2, dequantized_bias)
 
-    def _pads_input_channels(self, node: ir.Node, weight_shape: tuple[int, ...]) -> bool:
-        """Whether a quantized Conv reads its few input channels padded with zero channels to
-        the target's ``stem_channels``."""
-        channels = self.plan.options.target.stem_channels
-        producer = node.inputs[0].producer()
-        return (
-            channels is not None
-            and node.op_type == "Conv"
-            and node.attributes.get_int("group", 1) == 1
-            and len(weight_shape) == 4
-            and weight_shape[1] < channels
-            and weight_shape[2] * weight_shape[3] <= MAX_STEM_KERNEL_AREA
-            and producer is not None
-            and producer.op_type == "DequantizeLinear"
-        )
-
-    def _read_padded_channels(self, node: ir.Node, channels: int) -> None:
-        """Make ``node`` read its int8 input and its int8 weight both padded with zero input
-        channels (the zero point, and 0) to ``stem_channels``.
-
-        onnxruntime's integer convolution ran a 3x3 convolution of 3 channels 1.2-1.4x faster
-        with a fourth channel of zeros (224x224 images, 16-48 filters; 1x1 and 5x5 kernels
-        gained too, 7x7 lost), with the same outputs; the MNIST sample ran 1.13-1.18x faster.
-        The weight stays stored unpadded, behind a Pad that onnxruntime folds when it loads
-        the model, so it reads as the layer's own weight (weight transfer, inspection).
-        """
-        missing = self.plan.options.target.stem_channels - channels
-        pads = self.builder.constant(
-            f"{node.name or 'Conv'}_channel_pads",
-            np.array([0, 0, 0, 0, 0, missing, 0, 0], np.int64),
-        )
-        for index in (0, 1):
-            dequantize = node.inputs[index].producer()
-            integers, scale, zero_point = dequantize.inputs
-            padded = self._channel_pad(integers, pads, zero_point, node)
-            read = ir.node(
-                "DequantizeLinear",
-                [padded, scale, zero_point],
-                attributes=dict(dequantize.attributes),
-                name=self.builder.unique(f"{padded.name}_DequantizeLinear"),
-            )
-            read.outputs[0].name = self.builder.unique(f"{padded.name}_dequantized")
-            read.outputs[0].dtype = ir.DataType.FLOAT
-            read.outputs[0].shape = padded.shape
-            self.graph.insert_before(node, read)
-            node.replace_input_with(index, read.outputs[0])
-            if not dequantize.outputs[0].uses():
-                self.graph.remove(dequantize, safe=True)
-
-    def _channel_pad(
-        self, integers: ir.Value, pads: ir.Value, zero_point: ir.Value, before: ir.Node
-    ) -> ir.Value:
-        """``integers`` padded along axis 1 by ``pads``, filled with ``zero_point``'s value."""
-        fill = zero_point
-        if constant_array(zero_point).size != 1:
-            fill = self.builder.constant(
-                f"{integers.name}_fill", np.zeros((), dtype=constant_array(zero_point).dtype)
-            )
-        pad = ir.node(
-            "Pad",
-            [integers, pads, fill],
-            name=self.builder.unique(f"{integers.name}_channels_Pad"),
-        )
-        padded = pad.outputs[0]
-        padded.name = self.builder.unique(f"{integers.name}_channels_padded")
-        padded.dtype = integers.dtype
-        if integers.shape is not None and len(integers.shape) == 4:
-            dims = list(integers.shape)
-            dims[1] = self.plan.options.target.stem_channels
-            padded.shape = ir.Shape(dims)
-        self.graph.insert_before(before, pad)
-        return padded
+    def _lay_out_stem(self, node: ir.Node, weight_shape: tuple[int, ...]) -> None:
+        """Lay out a quantized stem's int8 input and weight as the target runs fastest."""
+        target = self.plan.options.target
+        if stems.reads_padded_channels(node, weight_shape, target.stem_channels):
+            self.stems.pad_channels(node, weight_shape[1], target.stem_channels)
+        elif target.stem_space_to_depth and (
+            layout := stems.space_to_depth_layout(node, weight_shape)
+        ):
+            self.stems.space_to_depth(node, layout)
 
     def _integers(
         self, node: ir.Node, array: np.ndarray, scales: np.ndarray, axis: int | None

@@ -57,6 +57,10 @@ class Target:
             1 to 3), with a kernel of at most 5x5, reads them and its weights padded with zero
             channels to this many; None: never. onnxruntime's integer kernels run 3x3 stems
             of 3 channels 1.2-1.4x faster with 4.
+        stem_space_to_depth: a quantized convolution of 1 to 3 input channels with a 7x7
+            kernel and stride 2 reads its int8 input rearranged into 2x2 blocks
+            (SpaceToDepth), as a convolution of a 4x4 kernel on 4 times the channels:
+            onnxruntime's integer kernels run a ResNet's 7x7 stem 1.3-1.4x faster so.
     """
 
     name: TargetName
@@ -72,6 +76,7 @@ class Target:
     activation_matmuls: bool = True
     integer_pads: bool = False
     stem_channels: int | None = None
+    stem_space_to_depth: bool = False
 
 
 # With symmetric activations a quantized Relu or Clip cannot be absorbed into its producer
@@ -106,6 +111,7 @@ TARGETS: dict[str, Target] = {
             summary="onnxruntime's CPU provider (the default)",
             integer_pads=True,
             stem_channels=4,
+            stem_space_to_depth=True,
         ),
         Target(
             "openvino",

@@ -1,6 +1,7 @@
 """A quantized convolution of an image's few channels reads them, and its weights, padded with
-zero channels to 4, the form onnxruntime's integer kernels run faster; the outputs stay the
-same, and the weight is stored unpadded."""
+zero channels to 4 (kernels up to 5x5) or rearranged into 2x2 blocks (7x7, stride 2), the forms
+onnxruntime's integer kernels run faster; the outputs stay the same, and the weight is stored as
+the layer's own."""
 
 from __future__ import annotations
 
@@ -13,30 +14,43 @@ from onnx import helper
 from onnxopt.quantization.fusion import onnxruntime_optimized
 from onnxopt.quantization.qdq import QuantizationOptions, quantize_model
 from onnxopt.quantization.targets import TARGETS
+from onnxopt.transfer.storage import stored_constant
 from tests.quantization.helpers import build, cosine, feeds, measured_ranges, random_weights, run
 
 
-def stem(channels: int = 3, kernel: int = 3, group: int = 1):
-    """conv (``channels`` in, 8 out, ``kernel``, stride 2) -> Relu -> 1x1 conv."""
+def stem(
+    channels: int = 3,
+    kernel: int = 3,
+    group: int = 1,
+    stride: int = 2,
+    size: int | str = 16,
+    pads: list[int] | None = None,
+):
+    """conv (``channels`` in, 8 out, ``kernel``, ``stride``) -> Relu -> 1x1 conv, on
+    ``size``x``size`` images."""
     weights = random_weights(w1=(8, channels // group, kernel, kernel), b1=(8,), w2=(8, 8, 1, 1))
     nodes = [
         helper.make_node(
             "Conv",
             ["x", "w1", "b1"],
             ["c"],
-            pads=[kernel // 2] * 4,
-            strides=[2, 2],
+            pads=pads if pads is not None else [kernel // 2] * 4,
+            strides=[stride, stride],
             group=group,
             name="stem",
         ),
         helper.make_node("Relu", ["c"], ["r"], name="relu"),
         helper.make_node("Conv", ["r", "w2"], ["y"], name="head"),
     ]
-    return build(nodes, {"x": [1, channels, 16, 16]}, {"y": [1, 8, 8, 8]}, weights)
+    return build(nodes, {"x": [1, channels, size, size]}, {"y": [1, 8, None, None]}, weights)
 
 
-def quantized(model, stem_channels: int | None = 4):
-    target = dataclasses.replace(TARGETS["onnxruntime-cpu"], stem_channels=stem_channels)
+def quantized(model, stem_channels: int | None = 4, space_to_depth: bool = True):
+    target = dataclasses.replace(
+        TARGETS["onnxruntime-cpu"],
+        stem_channels=stem_channels,
+        stem_space_to_depth=space_to_depth,
+    )
     samples = feeds(model, count=6)
     options = dataclasses.replace(QuantizationOptions.for_target(target), reduce_range=False)
     quantize_model(model, measured_ranges(model, samples), {}, options)
@@ -69,17 +83,59 @@ def test_a_3x3_stem_reads_four_channels_and_gives_the_same_outputs(channels):
 
 
 @pytest.mark.parametrize(
-    "channels, kernel, group",
-    [(3, 7, 1), (4, 3, 1), (2, 3, 2)],
-    ids=["7x7 kernel", "four channels already", "depthwise"],
+    "channels, size, pads",
+    [(3, 16, [3, 3, 3, 3]), (1, 15, [3, 3, 3, 3]), (3, 17, [2, 3, 1, 0])],
+    ids=["RGB", "grey, odd size", "uneven pads"],
 )
-def test_other_convolutions_read_their_channels_as_they_are(channels, kernel, group):
-    model = stem(channels, kernel, group)
+def test_a_7x7_stride_2_stem_reads_2x2_blocks_and_gives_the_same_outputs(channels, size, pads):
+    def model():
+        return stem(channels, kernel=7, size=size, pads=pads)
+
+    blocked, plain = model(), model()
+    blocked_outputs = quantized(blocked)
+    np.testing.assert_array_equal(blocked_outputs, quantized(plain, space_to_depth=False))
+    node = stem_node(blocked)
+    assert list(node.attributes.get_ints("kernel_shape")) == [4, 4]
+    assert list(node.attributes.get_ints("strides")) == [1, 1]
+    blocks = node.inputs[0].producer().inputs[0].producer()
+    assert blocks.op_type == "SpaceToDepth" and blocks.inputs[0].producer().op_type == "Pad"
+    assert node.inputs[1].producer().inputs[0].const_value is None, "the layout is computed"
+    stored = stored_constant(node, 1)
+    assert stored.value.is_initializer() and stored.read().shape == (8, channels, 7, 7)
+    optimized = onnxruntime_optimized(blocked)
+    op_types = [node.op_type for node in optimized.node]
+    assert op_types.count("Pad") == 1 and "Reshape" not in op_types, (
+        "onnxruntime folds the weight's layout when it loads the model"
+    )
+    consumers = {name: node.op_type for node in optimized.node for name in node.input}
+    space_to_depth = next(node for node in optimized.node if node.op_type == "SpaceToDepth")
+    assert consumers[space_to_depth.output[0]] in ("QLinearConv", "Transpose")
+    assert op_types.count("QLinearConv") == 1
+    reference = model()
+    assert cosine(blocked_outputs, run(reference, feeds(reference, count=6))) > 0.99
+
+
+@pytest.mark.parametrize(
+    "channels, kernel, group, stride, size",
+    [
+        (3, 7, 1, 1, 16),
+        (3, 7, 1, 2, "height"),
+        (3, 9, 1, 2, 16),
+        (4, 3, 1, 2, 16),
+        (2, 3, 2, 2, 16),
+    ],
+    ids=["7x7 stride 1", "7x7 on images of any size", "9x9", "four channels already", "depthwise"],
+)
+def test_other_convolutions_read_their_channels_as_they_are(channels, kernel, group, stride, size):
+    model = stem(channels, kernel, group, stride, size)
     quantized(model)
-    assert not any(node.op_type == "Pad" for node in model.graph)
+    op_types = {node.op_type for node in model.graph}
+    assert "Pad" not in op_types and "SpaceToDepth" not in op_types
 
 
 def test_targets_other_than_onnxruntime_keep_the_stem_as_it_is():
     for name in ("openvino", "generic"):
         assert TARGETS[name].stem_channels is None
+        assert not TARGETS[name].stem_space_to_depth
     assert TARGETS["onnxruntime-cpu"].stem_channels == 4
+    assert TARGETS["onnxruntime-cpu"].stem_space_to_depth
