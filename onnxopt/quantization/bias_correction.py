@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.graph import laid_out_constant
 from onnxopt.quantization import numerics
 from onnxopt.quantization.nodes import QdqBuilder
 
@@ -135,7 +136,7 @@ def _target(node: ir.Node, counterparts: dict[str, ir.Node]) -> _Target | str | 
     if float_weight is None or float_weight.const_value is None or float_node.inputs[0] is None:
         return "its float weights are not constants"
     shape = tuple(float_weight.const_value.shape)
-    if shape != tuple(weight.inputs[0].const_value.shape):
+    if shape != tuple(_int8_values(weight).const_value.shape):
         return "its float and quantized weights differ in shape"
     if node.op_type == "MatMul" and len(shape) != 2:
         return "its weight is not a matrix"
@@ -305,19 +306,29 @@ def _through_quantize_pair(value: ir.Value) -> ir.Value:
 
 
 def _int8_dequantize(value: ir.Value | None) -> ir.Node | None:
-    """The DequantizeLinear of a constant int8 tensor with constant scales that makes ``value``."""
+    """The DequantizeLinear of a constant int8 tensor with constant scales that makes ``value``
+    (the int8 tensor may be laid out from the constant, as onnxopt's int8 stems read theirs)."""
     producer = value.producer() if value is not None else None
     if producer is None or producer.op_type != "DequantizeLinear":
         return None
-    values, scale = producer.inputs[0], producer.inputs[1]
+    values, scale = _int8_values(producer), producer.inputs[1]
     if values.const_value is None or scale.const_value is None:
         return None
     return producer if values.const_value.dtype == ir.DataType.INT8 else None
 
 
+def _int8_values(producer: ir.Node) -> ir.Value:
+    """The constant a DequantizeLinear reads, through a layout that keeps its scales' axis."""
+    scale = producer.inputs[1].const_value
+    per_channel = scale is not None and scale.size > 1
+    axis = producer.attributes.get_int("axis", 1) if per_channel else None
+    return laid_out_constant(producer.inputs[0], axis)
+
+
 def _dequantize(producer: ir.Node) -> tuple[np.ndarray, np.ndarray]:
-    """The float values and the scales of a DequantizeLinear of constants."""
-    values, scale = producer.inputs[0], producer.inputs[1]
+    """The float values (in the constant's layout) and the scales of a DequantizeLinear of
+    constants."""
+    values, scale = _int8_values(producer), producer.inputs[1]
     zero_point = producer.inputs[2] if len(producer.inputs) > 2 else None
     integers = values.const_value.numpy().astype(np.float64)
     scales = scale.const_value.numpy().astype(np.float64)

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import constant_array, is_default_domain, set_constant
+from onnxopt.graph import constant_array, is_default_domain, laid_out_constant, set_constant
 
 QUANTIZED_SUFFIX = "_quantized"
 # A weight requantized with the target's scales clips badly when what clipping loses
@@ -193,62 +193,12 @@ def float_constant(value: ir.Value) -> StoredTensor | None:
         axis = producer.attributes.get_int("axis", 1)
         per_channel = scale is not None and scale.read().size > 1
         return scaled_integers(
-            _laid_out_source(producer.inputs[0], axis if per_channel else None),
+            laid_out_constant(producer.inputs[0], axis if per_channel else None),
             scale,
             zero,
             axis,
         )
     return None
-
-
-def _laid_out_source(integers: ir.Value, channel_axis: int | None) -> ir.Value:
-    """The constant integers that Pads of zeros, Reshapes and Transposes lay out as
-    ``integers`` (onnxopt's int8 stems read their weights padded with zero channels, or
-    rearranged into blocks), else ``integers``: the weight is what the layer learned, the
-    layout is storage. Integers with a scale per channel are followed only where the channels
-    are on axis 0 and every step leaves that axis as it is."""
-    if channel_axis not in (None, 0):
-        return integers
-    source, steps = integers, []
-    while (producer := source.producer()) is not None:
-        if (
-            not is_default_domain(producer)
-            or producer.op_type not in LAYOUT_OPS
-            or producer.inputs[0] is None
-            or (producer.op_type == "Pad" and not _pads_zeros(producer))
-        ):
-            return integers
-        steps.append(producer)
-        source = producer.inputs[0]
-    if not steps or not source.is_initializer() or source.const_value is None:
-        return integers
-    channels = source.const_value.shape[0]
-    if channel_axis == 0 and not all(_keeps_first_axis(step, channels) for step in steps):
-        return integers
-    return source
-
-
-LAYOUT_OPS = frozenset({"Pad", "Reshape", "Transpose"})
-
-
-def _pads_zeros(pad: ir.Node) -> bool:
-    fill = constant_array(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] else None
-    return pad.attributes.get_string("mode", "constant") == "constant" and (
-        fill is None or not np.any(fill != 0)
-    )
-
-
-def _keeps_first_axis(node: ir.Node, channels: int) -> bool:
-    """Whether ``node`` leaves axis 0, of ``channels``, where and as it is."""
-    if node.op_type == "Transpose":
-        perm = node.attributes.get_ints("perm", None)
-        return perm is not None and perm[0] == 0
-    operand = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
-    if operand is None:
-        return False
-    if node.op_type == "Pad":
-        return operand[0] == 0 and operand[len(operand) // 2] == 0
-    return int(operand[0]) == channels
 
 
 # Ops that only give a constant another shape or order (a Paddle export's bias reshaped to

@@ -166,3 +166,39 @@ def test_bias_correction_needs_a_quantize_pass_before_it():
     correct.bind(Context())
     with pytest.raises(ProcessingError, match="put 'quantize' before 'correct-bias'"):
         correct(model)
+
+
+def stem_model(kernel: int):
+    """An RGB stem (``kernel``, stride 2) -> pooled: its int8 input and weight are laid out for
+    onnxruntime (channels padded to 4 up to 5x5, 2x2 blocks at 7x7)."""
+    weights = {
+        "stem_w": badly_rounding_weights((8, 3, kernel, kernel)),
+        "stem_b": np.linspace(-0.5, 0.5, 8).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node(
+            "Conv",
+            ["x", "stem_w", "stem_b"],
+            ["c"],
+            pads=[kernel // 2] * 4,
+            strides=[2, 2],
+            name="stem",
+        ),
+        helper.make_node("GlobalAveragePool", ["c"], ["y"], name="pool"),
+    ]
+    return build(nodes, {"x": [1, 3, 16, 16]}, {"y": [1, 8, 1, 1]}, weights)
+
+
+@pytest.mark.parametrize("kernel, layout", [(3, "Pad"), (7, "SpaceToDepth")])
+def test_bias_correction_reads_a_stems_weight_through_its_layout(kernel, layout):
+    samples = samples_with_mean("x", (1, 3, 16, 16))
+    reference = run(stem_model(kernel), samples)
+    plain = stem_model(kernel)
+    quantized_with_context(plain, samples, rounding="nearest")
+    assert layout in {node.op_type for node in plain.graph}
+    before = mean_error(plain, reference, samples, 8)
+
+    model = stem_model(kernel)
+    correct, _ = corrected(model, samples)
+    assert correct.details == {"corrected": 1}
+    assert mean_error(model, reference, samples, 8) < before / 5
