@@ -18,6 +18,7 @@ from collections.abc import Collection, Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.graph import constant_array
 from onnxopt.metrics import sqnr_db
 from onnxopt.runtime import (
     Feed,
@@ -85,14 +86,14 @@ def layer_sqnr(
 
 def layer_tensors(quantized_model: ir.Model) -> set[str]:
     """The tensors ``layers_from`` reads: what ``compare_tensors`` must measure for it."""
-    return {dequantize.outputs[0].name for _, dequantize in activation_pairs(quantized_model)}
+    return {name for _, name in measured_quantizations(quantized_model)}
 
 
 def layers_from(quantized_model: ir.Model, noise: dict[str, TensorNoise]) -> list[LayerSqnr]:
     """The per-layer table from a ``compare_tensors`` result, worst first."""
     layers = []
-    for quantize, dequantize in activation_pairs(quantized_model):
-        measured = noise.get(dequantize.outputs[0].name)
+    for quantize, name in measured_quantizations(quantized_model):
+        measured = noise.get(name)
         if measured is None:
             continue
         source = quantize.inputs[0]
@@ -127,12 +128,13 @@ def compare_tensors(
     noise = {name: TensorNoise() for name in pairs}
     if not feeds or not pairs:
         return noise
+    integers = _integer_readings(quantized_model)
     with (
         SerializedModel(float_model) as float_source,
         SerializedModel(quantized_model) as quantized_source,
     ):
         for group in _groups_by_size(float_source, pairs, feeds[0]):
-            _add_noise(noise, pairs, group, float_source, quantized_source, feeds)
+            _add_noise(noise, pairs, integers, group, float_source, quantized_source, feeds)
             release_freed_memory()
     return noise
 
@@ -140,13 +142,15 @@ def compare_tensors(
 def _add_noise(
     noise: dict[str, TensorNoise],
     pairs: dict[str, str],
+    integers: dict[str, tuple[np.ndarray, np.ndarray]],
     group: list[str],
     float_model: SerializedModel,
     quantized_model: SerializedModel,
     feeds: Sequence[Feed],
 ) -> None:
     """Add one group's signal and noise over all samples; a tensor that cannot be compared
-    (missing, or shaped unlike its counterpart) is dropped from ``noise``."""
+    (missing, or shaped unlike its counterpart) is dropped from ``noise``. The tensors in
+    ``integers`` are read as integers and dequantized with their scale and zero point."""
     quantized_probe = ProbeSession(quantized_model, group, threads=1, prune=True)
     float_probe = ProbeSession(
         float_model, list(dict.fromkeys(pairs[name] for name in group)), threads=1, prune=True
@@ -159,6 +163,9 @@ def _add_noise(
             if name not in noise:
                 continue
             observed = quantized_values.get(name)
+            if observed is not None and name in integers:
+                scale, zero_point = integers[name]
+                observed = (observed.astype(np.float32) - zero_point) * scale
             reference = float_values.get(pairs[name])
             if observed is None or reference is None or observed.shape != reference.shape:
                 del noise[name]
@@ -282,6 +289,48 @@ def activation_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
     return pairs
 
 
+def measured_quantizations(model: ir.Model) -> list[tuple[ir.Node, str]]:
+    """Each QuantizeLinear of an activation, with the tensor its noise is measured at: its
+    DequantizeLinear's output, or its own integers where they are read only rearranged."""
+    return [
+        *(
+            (quantize, dequantize.outputs[0].name)
+            for quantize, dequantize in activation_pairs(model)
+        ),
+        *((quantize, quantize.outputs[0].name) for quantize in _laid_out_quantizations(model)),
+    ]
+
+
+# What an int8 stem reads its input through (quantization/stems.py): the DequantizeLinear
+# after it sees the integers padded or rearranged, unlike the float tensor they stand for.
+INTEGER_LAYOUT_OPS = frozenset({"Pad", "SpaceToDepth"})
+
+
+def _laid_out_quantizations(model: ir.Model) -> list[ir.Node]:
+    """QuantizeLinear nodes of an activation whose integers are read only through
+    INTEGER_LAYOUT_OPS, with constant scale and zero point."""
+    found = []
+    for node in model.graph:
+        if node.op_type != "QuantizeLinear" or len(node.inputs) < 3:
+            continue
+        uses = list(node.outputs[0].uses())
+        constant = all(constant_array(value) is not None for value in node.inputs[1:3])
+        if constant and uses and all(use.node.op_type in INTEGER_LAYOUT_OPS for use in uses):
+            found.append(node)
+    return found
+
+
+def _integer_readings(model: ir.Model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The scale and zero point of each quantized tensor measured as integers."""
+    return {
+        quantize.outputs[0].name: (
+            constant_array(quantize.inputs[1]).astype(np.float32),
+            constant_array(quantize.inputs[2]).astype(np.float32),
+        )
+        for quantize in _laid_out_quantizations(model)
+    }
+
+
 def float_counterparts(float_model: ir.Model, quantized_model: ir.Model) -> dict[str, str]:
     """For each float tensor of the quantized model, the float-model tensor it stands for."""
     float_values = {
@@ -295,6 +344,9 @@ def float_counterparts(float_model: ir.Model, quantized_model: ir.Model) -> dict
         name = _consumer_reads(dequantize.outputs[0], float_nodes) or quantize.inputs[0].name
         if name in float_values:
             pairs[dequantize.outputs[0].name] = name
+    for quantize in _laid_out_quantizations(quantized_model):
+        if quantize.inputs[0].name in float_values:
+            pairs[quantize.outputs[0].name] = quantize.inputs[0].name
     for node in quantized_model.graph:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue

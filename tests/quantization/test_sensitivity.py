@@ -96,6 +96,43 @@ def test_layer_sqnr_shows_where_the_error_starts():
     assert layers[-1].tensor == "x"
 
 
+@pytest.mark.parametrize("kernel", [3, 7], ids=["channels padded", "2x2 blocks"])
+def test_a_stems_input_is_measured_though_its_integers_are_read_laid_out(kernel):
+    """A stem reads its int8 input padded or rearranged (quantization/stems.py), so no
+    DequantizeLinear gives the input back as it was: its quantization is measured on the
+    integers themselves, and measures what a plain QuantizeLinear/DequantizeLinear pair would."""
+    weights = random_weights(stem_w=(8, 3, kernel, kernel), head_w=(4, 8, 1, 1))
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "stem_w"], ["s"], pads=[kernel // 2] * 4, strides=[2, 2], name="stem"
+        ),
+        helper.make_node("Relu", ["s"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "head_w"], ["y"], name="head"),
+    ]
+    samples = [
+        {"x": np.random.default_rng(seed).uniform(-1, 1, (1, 3, 16, 16)).astype(np.float32)}
+        for seed in range(4)
+    ]
+    float_model = build(nodes, {"x": [1, 3, 16, 16]}, {"y": [1, 4, 8, 8]}, weights)
+    model = float_model.clone()
+    quantized(model, samples)
+    layout = {"Pad", "SpaceToDepth"} & {node.op_type for node in model.graph}
+    assert layout, "the stem reads its input laid out"
+    by_tensor = {layer.tensor: layer for layer in layer_sqnr(float_model, model, samples)}
+    assert set(by_tensor) == {"x", "s"}
+    assert by_tensor["x"].op_type == "input"
+    scale = float(
+        next(node for node in model.graph if node.op_type == "QuantizeLinear")
+        .inputs[1]
+        .const_value.numpy()
+    )
+    noise = np.mean(
+        [np.mean(np.square(scale * np.round(f["x"] / scale) - f["x"])) for f in samples]
+    )
+    signal = np.mean([np.mean(np.square(f["x"])) for f in samples])
+    assert by_tensor["x"].sqnr_db == pytest.approx(10 * np.log10(signal / noise), abs=0.5)
+
+
 def test_tensors_are_compared_in_groups_as_large_as_the_memory_headroom(monkeypatch):
     """Memory the process held at its peak and freed is used for fewer, larger groups."""
     samples = outlier_samples(2)
