@@ -54,13 +54,14 @@ class Target:
             fill: onnxruntime keeps the DequantizeLinear and QuantizeLinear around a Pad and
             pads in float between them.
         stem_channels: a quantized convolution of fewer input channels than this (an image's
-            1 to 3), with a kernel of at most 5x5, reads them and its weights padded with zero
+            1 to 3), with a kernel of at most 5x5 (unless ``stem_space_to_depth`` takes it),
+            reads them and its weights padded with zero
             channels to this many; None: never. onnxruntime's integer kernels run 3x3 stems
             of 3 channels 1.2-1.4x faster with 4.
-        stem_space_to_depth: a quantized convolution of 1 to 3 input channels with a 7x7
-            kernel and stride 2 reads its int8 input rearranged into 2x2 blocks
-            (SpaceToDepth), as a convolution of a 4x4 kernel on 4 times the channels:
-            onnxruntime's integer kernels run a ResNet's 7x7 stem 1.3-1.4x faster so.
+        stem_space_to_depth: a quantized convolution of 1 to 3 input channels with a 5x5 or
+            7x7 kernel and stride 2 reads its int8 input rearranged into 2x2 blocks
+            (SpaceToDepth), as a convolution of a 3x3 or 4x4 kernel on 4 times the channels:
+            onnxruntime's integer kernels run such a stem 1.3-1.4x faster so.
     """
 
     name: TargetName

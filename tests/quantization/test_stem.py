@@ -1,5 +1,5 @@
 """A quantized convolution of an image's few channels reads them, and its weights, padded with
-zero channels to 4 (kernels up to 5x5) or rearranged into 2x2 blocks (7x7, stride 2), the forms
+zero channels to 4 (kernels up to 5x5) or rearranged into 2x2 blocks (5x5 and 7x7, stride 2), the forms
 onnxruntime's integer kernels run faster; the outputs stay the same, and the weight is stored as
 the layer's own."""
 
@@ -61,9 +61,13 @@ def stem_node(model):
     return next(node for node in model.graph if node.name == "stem")
 
 
+@pytest.mark.parametrize("kernel, stride", [(3, 2), (5, 1)], ids=["3x3", "5x5 stride 1"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_a_3x3_stem_reads_four_channels_and_gives_the_same_outputs(channels):
-    padded, plain = stem(channels), stem(channels)
+def test_a_small_stem_reads_four_channels_and_gives_the_same_outputs(channels, kernel, stride):
+    def model():
+        return stem(channels, kernel, stride=stride)
+
+    padded, plain = model(), model()
     padded_outputs, plain_outputs = quantized(padded), quantized(plain, stem_channels=None)
     np.testing.assert_array_equal(padded_outputs, plain_outputs)
     for index in (0, 1):
@@ -71,7 +75,7 @@ def test_a_3x3_stem_reads_four_channels_and_gives_the_same_outputs(channels):
         assert pad.op_type == "Pad"
         assert list(pad.inputs[1].const_value.numpy()) == [0, 0, 0, 0, 0, 4 - channels, 0, 0]
     stored = stem_node(padded).inputs[1].producer().inputs[0].producer().inputs[0]
-    assert stored.is_initializer() and stored.const_value.shape == (8, channels, 3, 3)
+    assert stored.is_initializer() and stored.const_value.shape == (8, channels, kernel, kernel)
     optimized = onnxruntime_optimized(padded)
     producers = {output: node.op_type for node in optimized.node for output in node.output}
     pads = [node for node in optimized.node if node.op_type == "Pad"]
@@ -79,29 +83,31 @@ def test_a_3x3_stem_reads_four_channels_and_gives_the_same_outputs(channels):
     assert producers.get(pads[0].input[0]) == "QuantizeLinear"
     readers = [node.op_type for node in optimized.node if pads[0].output[0] in node.input]
     assert readers == ["QLinearConv"]
-    assert cosine(padded_outputs, run(stem(channels), feeds(stem(channels), count=6))) > 0.99
+    assert cosine(padded_outputs, run(model(), feeds(model(), count=6))) > 0.99
 
 
+@pytest.mark.parametrize("kernel", [5, 7])
 @pytest.mark.parametrize(
     "channels, size, pads",
     [(3, 16, [3, 3, 3, 3]), (1, 15, [3, 3, 3, 3]), (3, 17, [2, 3, 1, 0])],
     ids=["RGB", "grey, odd size", "uneven pads"],
 )
-def test_a_7x7_stride_2_stem_reads_2x2_blocks_and_gives_the_same_outputs(channels, size, pads):
+def test_a_stride_2_stem_reads_2x2_blocks_and_gives_the_same_outputs(channels, size, pads, kernel):
     def model():
-        return stem(channels, kernel=7, size=size, pads=pads)
+        return stem(channels, kernel=kernel, size=size, pads=pads)
 
     blocked, plain = model(), model()
     blocked_outputs = quantized(blocked)
     np.testing.assert_array_equal(blocked_outputs, quantized(plain, space_to_depth=False))
     node = stem_node(blocked)
-    assert list(node.attributes.get_ints("kernel_shape")) == [4, 4]
+    blocks_per_side = (kernel + 1) // 2
+    assert list(node.attributes.get_ints("kernel_shape")) == [blocks_per_side] * 2
     assert list(node.attributes.get_ints("strides")) == [1, 1]
     blocks = node.inputs[0].producer().inputs[0].producer()
     assert blocks.op_type == "SpaceToDepth" and blocks.inputs[0].producer().op_type == "Pad"
     assert node.inputs[1].producer().inputs[0].const_value is None, "the layout is computed"
     stored = stored_constant(node, 1)
-    assert stored.value.is_initializer() and stored.read().shape == (8, channels, 7, 7)
+    assert stored.value.is_initializer() and stored.read().shape == (8, channels, kernel, kernel)
     optimized = onnxruntime_optimized(blocked)
     op_types = [node.op_type for node in optimized.node]
     assert op_types.count("Pad") == 1 and "Reshape" not in op_types, (
