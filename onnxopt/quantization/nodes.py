@@ -68,21 +68,39 @@ class QdqBuilder:
             axis: the axis of per-channel scales; None for one scale.
             before: insert the node before this one; else append it to the graph.
         """
-        inputs = [
+        return self.dequantize(
+            base,
             self.constant(f"{base}_quantized", values),
             self.constant(f"{base}_scale", scales.astype(np.float32)),
             self.constant(f"{base}_zero_point", zero_points),
-        ]
+            axis,
+            shape=ir.Shape(values.shape),
+            before=before,
+        )
+
+    def dequantize(
+        self,
+        base: str,
+        quantized: ir.Value,
+        scale: ir.Value,
+        zero_point: ir.Value,
+        axis: int | None = None,
+        *,
+        shape: ir.Shape | None,
+        before: ir.Node | None = None,
+    ) -> ir.Value:
+        """DequantizeLinear(quantized, scale, zero_point), named after ``base``; its float
+        output, of ``shape``. Inserted before ``before``, else appended to the graph."""
         node = ir.node(
             "DequantizeLinear",
-            inputs,
+            [quantized, scale, zero_point],
             attributes={"axis": axis} if axis is not None else {},
             name=self.unique(f"{base}_DequantizeLinear"),
         )
         output = node.outputs[0]
         output.name = self.unique(f"{base}_dequantized")
         output.dtype = ir.DataType.FLOAT
-        output.shape = ir.Shape(values.shape)
+        output.shape = shape
         if before is None:
             self.graph.append(node)
         else:
@@ -136,19 +154,12 @@ class QdqBuilder:
         scale_array, zero_point_array = constant_array(scale), constant_array(zero_point)
         scales = np.full(channels, scale_array, dtype=scale_array.dtype)
         zero_points = np.full(channels, zero_point_array, dtype=zero_point_array.dtype)
-        node = ir.node(
-            "DequantizeLinear",
-            [
-                quantized,
-                self.constant(f"{base}_channel_scale", scales),
-                self.constant(f"{base}_channel_zero_point", zero_points),
-            ],
-            attributes={"axis": axis},
-            name=self.unique(f"{base}_DequantizeLinear"),
+        return self.dequantize(
+            base,
+            quantized,
+            self.constant(f"{base}_channel_scale", scales),
+            self.constant(f"{base}_channel_zero_point", zero_points),
+            axis,
+            shape=dequantized.shape,
+            before=before,
         )
-        output = node.outputs[0]
-        output.name = self.unique(f"{base}_dequantized")
-        output.dtype = ir.DataType.FLOAT
-        output.shape = dequantized.shape
-        self.graph.insert_before(before, node)
-        return output

@@ -339,8 +339,10 @@ class _Emitter:
     def _lay_out_stem(self, node: ir.Node, weight_shape: tuple[int, ...]) -> None:
         """Lay out a quantized stem's int8 input and weight as the target runs fastest."""
         target = self.plan.options.target
-        layout = stems.space_to_depth_layout(node, weight_shape)
-        if target.stem_space_to_depth and layout is not None:
+        layout = (
+            stems.space_to_depth_layout(node, weight_shape) if target.stem_space_to_depth else None
+        )
+        if layout is not None:
             self.stems.space_to_depth(node, layout)
         elif stems.reads_padded_channels(node, weight_shape, target.stem_channels):
             self.stems.pad_channels(node, weight_shape[1], target.stem_channels)

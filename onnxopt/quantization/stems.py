@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import constant_array
+from onnxopt.graph import constant_array, is_default_domain
 from onnxopt.quantization.nodes import QdqBuilder
 
 # The largest kernel (height times width) whose few input channels are padded: a 7x7
@@ -110,7 +110,7 @@ def _is_quantized_stem(node: ir.Node, weight_shape: tuple[int, ...]) -> bool:
     producer = node.inputs[0].producer()
     return (
         node.op_type == "Conv"
-        and node.domain in ("", "ai.onnx")
+        and is_default_domain(node)
         and node.attributes.get_int("group", 1) == 1
         and len(weight_shape) == 4
         and weight_shape[1] <= MAX_STEM_INPUT_CHANNELS
@@ -169,21 +169,9 @@ class StemLayouts:
         weight = self._integers(node, 1)
         outputs, channels = constant_array(weight).shape[:2]
         (kernel_height, kernel_width), (block_rows, block_columns) = layout.kernel, layout.blocks
+        missing = (stride * block_rows - kernel_height, stride * block_columns - kernel_width)
         weight_pads = self.builder.constant(
-            f"{name}_kernel_pads",
-            np.array(
-                [
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    stride * block_rows - kernel_height,
-                    stride * block_columns - kernel_width,
-                ],
-                np.int64,
-            ),
+            f"{name}_kernel_pads", np.array([0] * 6 + list(missing), np.int64)
         )
         padded_weight = self._padded(node, 1, weight_pads, "kernel")
         split = self._reshaped(
@@ -247,16 +235,10 @@ class StemLayouts:
         DequantizeLinear does; that one goes once nothing else reads it."""
         dequantize = node.inputs[index].producer()
         _, scale, zero_point = dequantize.inputs
-        read = ir.node(
-            "DequantizeLinear",
-            [integers, scale, zero_point],
-            attributes=dict(dequantize.attributes),
-            name=self.builder.unique(f"{integers.name}_DequantizeLinear"),
+        axis = dequantize.attributes.get_int("axis", None)
+        read = self.builder.dequantize(
+            integers.name, integers, scale, zero_point, axis, shape=integers.shape, before=node
         )
-        read.outputs[0].name = self.builder.unique(f"{integers.name}_dequantized")
-        read.outputs[0].dtype = ir.DataType.FLOAT
-        read.outputs[0].shape = integers.shape
-        self.graph.insert_before(node, read)
-        node.replace_input_with(index, read.outputs[0])
+        node.replace_input_with(index, read)
         if not dequantize.outputs[0].uses():
             self.graph.remove(dequantize, safe=True)
