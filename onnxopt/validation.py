@@ -35,6 +35,12 @@ class Thresholds:
     min_sqnr_db: float | None = None
     min_top1_agreement: float | None = None
 
+    @property
+    def empty(self) -> bool:
+        """No check is set: every output meets these thresholds."""
+        limits = (self.atol, self.min_cosine, self.min_sqnr_db, self.min_top1_agreement)
+        return all(limit is None for limit in limits)
+
 
 @dataclasses.dataclass
 class Check:

@@ -198,7 +198,7 @@ def keep_sensitive_layers_float(
     search.trials += 1
     if first.met:
         candidates = [first]
-        stopped = "budget met with every layer quantized"
+        stopped = _kept(first, len(quantized_nodes), budget)
     else:
         candidates, stopped = search.fastest(first, min_speedup)
         if not stopped:
@@ -235,7 +235,7 @@ def _choose(
     if min_speedup is None:
         best = min(meeting, key=lambda trial: len(trial.float_layers), default=None)
         if best is not None and len(best.float_layers) < total:
-            return best, stopped or _kept(best, total)
+            return best, stopped or _kept(best, total, search.budget)
         return _all_float(search.float_model())
     timed = [trial for trial in meeting if len(trial.float_layers) < total]
     if stopped and not timed:
@@ -253,13 +253,13 @@ def _choose(
         fast = [trial for trial in timed if trial.speedup >= min_speedup]
     if fast:
         best = max(fast, key=lambda trial: trial.speedup)
-        return best, stopped or _kept(best, total)
+        return best, stopped or _kept(best, total, search.budget)
     float_model = search.float_model()
     if timed:
         best = max(timed, key=lambda trial: trial.speedup)
         return float_model, (
             f"int8 would be slower than float: the fastest quantization that meets the budget "
-            f"({_kept(best, total)}) runs at {best.speedup:.2f}x, below min_speedup "
+            f"({_kept(best, total, search.budget)}) runs at {best.speedup:.2f}x, below min_speedup "
             f"{min_speedup:g}; every layer kept float"
         )
     return _all_float(float_model)
@@ -277,7 +277,9 @@ def _described(trial: _Trial, total: int) -> str:
     return f"{len(trial.float_layers)} of {total} layers float"
 
 
-def _kept(trial: _Trial, total: int) -> str:
+def _kept(trial: _Trial, total: int, budget: Thresholds) -> str:
+    if budget.empty:
+        return f"no fidelity budget: {_described(trial, total)}"
     if not trial.float_layers:
         return "budget met with every layer quantized"
     return f"budget met with {len(trial.float_layers)} of {total} layers kept float"

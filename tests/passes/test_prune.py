@@ -59,12 +59,29 @@ def test_prune_measures_on_all_the_samples_by_default_or_on_as_many_as_asked(
 
 
 def test_the_prune_int8_preset_quantizes_the_pruned_graph(tmp_path):
-    options = ("prune.round_to=1", "check-speed.min_speedup=none")
+    options = ("prune.round_to=1", "fallback.min_speedup=none")
     code, document = optimize(tmp_path, "prune-int8", *options)
     assert code == 0
     assert document["pruning"]["removed_channels"] > 0
     ops = ir.load(tmp_path / "out.onnx").graph
     assert any(node.op_type == "QuantizeLinear" for node in ops)
+    # The fallback judges speed only: a budget against the unpruned original would be unfair.
+    assert document["quantization"]["fallback"]["stopped"] == (
+        "no fidelity budget: every layer quantized"
+    )
+
+
+def test_the_prune_int8_preset_keeps_the_pruned_model_float_where_int8_is_slower(tmp_path):
+    # No CPU runs int8 1000x faster than float: the speed check must decline, and the pruned
+    # float model is what is written (PP-OCR's direction classifier pruned: 1.33x FP32 float,
+    # 0.84x in int8).
+    options = ("prune.round_to=1", "fallback.min_speedup=1000")
+    code, document = optimize(tmp_path, "prune-int8", *options)
+    assert code == 0
+    assert document["pruning"]["removed_channels"] > 0
+    assert "below min_speedup 1000" in document["quantization"]["declined"]
+    ops = ir.load(tmp_path / "out.onnx").graph
+    assert not any(node.op_type == "QuantizeLinear" for node in ops)
 
 
 def test_finetune_steps_distil_the_pruned_model_and_report_it(tmp_path):
