@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+from typing import Annotated, Literal
 
 import onnx_ir as ir
 
+from onnxopt.fidelity import ReferenceComparison, reference_comparison
 from onnxopt.options import Range
 from onnxopt.passes.base import OnnxoptPass, PassResult
 from onnxopt.quantization.channel_means import channel_means
@@ -38,6 +40,10 @@ class FallbackPass(OnnxoptPass):
             timing and keeps the candidate with the fewest layers float.
         max_seconds: stop the search after this long, with the best model known to meet the
             budget (at worst the float model).
+        against: what the budget is measured against: ``original``, the run's input model,
+            or ``float``, the float model the quantize pass started from. After pruning they
+            differ: the pruned model's own loss is pruning's, judged by validation, and
+            ``float`` holds quantization to the budget it has without pruning (prune-int8).
     """
 
     name = "fallback"
@@ -52,6 +58,7 @@ class FallbackPass(OnnxoptPass):
         min_top1_agreement: Annotated[float | None, Range(0.0, 1.0)] = None,
         min_speedup: Annotated[float | None, Range(low=0.0)] = None,
         max_seconds: Annotated[float | None, Range(low=0.0, low_open=True)] = None,
+        against: Literal["original", "float"] = "original",
     ):
         super().__init__()
         self.budget = Thresholds(
@@ -59,10 +66,13 @@ class FallbackPass(OnnxoptPass):
         )
         self.min_speedup = min_speedup
         self.max_seconds = max_seconds
+        self.against = against
 
     def call(self, model: ir.Model) -> PassResult:
         state = self.context.quantization_for(self.name)
         comparison = self.context.reference_comparison()
+        if self.against == "float":
+            comparison = _against_float(comparison, state.float_model)
         source = QuantizedFrom(
             state.float_model, state.ranges, state.problems, state.options, rounding=state.rounding
         )
@@ -91,8 +101,8 @@ class FallbackPass(OnnxoptPass):
             if result.bias_correction is not None and source.create_bias is not None:
                 state.bias_correction = BiasCorrection(source.create_bias, result.bias_correction)
         state.layers = result.layers
-        state.fallback = result.outcome
-        outcome = result.outcome
+        outcome = dataclasses.replace(result.outcome, against=self.against)
+        state.fallback = outcome
         details = {
             "kept float": len(outcome.kept_float),
             "still quantized": outcome.quantized_layers,
@@ -102,9 +112,23 @@ class FallbackPass(OnnxoptPass):
         }
         if outcome.speedup is not None:
             details["speedup"] = round(outcome.speedup, 2)
+        if self.against == "float":
+            details["against"] = "the float model quantized"
         return PassResult(
             model,
             modified=bool(outcome.kept_float),
             changes=len(outcome.kept_float),
             details=details,
         )
+
+
+def _against_float(run: ReferenceComparison, float_model: ir.Model) -> ReferenceComparison:
+    """The run's comparison samples, with the outputs of the float model quantized."""
+    if not run.feeds:
+        return run
+    return reference_comparison(
+        float_model,
+        run.feeds,
+        f"{run.description}; against the float model quantized",
+        count=len(run.feeds),
+    )

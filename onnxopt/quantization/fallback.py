@@ -116,6 +116,8 @@ class FallbackOutcome:
         stopped: why the search ended, in words.
         budget: the budget it searched for.
         speedup: the chosen model's speed over the float model's (one thread), when timed.
+        against: what ``outputs`` and the budget were measured against: ``original``, the
+            run's input model, or ``float``, the float model quantized.
     """
 
     kept_float: list[str]
@@ -126,6 +128,7 @@ class FallbackOutcome:
     stopped: str
     budget: Thresholds
     speedup: float | None = None
+    against: str = "original"
 
 
 @dataclasses.dataclass

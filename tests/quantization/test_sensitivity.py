@@ -310,12 +310,40 @@ def test_fallback_and_validation_measure_the_same_thing():
     assert context.validation.passed
 
 
+@pytest.mark.parametrize("against", ["original", "float"])
+def test_against_float_the_budget_holds_the_quantization_not_what_came_before(against):
+    """Pruned before quantizing (here: half of conv_c's inputs zeroed), the model quantized is
+    no longer the original. Against the original even the float model misses the budget, so
+    every layer stays float; against the float model quantized, the budget holds int8's own
+    error, as it would without pruning (prune-int8)."""
+    samples = outlier_samples(4)
+    original = three_convs()
+    model = three_convs()
+    pruned = model.graph.initializers["conv_c_w"]
+    weight = pruned.const_value.numpy().copy()
+    weight[:, :4] = 0
+    pruned.const_value = ir.tensor(weight)
+    context = quantized(model, samples, correct_bias=True)
+    context.reference, context.comparison = original, None
+    fallback(model, context, min_cosine=0.99, against=against)
+    outcome = context.quantization.fallback
+    assert outcome.against == against
+    if against == "original":
+        assert not outcome.budget_met and outcome.quantized_layers == 0
+        assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops(model))
+    else:
+        assert outcome.budget_met and outcome.quantized_layers > 0
+        assert min(output.cosine for output in outcome.outputs) >= 0.99
+        assert "QuantizeLinear" in ops(model)
+
+
 def test_without_a_budget_fallback_only_reports():
     samples = outlier_samples(4)
     model = three_convs()
     context = quantized(model, samples)
     result = fallback(model, context, min_cosine=None)
     assert result.changes == 0 and result.details["kept float"] == 0
+    assert result.details["stopped"] == "no fidelity budget: every layer quantized"
     assert context.quantization.layers[-1].tensor == "x"
 
 
