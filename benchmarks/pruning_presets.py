@@ -49,7 +49,7 @@ def mean_cosine(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float
 
 
 def main() -> int:
-    lines = [f"{'model':<18} {'preset':<9} {'seconds':>7}  result"]
+    lines = [f"{'model':<18} {'preset':<10} {'seconds':>7}  result"]
     for name in MODEL_NAMES:
         path = MODELS / f"{name}.onnx"
         if not path.exists():
@@ -68,7 +68,7 @@ def main() -> int:
                 )
             except OnnxoptError as error:
                 lines.append(
-                    f"{name:<18} {recipe:<9} {time.perf_counter() - start:>7.1f}  refused: "
+                    f"{name:<18} {recipe:<10} {time.perf_counter() - start:>7.1f}  refused: "
                     + str(error).splitlines()[0]
                 )
                 print(lines[-1], flush=True)
@@ -95,7 +95,7 @@ def main() -> int:
             verdict = "validation passed" if result.failure is None else "validation FAILED"
             cosine = mean_cosine(model_outputs(result.model, evaluation), reference)
             lines.append(
-                f"{name:<18} {recipe:<9} {seconds:>7.1f}  {what}; cosine {cosine:.4f}; {verdict}"
+                f"{name:<18} {recipe:<10} {seconds:>7.1f}  {what}; cosine {cosine:.4f}; {verdict}"
             )
             print(lines[-1], flush=True)
     write_section(
