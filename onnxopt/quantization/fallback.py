@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -128,7 +129,7 @@ class FallbackOutcome:
     stopped: str
     budget: Thresholds
     speedup: float | None = None
-    against: str = "original"
+    against: Literal["original", "float"] = "original"
 
 
 @dataclasses.dataclass
