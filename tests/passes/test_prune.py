@@ -158,3 +158,10 @@ def test_bad_prune_options_exit_2_and_write_nothing(tmp_path, option, says, caps
     code, _ = optimize(tmp_path, "prune", option)
     assert code == 2 and not (tmp_path / "out.onnx").exists()
     assert says in capsys.readouterr().err
+
+
+def test_a_bad_fallback_reference_exits_2_names_the_choices_and_writes_nothing(tmp_path, capsys):
+    code, _ = optimize(tmp_path, "prune-int8", "fallback.against=pruned")
+    assert code == 2 and not (tmp_path / "out.onnx").exists()
+    err = capsys.readouterr().err
+    assert "fallback.against" in err and "original, float" in err and "Traceback" not in err
