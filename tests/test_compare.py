@@ -172,6 +172,25 @@ def test_class_scores_are_told_apart_from_embeddings_by_the_graph():
     assert fidelity[0].top1_agreement == 0.0 and fidelity[1].top1_agreement is None
 
 
+SEQUENCE_HEADS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 5, 4] x, float[N, 4, 5] signal) => (float[N, 5, 3] per_step, float[N, 3, 5] per_sample)
+    <float[4, 3] w = {1,0,0, 0,1,0, 0,0,1, 1,1,1}, float[3] b = {0.1, 0.2, 0.3},
+     float[3, 4, 1] kernel = {1,0,0,0, 0,1,0,0, 0,0,1,1}> {
+    product = MatMul(x, w)
+    per_step = Add(product, b)
+    per_sample = Conv(signal, kernel)
+}
+"""
+
+
+def test_a_sequence_of_class_scores_is_told_apart_from_a_convolution_over_time():
+    # [N, steps, classes] from a MatMul head: each step's top class is a decision (a CTC
+    # recognizer's characters). A 1-D Conv's [N, classes, steps] has its classes on axis 1.
+    model = ir.from_proto(onnx.parser.parse_model(SEQUENCE_HEADS))
+    assert class_score_outputs(model) == {"per_step"}
+
+
 @pytest.mark.parametrize(("round_seconds", "warmups"), [(1.0, 1), (0.01, 3)])
 def test_timing_warms_a_slow_model_up_once_and_a_fast_one_fully(
     round_seconds, warmups, monkeypatch

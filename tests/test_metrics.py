@@ -1,9 +1,11 @@
 """The expected top-1 agreement: an estimate a budget can rest on."""
 
+import math
+
 import numpy as np
 import pytest
 
-from onnxopt.metrics import expected_agreement
+from onnxopt.metrics import compare_outputs, expected_agreement
 
 
 def _scores(samples: int, classes: int, seed: int) -> np.ndarray:
@@ -57,3 +59,37 @@ def test_expected_agreement_without_noise_is_one_and_two_classes_work() -> None:
     assert expected_agreement(pairs, pairs) == 1.0
     ties = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])
     assert expected_agreement(ties, ties) == 1.0
+
+
+def test_expected_agreement_of_a_large_vocabulary_matches_the_exact_sum() -> None:
+    """Classes far below the top are left out of the sum and rows are taken in chunks: the
+    figure must stay the one every class gives, computed in one go."""
+    from onnxopt import metrics
+
+    reference = _scores(600, 3000, seed=5)
+    candidate = reference + np.random.default_rng(6).normal(0.0, 0.6, reference.shape)
+    error = candidate - reference
+    top = reference.argmax(1)
+    rows = np.arange(len(reference))
+    rivals = np.argsort(-reference, axis=1, kind="stable")[:, 1 : metrics.COMPETING_CLASSES]
+    margin_noise = np.take_along_axis(error, rivals, axis=1) - error[rows, top][:, None]
+    spread = np.sqrt(np.mean(margin_noise**2, axis=1, keepdims=True))
+    scaled = (reference[rows, top][:, None] - reference) / spread
+    passed = 0.5 * np.vectorize(math.erfc)(scaled / math.sqrt(2.0))
+    passed[rows, top] = 0.0
+    exact = float(np.mean(np.prod(1.0 - passed, axis=1)))
+    assert exact < 0.99
+    assert expected_agreement(reference, candidate) == pytest.approx(exact, rel=1e-9)
+
+
+def test_sequence_class_scores_count_one_decision_per_step() -> None:
+    # A CTC text recognizer's [steps, batch, classes]: each step's top class is a character.
+    reference = [_scores(20, 30, seed=7).reshape(20, 1, 30) for _ in range(2)]
+    candidate = [array.copy() for array in reference]
+    flipped = candidate[1][3, 0]
+    flipped[[flipped.argmax(), flipped.argmin()]] = flipped[[flipped.argmin(), flipped.argmax()]]
+    [fidelity] = compare_outputs(
+        ["logits"], [[a] for a in reference], [[a] for a in candidate], 0.0, {"logits"}
+    )
+    assert fidelity.top1_agreement == pytest.approx(39 / 40)
+    assert fidelity.expected_top1_agreement < 1.0
