@@ -5,7 +5,8 @@ pruned models run (onnxruntime, one thread, batch 1, timed interleaved with the 
 
 Each model gets its first 64 calibration samples (the presets hold a quarter back for validation
 and the sparsify budget); the cosine with FP32 is of the first output, per sample, on 32 eval
-samples. A model a preset refuses shows its error. Build the models first (benchmarks/README.md).
+samples, with the top-1 agreement where that output holds class scores (per step for a
+sequence). A model a preset refuses shows its error. Build the models first (benchmarks/README.md).
 
     .venv/bin/python benchmarks/pruning_presets.py
 
@@ -18,6 +19,7 @@ import sys
 import time
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 from pruning import MODELS, model_outputs, samples
 from results_sections import write_section
@@ -25,6 +27,7 @@ from results_sections import write_section
 from onnxopt.api import optimize
 from onnxopt.compare import time_models
 from onnxopt.errors import OnnxoptError
+from onnxopt.metrics import class_score_outputs, compare_outputs
 
 SECTION = "## Pruning presets on more models"
 MODEL_NAMES = (
@@ -37,6 +40,8 @@ MODEL_NAMES = (
     "vit_saliency",
     "open_nsfw",
     "face_resnet",
+    "ddddocr",
+    "nudenet",
 )
 
 
@@ -60,6 +65,8 @@ def main() -> int:
         data = samples(MODELS / f"{name}_calibration.npz", names, 64)
         evaluation = samples(MODELS / f"{name}_eval.npz", names, 32)
         reference = [reference_session.run(None, feed)[0] for feed in evaluation]
+        first = reference_session.get_outputs()[0].name
+        classes = class_score_outputs(ir.load(path)) & {first}
         for recipe in ("prune", "prune-int8", "sparsify"):
             start = time.perf_counter()
             try:
@@ -93,10 +100,14 @@ def main() -> int:
             else:
                 what = f"sparsity {context.sparsity.sparsity:.2f}"
             verdict = "validation passed" if result.failure is None else "validation FAILED"
-            cosine = mean_cosine(model_outputs(result.model, evaluation), reference)
-            lines.append(
-                f"{name:<18} {recipe:<10} {seconds:>7.1f}  {what}; cosine {cosine:.4f}; {verdict}"
-            )
+            outputs = model_outputs(result.model, evaluation)
+            fidelity = f"cosine {mean_cosine(outputs, reference):.4f}"
+            if classes:
+                [scores] = compare_outputs(
+                    [first], [[a] for a in reference], [[a] for a in outputs], class_outputs=classes
+                )
+                fidelity += f", top-1 agreement {scores.top1_agreement:.3f}"
+            lines.append(f"{name:<18} {recipe:<10} {seconds:>7.1f}  {what}; {fidelity}; {verdict}")
             print(lines[-1], flush=True)
     write_section(
         SECTION,
@@ -105,7 +116,9 @@ def main() -> int:
         "(prune: 30% fewer MACs, channels in multiples of 8, refit; prune-int8: the same, then "
         "int8 where it runs faster than the pruned float model; sparsify: the highest "
         "sparsity meeting cosine >= 0.99 and top-1 agreement >= 0.97), 64 calibration samples, "
-        "cosine of the first output with FP32 on 32 eval samples; speed against the original, "
+        "cosine of the first output with FP32 on 32 eval samples (and the top-1 agreement where "
+        "it holds class scores: per step for the text recognizers); speed against the "
+        "original, "
         "onnxruntime, one thread, batch 1, timed interleaved.\n\n```\n"
         + "\n".join(lines)
         + "\n```",
