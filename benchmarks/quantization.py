@@ -43,8 +43,10 @@ from tasks import (
     mean_absolute_difference,
     picodet_boxes,
     relative_map_iou,
+    sequence_agreement,
     top1_accuracy,
     top1_agreement,
+    yolo_boxes,
 )
 
 # Imports stay light here: a worker process imports only the quantizer it runs, so the peak RSS
@@ -199,6 +201,24 @@ def _saliency_iou(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> 
     return relative_map_iou(outputs, fp32_outputs, relative_threshold=0.8)
 
 
+def _captcha_agreement(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    # Each sample's output is [steps, 1, classes]: stacked, time is axis 1.
+    return sequence_agreement(outputs, fp32_outputs, time_axis=1)
+
+
+def _captcha_step_agreement(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    return top1_agreement(outputs, fp32_outputs)
+
+
+def _yolo_f1(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    return box_f1(yolo_boxes(outputs), yolo_boxes(fp32_outputs))
+
+
+def _yolo_score_difference(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    # The class scores: the rows after the four box coordinates.
+    return mean_absolute_difference(outputs[..., 4:, :], fp32_outputs[..., 4:, :])
+
+
 def _mean_absolute_difference(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
     return mean_absolute_difference(outputs, fp32_outputs)
 
@@ -319,6 +339,31 @@ MODELS = {
             "IoU with FP32 of the map's top 20 % of its range (mean abs difference from FP32)",
             _saliency_iou,
             (ExtraScore("mean abs diff", _mean_absolute_difference, "{:.4f}"),),
+            build_script=HARD_BUILD,
+        ),
+        BenchmarkModel(
+            "ddddocr",
+            "ddddocr captcha reader (CNN + LSTM, CTC)",
+            MODELS_DIRECTORY / "ddddocr.onnx",
+            MODELS_DIRECTORY / "ddddocr_calibration.npz",
+            MODELS_DIRECTORY / "ddddocr_eval.npz",
+            "387",
+            "CTC-decoded readings equal to FP32's (top-1 agreement of the steps)",
+            _captcha_agreement,
+            (ExtraScore("steps", _captcha_step_agreement),),
+            build_script=HARD_BUILD,
+        ),
+        BenchmarkModel(
+            "nudenet",
+            "NudeNet detector (YOLOv8n)",
+            MODELS_DIRECTORY / "nudenet.onnx",
+            MODELS_DIRECTORY / "nudenet_calibration.npz",
+            MODELS_DIRECTORY / "nudenet_eval.npz",
+            "output0",
+            "F1 of the decoded boxes (score 0.25, NMS 0.45) against FP32's at IoU 0.5 "
+            "(mean abs difference of the class scores from FP32)",
+            _yolo_f1,
+            (ExtraScore("mean abs diff", _yolo_score_difference, "{:.4f}"),),
             build_script=HARD_BUILD,
         ),
     )

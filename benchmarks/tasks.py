@@ -266,3 +266,44 @@ def box_f1(
     if predicted + expected == 0:
         return 1.0
     return 2.0 * true_positives / (predicted + expected)
+
+
+def sequence_agreement(outputs_a: np.ndarray, outputs_b: np.ndarray, time_axis: int) -> float:
+    """Fraction of samples whose CTC-decoded index sequences agree: outputs stacked over
+    samples, classes on the last axis, time steps on ``time_axis``, other axes of size 1."""
+
+    def decoded(outputs: np.ndarray) -> list[tuple[int, ...]]:
+        steps = np.moveaxis(outputs, time_axis, -2)
+        steps = steps.reshape(len(outputs), *steps.shape[-2:]).argmax(axis=-1)
+        sequences = []
+        for sequence in steps:
+            keep = np.ones(sequence.shape, dtype=bool)
+            keep[1:] = sequence[1:] != sequence[:-1]
+            sequences.append(tuple(sequence[keep & (sequence != 0)].tolist()))
+        return sequences
+
+    pairs = zip(decoded(outputs_a), decoded(outputs_b), strict=True)
+    return float(np.mean([a == b for a, b in pairs]))
+
+
+def yolo_boxes(
+    outputs: np.ndarray, score_threshold: float = 0.25, iou_threshold: float = 0.45
+) -> list[np.ndarray]:
+    """Detections of a YOLOv8 head, [samples, (1,) 4 + classes, anchors] (centre x, centre y,
+    width, height, then class scores), as rows (class, score, x0, y0, x1, y1): each anchor's
+    best class above ``score_threshold``, then per-class hard NMS."""
+    outputs = np.asarray(outputs).reshape(len(outputs), *np.shape(outputs)[-2:])
+    results = []
+    for sample in outputs:
+        anchors = sample.T
+        classes = anchors[:, 4:].argmax(axis=1)
+        scores = anchors[:, 4:].max(axis=1)
+        centre, size = anchors[:, :2], anchors[:, 2:4]
+        boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+        rows = []
+        for class_index in np.unique(classes[scores >= score_threshold]):
+            mask = (classes == class_index) & (scores >= score_threshold)
+            for index in _hard_nms(boxes[mask], scores[mask], iou_threshold):
+                rows.append([class_index, scores[mask][index], *boxes[mask][index]])
+        results.append(np.array(rows, dtype=np.float64).reshape(-1, 6))
+    return results
