@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxopt.errors import InputError, ValidationFailed
-from onnxopt.metrics import OutputFidelity, class_score_outputs, compare_outputs
+from onnxopt.metrics import OutputFidelity, class_score_outputs, compare_outputs, output_parts
 from onnxopt.progress import QUIET, Progress
 from onnxopt.runtime import create_session, input_specs
 from onnxopt.serialize import json_data
@@ -136,7 +136,11 @@ def compare_models(
             advance()
     try:
         fidelity = compare_outputs(
-            output_names, outputs_a, outputs_b, class_outputs=class_score_outputs(model_a)
+            output_names,
+            outputs_a,
+            outputs_b,
+            class_outputs=class_score_outputs(model_a),
+            parts=output_parts(model_a),
         )
     except ValueError as error:
         raise ValidationFailed(f"model B does not return what model A returns: {error}") from error

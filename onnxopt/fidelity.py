@@ -18,7 +18,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import runtime
-from onnxopt.metrics import OutputFidelity, class_score_outputs, compare_outputs
+from onnxopt.metrics import (
+    OutputFidelity,
+    OutputPart,
+    class_score_outputs,
+    compare_outputs,
+    output_parts,
+)
 from onnxopt.padding import padding_mask_input, token_rows
 from onnxopt.runtime import Feed
 
@@ -37,6 +43,8 @@ class ReferenceComparison:
             mask), or None. Outputs of shape [batch, sequence, ...] are compared at the other
             positions only: what a model computes at a padded position is never used, and
             differs freely between two equally good models.
+        parts: the parts of outputs a Concat joins (``metrics.output_parts``), each measured
+            on its own too; none where padding is left out (the rows kept lose the axes).
     """
 
     feeds: list[Feed]
@@ -45,6 +53,7 @@ class ReferenceComparison:
     class_outputs: frozenset[str]
     problem: str | None = None
     padding_mask: str | None = None
+    parts: dict[str, list[OutputPart]] = dataclasses.field(default_factory=dict)
 
     def measure(
         self, model: ir.Model, rtol: float = 0.0, runtime_name: str = "onnxruntime"
@@ -63,6 +72,7 @@ class ReferenceComparison:
             [self.unpadded(feed, sample) for feed, sample in zip(self.feeds, outputs, strict=True)],
             rtol=rtol,
             class_outputs=self.class_outputs,
+            parts=self.parts,
         )
         del session, outputs
         runtime.release_freed_memory()
@@ -122,4 +132,7 @@ def reference_comparison(
             break
     if mask is not None:
         description += f"; positions where '{mask}' is 0 (padding) left out"
-    return ReferenceComparison(used, f"{len(used)} {description}", outputs, classes, None, mask)
+    parts = output_parts(model) if mask is None else {}
+    return ReferenceComparison(
+        used, f"{len(used)} {description}", outputs, classes, None, mask, parts
+    )

@@ -3,9 +3,11 @@
 import math
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 
-from onnxopt.metrics import compare_outputs, expected_agreement
+from onnxopt.metrics import compare_outputs, expected_agreement, output_parts
 
 
 def _scores(samples: int, classes: int, seed: int) -> np.ndarray:
@@ -93,3 +95,26 @@ def test_sequence_class_scores_count_one_decision_per_step() -> None:
     )
     assert fidelity.top1_agreement == pytest.approx(39 / 40)
     assert fidelity.expected_top1_agreement < 1.0
+
+
+JOINED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, N, 3] a, float[2, N, 5] b, float[2, 4, M] c) => (float[2, N, 8] joined, y)
+{
+    joined = Concat<axis = -1>(a, b)
+    y = Concat<axis = 2>(c, c)
+}
+"""
+
+
+def test_output_parts_are_the_concat_inputs_of_known_size():
+    # The second output joins parts whose sizes on the axis are unknown: it is measured whole.
+    model = ir.from_proto(onnx.parser.parse_model(JOINED))
+    parts = output_parts(model)
+    assert [part.name("joined") for part in parts["joined"]] == [
+        "joined[:, :, 0:3]",
+        "joined[:, :, 3:8]",
+    ]
+    assert "y" not in parts
+    array = np.arange(2 * 1 * 8).reshape(2, 1, 8)
+    assert parts["joined"][1].of(array).tolist() == array[:, :, 3:8].tolist()

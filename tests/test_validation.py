@@ -126,3 +126,36 @@ def test_a_model_with_external_data_passes_from_another_working_folder(tmp_path,
     assert isinstance(model.graph.initializers["fc.bias"].const_value, ir.ExternalTensor)
     result = validate(model, against_the_classifier(), Thresholds(min_cosine=1.0))
     assert result.passed, result.failures
+
+
+DETECTOR_HEAD = """
+<ir_version: 8, opset_import: ["" : 17]>
+head (float[1, 4, 6] x) => (float[1, 6, 6] output) <float[2, 4] w = {{{w}}}, float[1] scale = {{300}}> {{
+    boxes = Mul(x, scale)
+    logits = MatMul(w, x)
+    scores = Sigmoid(logits)
+    output = Concat<axis = 1>(boxes, scores)
+}}
+"""
+
+
+def detector_head(weights: str) -> ir.Model:
+    """A YOLOv8-like output: box coordinates in pixels joined with class scores in [0, 1]."""
+    return ir.from_proto(onnx.parser.parse_model(DETECTOR_HEAD.format(w=weights)))
+
+
+def test_a_part_of_a_joined_output_is_judged_on_its_own():
+    # The scores change completely; the pixel-sized boxes hide it in the whole output's cosine.
+    original = detector_head("4, 0, 0, 0, 0, 4, 0, 0")
+    broken = detector_head("0, 0, 4, 0, 0, 0, 0, 4")
+    rng = np.random.default_rng(5)
+    samples = [{"x": rng.standard_normal((1, 4, 6)).astype(np.float32)} for _ in range(4)]
+    comparison = reference_comparison(original, samples, "samples", count=4)
+    result = validate(broken, comparison, Thresholds(min_cosine=0.99))
+    whole, boxes, scores = result.outputs
+    assert (whole.name, boxes.name, scores.name) == ("output", "output[:, 0:4]", "output[:, 4:6]")
+    assert whole.cosine > 0.99 and boxes.cosine == pytest.approx(1.0)
+    assert scores.cosine < 0.9
+    assert not result.passed
+    (failure,) = result.failures
+    assert "output[:, 4:6]" in failure.detail
