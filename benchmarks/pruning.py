@@ -53,13 +53,21 @@ def samples(path: Path, names: list[str], count: int) -> list[dict[str, np.ndarr
 SCORED_OUTPUTS = {"minilm": "sentence_embedding"}
 
 
+def quiet_session_options() -> ort.SessionOptions:
+    """Session options without onnxruntime's warnings: ddddocr's graph declares its output
+    [1, seqlen] where it gives [steps, 1, classes], and onnxruntime says so on every run."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
 def model_outputs(
     model: ir.Model | Path, feeds: list[dict[str, np.ndarray]], name: str = ""
 ) -> list[np.ndarray]:
     """The scored output of ``model`` (SCORED_OUTPUTS of model ``name``, else its first) on
     each feed, in onnxruntime."""
     source = str(model) if isinstance(model, Path) else ir.to_proto(model).SerializeToString()
-    session = ort.InferenceSession(source)
+    session = ort.InferenceSession(source, quiet_session_options())
     wanted = SCORED_OUTPUTS.get(name, session.get_outputs()[0].name)
     return [session.run([wanted], feed)[0] for feed in feeds]
 
@@ -140,7 +148,7 @@ def main(arguments: list[str]) -> int:
         if not path.exists():
             lines.append(f"{name:<20} not built (benchmarks/README.md)")
             continue
-        reference_session = ort.InferenceSession(str(path))
+        reference_session = ort.InferenceSession(str(path), quiet_session_options())
         names = [spec.name for spec in reference_session.get_inputs()]
         calibration = samples(MODELS / f"{name}_calibration.npz", names, options.samples)
         evaluation = samples(MODELS / f"{name}_eval.npz", names, 64)

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-from pruning import MODELS, model_outputs, samples
+from pruning import MODELS, model_outputs, quiet_session_options, samples
 from results_sections import write_section
 
 from onnxopt.api import optimize
@@ -60,7 +60,7 @@ def main() -> int:
         if not path.exists():
             lines.append(f"{name:<18} not built (benchmarks/README.md)")
             continue
-        reference_session = ort.InferenceSession(str(path))
+        reference_session = ort.InferenceSession(str(path), quiet_session_options())
         names = [spec.name for spec in reference_session.get_inputs()]
         data = samples(MODELS / f"{name}_calibration.npz", names, 64)
         evaluation = samples(MODELS / f"{name}_eval.npz", names, 32)
