@@ -67,13 +67,14 @@ def ctc_greedy_decode(outputs: np.ndarray, characters: Sequence[str]) -> list[st
     PaddleOCR's and rapidocr's decoders do.
     """
     steps = outputs.reshape(-1, *outputs.shape[-2:]).argmax(axis=-1)
-    texts = []
-    for sequence in steps:
-        keep = np.ones(sequence.shape, dtype=bool)
-        keep[1:] = sequence[1:] != sequence[:-1]
-        keep &= sequence != 0
-        texts.append("".join(characters[index] for index in sequence[keep]))
-    return texts
+    return ["".join(characters[index] for index in ctc_collapse(sequence)) for sequence in steps]
+
+
+def ctc_collapse(sequence: np.ndarray) -> np.ndarray:
+    """A greedy CTC path's class indices with repeats merged, then blanks (0) dropped."""
+    keep = np.ones(sequence.shape, dtype=bool)
+    keep[1:] = sequence[1:] != sequence[:-1]
+    return sequence[keep & (sequence != 0)]
 
 
 def exact_match(outputs: np.ndarray, texts: Sequence[str], characters: Sequence[str]) -> float:
@@ -275,12 +276,7 @@ def sequence_agreement(outputs_a: np.ndarray, outputs_b: np.ndarray, time_axis: 
     def decoded(outputs: np.ndarray) -> list[tuple[int, ...]]:
         steps = np.moveaxis(outputs, time_axis, -2)
         steps = steps.reshape(len(outputs), *steps.shape[-2:]).argmax(axis=-1)
-        sequences = []
-        for sequence in steps:
-            keep = np.ones(sequence.shape, dtype=bool)
-            keep[1:] = sequence[1:] != sequence[:-1]
-            sequences.append(tuple(sequence[keep & (sequence != 0)].tolist()))
-        return sequences
+        return [tuple(ctc_collapse(sequence).tolist()) for sequence in steps]
 
     pairs = zip(decoded(outputs_a), decoded(outputs_b), strict=True)
     return float(np.mean([a == b for a, b in pairs]))

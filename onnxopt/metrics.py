@@ -117,7 +117,7 @@ def output_parts(model: ir.Model) -> dict[str, list[OutputPart]]:
     """The parts of each graph output that a Concat joins from up to MAX_PARTS inputs of known
     sizes. Parts can differ in scale by orders of magnitude: a YOLOv8 head joins box
     coordinates in pixels and class scores in [0, 1] (NudeNet: the whole output kept cosine
-    0.991 at 90% sparsity where its class scores' fell to 0.04), so each part is measured too.
+    0.993 at 90% sparsity where its class scores' fell to 0.04), so each part is measured too.
     """
     joins = _joining_concats(model)
     if any(part.shape is None for node in joins.values() for part in node.inputs):
