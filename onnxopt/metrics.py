@@ -10,6 +10,8 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.graph import default_opset
+
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:
     """Signal-to-quantization-noise ratio in dB: inf without noise, -inf without signal."""
@@ -64,26 +66,77 @@ def class_score_outputs(model: ir.Model) -> set[str]:
 
     Judged from the graph, not the values: a float output with at least two classes on its last
     axis, computed by a classifier head (Gemm, MatMul, Conv, a bias Add after one of them,
-    Softmax, LogSoftmax, Sigmoid), through reshapes; of rank 1 or 2 when its shape is known, or
-    3 where the head is not a Conv (a Conv's classes lie on axis 1, not the last). An embedding
-    normalized by a Div or pooled by a ReduceMean is not one, whatever its shape.
+    Softmax, LogSoftmax, Sigmoid), through reshapes and Transposes that leave the classes on the
+    last axis (a Conv's classes lie on axis 1, a Softmax's on its ``axis``); of rank 1 to 3. An
+    embedding normalized by a Div or pooled by a ReduceMean is not one, whatever its shape.
     """
+    opset = default_opset(model)
     found = set()
     for value in model.graph.outputs:
         if value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
             continue
-        if value.shape is not None and (
-            len(value.shape) not in (1, 2, 3)
-            or (isinstance(value.shape[-1], int) and value.shape[-1] < 2)
+        rank = len(value.shape) if value.shape is not None else None
+        if rank is not None and (
+            rank not in (1, 2, 3) or (isinstance(value.shape[-1], int) and value.shape[-1] < 2)
         ):
             continue
-        head = _through_reshapes(value.producer())
-        if not _is_classifier_head(head):
-            continue
-        if _convolution_head(head) and (value.shape is None or len(value.shape) == 3):
-            continue
-        found.add(value.name)
+        axis = _class_axis(value, opset)
+        if axis == -1 or (axis is not None and rank is not None and axis == rank - 1):
+            found.add(value.name)
     return found
+
+
+def _class_axis(value: ir.Value, opset: int) -> int | None:
+    """The axis of ``value`` that holds a classifier head's classes: negative counting from the
+    end, or not negative counting from the start; None where no head computes ``value``."""
+    node = value.producer()
+    if node is None or not node.inputs or node.inputs[0] is None:
+        return None
+    if node.op_type in ("Gemm", "MatMul"):
+        return -1
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type in ("Softmax", "LogSoftmax"):
+        # Before opset 13 they flatten the input to 2-D from ``axis`` on: classes come last.
+        return node.attributes.get_int("axis", -1) if opset >= 13 else -1
+    if node.op_type == "Sigmoid":
+        inner = _class_axis(node.inputs[0], opset)
+        return -1 if inner is None else inner
+    if node.op_type == "Add":
+        computed = [value for value in node.inputs if value is not None and not _is_constant(value)]
+        if len(node.inputs) != 2 or len(computed) != 1:
+            return None
+        return _class_axis(computed[0], opset)
+    if node.op_type == "Transpose":
+        return _transposed_axis(node, _class_axis(node.inputs[0], opset))
+    if node.op_type in ("Identity", "Cast"):
+        return _class_axis(node.inputs[0], opset)
+    if node.op_type in PASS_THROUGH:
+        inner = _class_axis(node.inputs[0], opset)
+        shape = node.outputs[0].shape
+        if inner == -1 or (inner is not None and shape is not None and len(shape) <= 2):
+            return -1
+    return None
+
+
+def _transposed_axis(node: ir.Node, axis: int | None) -> int | None:
+    """Where a Transpose puts its input's ``axis``; None where the rank is unknown."""
+    if axis is None:
+        return None
+    perm = node.attributes.get_ints("perm", None)
+    if perm is None:
+        shape = node.inputs[0].shape
+        if shape is None:
+            return None
+        perm = list(reversed(range(len(shape))))
+    rank = len(perm)
+    axis = axis + rank if axis < 0 else axis
+    return list(perm).index(axis) if 0 <= axis < rank else None
+
+
+def _is_constant(value: ir.Value) -> bool:
+    """An initializer, or a Constant node's output (torch's exporter writes biases as those)."""
+    return ir.convenience.get_const_tensor(value) is not None
 
 
 # An output concatenated from at most this many parts is also measured part by part.
@@ -115,75 +168,146 @@ class OutputPart:
 
 def output_parts(model: ir.Model) -> dict[str, list[OutputPart]]:
     """The parts of each graph output that a Concat joins from up to MAX_PARTS inputs of known
-    sizes. Parts can differ in scale by orders of magnitude: a YOLOv8 head joins box
-    coordinates in pixels and class scores in [0, 1] (NudeNet: the whole output kept cosine
-    0.993 at 90% sparsity where its class scores' fell to 0.04), so each part is measured too.
+    sizes, along any axis of the output. Parts can differ in scale by orders of magnitude: a
+    YOLOv8 head joins box coordinates in pixels and class scores in [0, 1] (NudeNet: the whole
+    output kept cosine 0.993 at 90% sparsity where its class scores' fell to 0.04), so each part
+    is measured too. The join is followed through layout ops: YOLOv5 and YOLOX heads join boxes
+    and scores per scale, then reshape, join the scales on another axis and transpose.
     """
-    joins = _joining_concats(model)
-    if any(part.shape is None for node in joins.values() for part in node.inputs):
+    if not any(_reaches_concat(value, MAX_PARTS_DEPTH) for value in model.graph.outputs):
+        return {}
+    parts, unknown = _find_parts(model)
+    if unknown:
         from onnxopt.shapes import infer_shapes
 
         model = model.clone()
         infer_shapes(model, data_prop=False)
-        joins = _joining_concats(model)
-    parts: dict[str, list[OutputPart]] = {}
-    for name, node in joins.items():
-        shapes = [part.shape for part in node.inputs]
-        if any(shape is None for shape in shapes):
-            continue
-        axis = node.attributes.get_int("axis", 0)
-        axis = axis + len(shapes[0]) if axis < 0 else axis
-        sizes = [shape[axis] if axis < len(shape) else None for shape in shapes]
-        if not all(isinstance(size, int) for size in sizes):
-            continue
-        bounds = np.cumsum([0, *sizes]).tolist()
-        parts[name] = [OutputPart(axis, start, stop) for start, stop in itertools.pairwise(bounds)]
+        parts, _ = _find_parts(model)
     return parts
 
 
-def _joining_concats(model: ir.Model) -> dict[str, ir.Node]:
-    """The Concat nodes of 2 to MAX_PARTS inputs that make graph outputs, by output name."""
-    joins = {}
-    for value in model.graph.outputs:
-        node = value.producer()
-        if (
-            node is not None
-            and node.op_type == "Concat"
-            and 2 <= len(node.inputs) <= MAX_PARTS
-            and all(part is not None for part in node.inputs)
-        ):
-            joins[value.name] = node
-    return joins
+# Ops a join of parts is followed back through.
+LAYOUT_OPS = frozenset(
+    {"Transpose", "Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+)
 
 
-def _through_reshapes(node: ir.Node | None) -> ir.Node | None:
-    while node is not None and node.op_type in PASS_THROUGH and node.inputs:
-        node = node.inputs[0].producer() if node.inputs[0] is not None else None
-    return node
-
-
-def _convolution_head(node: ir.Node) -> bool:
-    """Whether a classifier head's scores come from a Conv (directly or through its bias Add)."""
-    while node.op_type == "Add":
-        computed = next(value for value in node.inputs if value.const_value is None)
-        node = _through_reshapes(computed.producer())
-    return node.op_type == "Conv"
-
-
-def _is_classifier_head(node: ir.Node | None) -> bool:
-    if node is None or node.op_type not in CLASSIFIER_HEADS:
+def _reaches_concat(value: ir.Value, depth: int) -> bool:
+    """Whether a Concat makes ``value`` through layout ops: the search needs shapes only then."""
+    node = value.producer()
+    if depth == 0 or node is None or not node.inputs or node.inputs[0] is None:
         return False
-    if node.op_type != "Add":
+    if node.op_type == "Concat":
         return True
-    constants = [
-        value for value in node.inputs if value is not None and value.const_value is not None
-    ]
-    computed = [value for value in node.inputs if value is not None and value.const_value is None]
-    return (
-        len(constants) == 1
-        and len(computed) == 1
-        and _is_classifier_head(_through_reshapes(computed[0].producer()))
-    )
+    return node.op_type in LAYOUT_OPS and _reaches_concat(node.inputs[0], depth - 1)
+
+
+class _UnknownShape(Exception):
+    """A shape the search for joined parts needs is not in the graph."""
+
+
+def _find_parts(model: ir.Model) -> tuple[dict[str, list[OutputPart]], bool]:
+    """The parts of each output, and whether a shape the search needed was unknown."""
+    parts: dict[str, list[OutputPart]] = {}
+    unknown = False
+    seen: dict[tuple[int, int], list[int] | None] = {}
+    for value in model.graph.outputs:
+        if value.shape is None:
+            unknown = True
+            continue
+        found = []
+        for axis in range(len(value.shape)):
+            try:
+                sizes = _joined_sizes(value, axis, seen, MAX_PARTS_DEPTH)
+            except _UnknownShape:
+                unknown = True
+                continue
+            if sizes is not None:
+                bounds = np.cumsum([0, *sizes]).tolist()
+                found += [
+                    OutputPart(axis, start, stop) for start, stop in itertools.pairwise(bounds)
+                ]
+        if found:
+            parts[value.name] = found
+    return parts, unknown
+
+
+# Layout ops (Transpose, reshapes, joins along other axes) followed back from an output.
+MAX_PARTS_DEPTH = 8
+
+
+def _joined_sizes(
+    value: ir.Value, axis: int, seen: dict[tuple[int, int], list[int] | None], depth: int
+) -> list[int] | None:
+    """The sizes of the parts a Concat joins along ``axis`` (not negative) of ``value``, found
+    through layout ops; None where nothing joins parts along it."""
+    key = (id(value), axis)
+    if key not in seen:
+        seen[key] = _joined_sizes_uncached(value, axis, seen, depth)
+    return seen[key]
+
+
+def _joined_sizes_uncached(
+    value: ir.Value, axis: int, seen: dict[tuple[int, int], list[int] | None], depth: int
+) -> list[int] | None:
+    node = value.producer()
+    if depth == 0 or node is None or not node.inputs or any(v is None for v in node.inputs):
+        return None
+    if node.op_type == "Concat":
+        if not 2 <= len(node.inputs) <= MAX_PARTS:
+            return None
+        shapes = [_known_shape(part) for part in node.inputs]
+        joined = node.attributes.get_int("axis", 0)
+        joined = joined + len(shapes[0]) if joined < 0 else joined
+        if joined == axis:
+            sizes = [shape[axis] if axis < len(shape) else None for shape in shapes]
+            if not all(isinstance(size, int) for size in sizes):
+                raise _UnknownShape
+            return sizes
+        found = [_joined_sizes(part, axis, seen, depth - 1) for part in node.inputs]
+        return found[0] if all(sizes == found[0] for sizes in found) else None
+    if node.op_type == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        if perm is None:
+            perm = list(reversed(range(len(_known_shape(node.inputs[0])))))
+        return _joined_sizes(node.inputs[0], perm[axis], seen, depth - 1)
+    if node.op_type in ("Identity", "Cast"):
+        return _joined_sizes(node.inputs[0], axis, seen, depth - 1)
+    if node.op_type in LAYOUT_OPS:
+        kept = _kept_axis(_known_shape(node.inputs[0]), _known_shape(value), axis)
+        return None if kept is None else _joined_sizes(node.inputs[0], kept, seen, depth - 1)
+    return None
+
+
+def _known_shape(value: ir.Value) -> ir.Shape:
+    if value.shape is None:
+        raise _UnknownShape
+    return value.shape
+
+
+def _kept_axis(before: ir.Shape, after: ir.Shape, axis: int) -> int | None:
+    """The axis of ``before`` that a reshape to ``after`` keeps whole as ``axis``: the same size,
+    with as many elements before it; None where the reshape splits or merges it."""
+    if not isinstance(after[axis], int):
+        return None
+    target = _prefix(after, axis)
+    for candidate in range(len(before)):
+        if before[candidate] == after[axis] and _prefix(before, candidate) == target:
+            return candidate
+    return None
+
+
+def _prefix(shape: ir.Shape, axis: int) -> tuple[int, tuple[str, ...]]:
+    """The elements before ``axis`` of ``shape``: the product of its sizes and its named dims."""
+    size, names = 1, []
+    for dim in shape[:axis]:
+        if isinstance(dim, int):
+            size *= dim
+        elif dim.value is None:
+            raise _UnknownShape
+        else:
+            names.append(dim.value)
+    return size, tuple(sorted(names))
 
 
 def compare_outputs(

@@ -191,6 +191,31 @@ def test_a_sequence_of_class_scores_is_told_apart_from_a_convolution_over_time()
     assert class_score_outputs(model) == {"per_step"}
 
 
+TRANSPOSED_HEADS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4, 5] signal, float[5, N, 4] x) => (float[N, 5, 3] per_step, float[5, N, 3] ctc,
+                                               float[N, 3, 5] per_channel)
+    <float[3, 4, 1] kernel = {1,0,0,0, 0,1,0,0, 0,0,1,1}, float[4, 3] w = {1,0,0, 0,1,0, 0,0,1, 1,1,1}> {
+    features = Conv(signal, kernel)
+    probabilities = Softmax<axis = 1>(features)
+    per_step = Transpose<perm = [0, 2, 1]>(probabilities)
+    product = MatMul(x, w)
+    bias = Constant<value = float[3] {0.1, 0.2, 0.3}>()
+    ctc = Add(product, bias)
+    steps_first = Transpose<perm = [0, 2, 1]>(per_step)
+    per_channel = Identity(steps_first)
+}
+"""
+
+
+def test_classes_are_followed_through_transposes_and_constant_nodes():
+    # A 1-D Conv's classes (axis 1), put last by a Transpose, are a sequence of class scores
+    # (slovorez's morpheme tagger); moved back to axis 1 they are not. A bias from a Constant
+    # node, as torch's exporter writes it, still makes a classifier head (a CRNN's CTC scores).
+    model = ir.from_proto(onnx.parser.parse_model(TRANSPOSED_HEADS))
+    assert class_score_outputs(model) == {"per_step", "ctc"}
+
+
 @pytest.mark.parametrize(("round_seconds", "warmups"), [(1.0, 1), (0.01, 3)])
 def test_timing_warms_a_slow_model_up_once_and_a_fast_one_fully(
     round_seconds, warmups, monkeypatch

@@ -118,3 +118,35 @@ def test_output_parts_are_the_concat_inputs_of_known_size():
     assert "y" not in parts
     array = np.arange(2 * 1 * 8).reshape(2, 1, 8)
     assert parts["joined"][1].of(array).tolist() == array[:, :, 3:8].tolist()
+
+
+SCALES_JOINED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 4, 2, 2] box_a, float[1, 2, 2, 2] score_a, float[1, 4, 1, 2] box_b,
+   float[1, 2, 1, 2] score_b) => (float[1, 6, 6] output) <int64[3] flat = {1, 6, -1}> {
+    a = Concat<axis = 1>(box_a, score_a)
+    b = Concat<axis = 1>(box_b, score_b)
+    flat_a = Reshape(a, flat)
+    flat_b = Reshape(b, flat)
+    scales = Concat<axis = 2>(flat_a, flat_b)
+    output = Transpose<perm = [0, 2, 1]>(scales)
+}
+"""
+
+
+def test_output_parts_are_followed_through_reshapes_other_joins_and_transposes():
+    # A YOLOX-like head: boxes and scores joined per scale on the channel axis, each scale
+    # flattened, the scales joined, then transposed: [1, anchors, 4 + 2].
+    model = ir.from_proto(onnx.parser.parse_model(SCALES_JOINED))
+    names = [part.name("output") for part in output_parts(model)["output"]]
+    assert names == ["output[:, 0:4]", "output[:, 4:6]", "output[:, :, 0:4]", "output[:, :, 4:6]"]
+
+
+def test_output_parts_need_the_same_parts_in_every_joined_input():
+    # The scales join different parts on the channel axis: only the scales are parts.
+    text = SCALES_JOINED.replace("float[1, 4, 1, 2] box_b", "float[1, 3, 1, 2] box_b").replace(
+        "float[1, 2, 1, 2] score_b", "float[1, 3, 1, 2] score_b"
+    )
+    model = ir.from_proto(onnx.parser.parse_model(text))
+    names = [part.name("output") for part in output_parts(model)["output"]]
+    assert names == ["output[:, 0:4]", "output[:, 4:6]"]
