@@ -142,7 +142,9 @@ class SparsityReport:
 def prunable_layers(
     model: ir.Model, settings: SparsitySettings
 ) -> tuple[list[ir.Node], dict[str, str]]:
-    """The layers ``settings`` lets be pruned, in graph order, and the others with the reason."""
+    """The layers ``settings`` lets be pruned, in graph order, and the others with the reason.
+    Of the layers that share one weight, only the first is listed: the weight is pruned once,
+    for all of them (``sharing_layers``)."""
     candidates: list[ir.Node] = []
     dense: dict[str, str] = {}
     patterns = [re.compile(expression) for expression in settings.exclude]
@@ -151,10 +153,13 @@ def prunable_layers(
         if layout is None:
             continue
         weight = node.inputs[1]
+        sharing = sharing_layers(node)
         if weight.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             dense[node.name] = f"weight of type {weight.const_value.dtype.name}"
-        elif len(weight.uses()) > 1:
-            dense[node.name] = "weight shared with other nodes"
+        elif sharing is None:
+            dense[node.name] = "weight shared with nodes that are not layers of the same kind"
+        elif sharing and sharing[0] is not node:
+            continue
         elif any(pattern.search(node.name) for pattern in patterns):
             dense[node.name] = "excluded"
         elif settings.pattern.structured and (
@@ -172,6 +177,46 @@ def prunable_layers(
             dense[node.name] = "first or last layer (protect_first_last)"
             candidates.remove(node)
     return candidates, dense
+
+
+def sharing_layers(node: ir.Node) -> list[ir.Node] | None:
+    """Every layer that reads ``node``'s weight, in graph order, where more than one does (the
+    time steps of an unrolled RNN, the branches of a siamese network), all reading it the same
+    way; [] where only ``node`` reads it; None where it has readers of another kind."""
+    weight = node.inputs[1]
+    uses = weight.uses()
+    if len(uses) == 1:
+        return []
+    layout = dataclasses.replace(input_layout(node), input="")
+    readers = []
+    for use in uses:
+        other = input_layout(use.node) if use.idx == 1 else None
+        if other is None or dataclasses.replace(other, input="") != layout:
+            return None
+        if use.node.op_type != node.op_type:
+            return None
+        readers.append(use.node)
+    order = {id(one): index for index, one in enumerate(node.graph or ())}
+    return sorted(readers, key=lambda one: order.get(id(one), 0))
+
+
+def _pooled_moments(
+    layers: list[ir.Node], moments: dict[str, InputMoments]
+) -> dict[str, InputMoments]:
+    """Each layer's input moments, pooled over every layer that shares its weight: the weight
+    is pruned once to keep all their outputs (their mean squared error is summed); a layer
+    none of whose readers' moments are all measured gets none."""
+    pooled = {}
+    for node in layers:
+        readers = sharing_layers(node) or [node]
+        measured = [moments.get(reader.name) for reader in readers]
+        if any(one is None for one in measured):
+            continue
+        fit = np.mean([one.fit for one in measured], axis=0)
+        checks = [one.check for one in measured]
+        check = None if any(one is None for one in checks) else np.mean(checks, axis=0)
+        pooled[node.name] = InputMoments(fit.astype(np.float32), check)
+    return pooled
 
 
 @dataclasses.dataclass
@@ -255,7 +300,12 @@ def prepare_layers(
     if settings.importance in NEEDS_GRADIENTS:
         names = [node.inputs[1].name for node in layers]
         gradients = gradient_magnitudes(model, feeds, names, progress, labels)
-    moments = collect_hessians(model, layers, feeds, progress=progress) if needs_moments else {}
+    moments = {}
+    if needs_moments:
+        readers = [reader for node in layers for reader in sharing_layers(node) or [node]]
+        moments = _pooled_moments(
+            layers, collect_hessians(model, readers, feeds, progress=progress)
+        )
     loss = gradient_loss(labels) if settings.importance in NEEDS_GRADIENTS else None
     return PreparedLayers(model, settings, layers, dense, moments, gradients, loss)
 
@@ -455,6 +505,9 @@ def _prune_layer(
         error = float(change / signal) if signal > 0 else None
     new_weight = restore(pruned.astype(np.float32)).astype(weight.dtype)
     method = importance + (" + reconstruction" if reconstructed else "")
+    readers = len(sharing_layers(node) or [node])
+    if readers > 1:
+        method += f" (weight shared by {readers} layers, pruned for all)"
     layer = LayerSparsity(
         node.name,
         weight_value.name,

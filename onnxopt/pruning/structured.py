@@ -43,7 +43,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.calibration.moments import input_layout, weight_rows
+from onnxopt.calibration.moments import InputLayout, input_layout, weight_rows
 from onnxopt.data import DataSource
 from onnxopt.errors import InputError
 from onnxopt.graph import add_initializer, set_constant
@@ -736,33 +736,49 @@ def _refit_consumers(
     (one is added where the layer had none). The damping pulls towards the original weights
     of the kept channels, so a layer with few rows (a classifier reads one a sample) stays
     near them; each layer takes the one of DAMPINGS that does best on held-out samples.
-    A layer reads only the samples it needs (MIN_REFIT_SAMPLES). Returns the layers refitted."""
+    A layer reads only the samples it needs (MIN_REFIT_SAMPLES). Layers that share one weight
+    (the two branches of a siamese network) are fitted once, on the rows of all of them.
+    Returns the layers refitted."""
     wanted = set(names)
-    layers = [node for node in model.graph if node.name in wanted]
+    sharing: dict[int, list[ir.Node]] = {}
+    for node in model.graph:
+        if node.name in wanted:
+            sharing.setdefault(id(node.inputs[1]), []).append(node)
     originals = {node.name: node for node in original.graph if node.name in wanted}
     refitted = []
     mask = padding_mask_input(model)
     with (
         SerializedModel(original) as source,
-        progress.task("refitting layers", total=len(layers)) as advance,
+        progress.task("refitting layers", total=len(wanted)) as advance,
     ):
-        for node in layers:
-            if _refit(model, source, node, originals[node.name], feeds, mask):
-                refitted.append(node.name)
-            advance(1)
+        for nodes in sharing.values():
+            if _refit(model, source, nodes, [originals[node.name] for node in nodes], feeds, mask):
+                refitted.extend(node.name for node in nodes)
+            advance(len(nodes))
     return refitted
 
 
 def _refit(
     model: ir.Model,
     source: SerializedModel,
-    node: ir.Node,
-    original: ir.Node,
+    nodes: list[ir.Node],
+    originals: list[ir.Node],
     feeds: Sequence[Feed],
     mask: str | None,
 ) -> bool:
-    layout, original_layout = input_layout(node), input_layout(original)
-    if layout is None or original_layout is None or layout.groups != 1:
+    """Refit the weight (and bias) that ``nodes`` share, on the rows of each of them."""
+    node, original = nodes[0], originals[0]
+    layouts = [
+        (input_layout(one), input_layout(other))
+        for one, other in zip(nodes, originals, strict=True)
+    ]
+    if any(
+        layout is None or original_layout is None or layout.groups != 1
+        for layout, original_layout in layouts
+    ):
+        return False
+    layout, original_layout = layouts[0]
+    if any(other.inputs[2:3] != node.inputs[2:3] for other in nodes):
         return False
     weight = node.inputs[1]
     rows, restore = weight_rows(weight.const_value.numpy(), layout, 1)
@@ -784,28 +800,12 @@ def _refit(
         full = np.concatenate([full, old.reshape(-1, 1)], axis=1)
         near = np.concatenate([near, old.reshape(-1, 1)], axis=1)
     columns = rows.shape[2]
-    least = min(MIN_REFIT_SAMPLES, len(feeds))
-    positions = max(1, -(-REFIT_ROWS_PER_COLUMN * columns // least))
-    # A token's row, not a padded position's (``padding``); convolutions see no padding mask.
-    mask = None if layout.kernel else mask
-    pruned_probe = ProbeSession(model, [layout.input], threads=1, prune=True)
-    original_probe = ProbeSession(source, [original_layout.input], threads=1, prune=True)
     # Sums of X^T X and X^T Y (X: the pruned layer's input rows, Y: the original's), for the
     # samples fitted on and those held out.
     sums = {held: _RefitSums(columns + has_bias, full.shape[1]) for held in (False, True)}
-    for index, feed in enumerate(feeds):
-        pruned_in = pruned_probe.run(feed).get(layout.input)
-        original_in = original_probe.run(feed).get(original_layout.input)
-        if pruned_in is None or original_in is None:
+    for layout, original_layout in layouts:
+        if not _add_rows(sums, model, source, layout, original_layout, feeds, mask, has_bias):
             return False
-        pruned_in = token_rows(pruned_in, feed, mask)
-        original_in = token_rows(original_in, feed, mask)
-        x = _columns(layout, pruned_in, positions, index, has_bias)
-        y = _columns(original_layout, original_in, positions, index, has_bias)
-        sums[len(feeds) >= HOLD_EVERY and index % HOLD_EVERY == HOLD_EVERY - 1].add(x, y)
-        seen = sums[False].count + sums[True].count
-        if index + 1 >= least and seen >= REFIT_ROWS_PER_COLUMN * columns:
-            break
     fit, held = sums[False], sums[True]
     try:
         relative = DAMPINGS[0]
@@ -824,7 +824,45 @@ def _refit(
         if bias is not None:
             set_constant(bias, new_bias)
         else:
-            _add_bias(model, node, new_bias)
+            for one in nodes:
+                _add_bias(model, one, new_bias)
+    return True
+
+
+def _add_rows(
+    sums: dict[bool, _RefitSums],
+    model: ir.Model,
+    source: SerializedModel,
+    layout: InputLayout,
+    original_layout: InputLayout,
+    feeds: Sequence[Feed],
+    mask: str | None,
+    has_bias: bool,
+) -> bool:
+    """Add one layer's input rows, pruned and original, to ``sums``, reading samples until it
+    has REFIT_ROWS_PER_COLUMN rows a column (and MIN_REFIT_SAMPLES samples); False where a
+    probe cannot read the layer's input."""
+    columns = sums[False].gram.shape[0] - has_bias
+    least = min(MIN_REFIT_SAMPLES, len(feeds))
+    positions = max(1, -(-REFIT_ROWS_PER_COLUMN * columns // least))
+    # A token's row, not a padded position's (``padding``); convolutions see no padding mask.
+    mask = None if layout.kernel else mask
+    pruned_probe = ProbeSession(model, [layout.input], threads=1, prune=True)
+    original_probe = ProbeSession(source, [original_layout.input], threads=1, prune=True)
+    seen = 0
+    for index, feed in enumerate(feeds):
+        pruned_in = pruned_probe.run(feed).get(layout.input)
+        original_in = original_probe.run(feed).get(original_layout.input)
+        if pruned_in is None or original_in is None:
+            return False
+        pruned_in = token_rows(pruned_in, feed, mask)
+        original_in = token_rows(original_in, feed, mask)
+        x = _columns(layout, pruned_in, positions, index, has_bias)
+        y = _columns(original_layout, original_in, positions, index, has_bias)
+        sums[len(feeds) >= HOLD_EVERY and index % HOLD_EVERY == HOLD_EVERY - 1].add(x, y)
+        seen += len(x)
+        if index + 1 >= least and seen >= REFIT_ROWS_PER_COLUMN * columns:
+            break
     return True
 
 

@@ -10,13 +10,15 @@ import onnx_ir as ir
 import pytest
 from onnx import helper
 
+from onnxopt import runtime
 from onnxopt.cli import main
 from onnxopt.errors import InputError
-from onnxopt.pruning import SparsitySettings, parse_pattern, sparsify_model
+from onnxopt.pruning import SparsitySettings, parse_pattern, sparsify, sparsify_model
 from onnxopt.pruning.allocation import MAX_LAYER_RATIO, candidate_ratios, global_ratios
 from onnxopt.pruning.importance import gradient_magnitudes
 from onnxopt.pruning.patterns import n_m_mask, smallest_mask
 from onnxopt.pruning.sparsegpt import refit, sparsegpt
+from tests.pruning.test_structured import siamese_net, siamese_samples
 from tests.quantization.helpers import build, cosine, feeds, random_weights, run
 
 
@@ -326,3 +328,40 @@ def test_labels_need_a_class_score_output():
     model.graph.outputs[0].shape = ir.Shape(["N", 4, 1, 1])  # not [batch, classes]
     with pytest.raises(InputError, match="no output of the model holds class scores"):
         gradient_magnitudes(model, feeds(model, count=1), ["w"], labels=[np.array([0])])
+
+
+def branch_errors(model: ir.Model, reference: ir.Model, samples) -> dict[str, float]:
+    expected = runtime.create_session(reference)
+    actual = runtime.create_session(model)
+    errors = {}
+    for index, name in enumerate(("y_a", "y_b")):
+        want = np.concatenate([expected.run(None, sample)[index] for sample in samples])
+        got = np.concatenate([actual.run(None, sample)[index] for sample in samples])
+        errors[name] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    return errors
+
+
+def test_a_weight_layers_share_is_pruned_once_for_the_inputs_of_all(monkeypatch):
+    # The two branches see their own features: reconstructing the shared weight for the first
+    # branch's inputs alone would serve the second badly.
+    samples = siamese_samples(48)
+    calibration, held = samples[:40], samples[40:]
+    settings = SparsitySettings(ratio=0.5, protect_first_last=False, allocation="uniform")
+    errors = {}
+    for pooled in (True, False):
+        if not pooled:
+            monkeypatch.setattr(
+                sparsify,
+                "_pooled_moments",
+                lambda layers, moments: {node.name: moments[node.name] for node in layers},
+            )
+        model = siamese_net()
+        report = sparsify_model(model, calibration, settings)
+        errors[pooled] = branch_errors(model, siamese_net(), held)
+    assert [layer.node for layer in report.layers] == ["fc1_a", "fc2_a"]
+    assert all("shared by 2 layers" in layer.method for layer in report.layers)
+    weight = model.graph.initializers["fc2"]
+    assert len(weight.uses()) == 2
+    assert np.mean(weight.const_value.numpy() == 0) == pytest.approx(0.5)
+    assert errors[True]["y_b"] < errors[False]["y_b"], errors
+    assert max(errors[True].values()) < max(errors[False].values()), errors

@@ -9,6 +9,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper
 
+from onnxopt import runtime
 from onnxopt.errors import InputError
 from onnxopt.progress import QUIET
 from onnxopt.pruning import structured
@@ -327,3 +328,54 @@ def test_fisher_importance_prunes_a_valid_model():
     report = prune_structured(model, samples, StructuredSettings(ratio=0.5, importance="fisher"))
     assert report.importance == "fisher" and report.removed == 16
     assert run(model, samples).shape == run(branchy_net(), samples).shape
+
+
+def siamese_net() -> ir.Model:
+    """Two branches that share their weights: y_a = fc2(relu(fc1(a))), y_b the same of b."""
+    weights = random_weights(fc1=(8, 16), fc2=(16, 4), fc2_b=(4,))
+    nodes = []
+    for branch in ("a", "b"):
+        nodes += [
+            helper.make_node("Gemm", [branch, "fc1"], [f"h_{branch}"], name=f"fc1_{branch}"),
+            helper.make_node("Relu", [f"h_{branch}"], [f"r_{branch}"], name=f"relu_{branch}"),
+            helper.make_node(
+                "Gemm", [f"r_{branch}", "fc2", "fc2_b"], [f"y_{branch}"], name=f"fc2_{branch}"
+            ),
+        ]
+    return build(nodes, {"a": ["N", 8], "b": ["N", 8]}, {"y_a": ["N", 4], "y_b": ["N", 4]}, weights)
+
+
+def siamese_samples(count: int) -> list[dict[str, np.ndarray]]:
+    """Each branch sees inputs of its own scale on its own features."""
+    rng = np.random.default_rng(4)
+    scale = np.array([3.0] * 4 + [0.1] * 4, dtype=np.float32)
+    return [
+        {
+            "a": (rng.standard_normal((4, 8)) * scale).astype(np.float32),
+            "b": (rng.standard_normal((4, 8)) * scale[::-1]).astype(np.float32),
+        }
+        for _ in range(count)
+    ]
+
+
+def test_layers_sharing_a_weight_are_refitted_once_on_the_rows_of_both():
+    # Each branch sees inputs of its own scale on its own features: a weight fitted on one
+    # branch's rows alone would serve the other badly.
+    samples = siamese_samples(48)
+    calibration, held = samples[:40], samples[40:]
+    original = siamese_net()
+    reference = runtime.create_session(original)
+    errors = {}
+    for recover in (False, True):
+        model = siamese_net()
+        settings = StructuredSettings(ratio=0.5, recover=recover, protect_first_last=False)
+        report = prune_structured(model, calibration, settings)
+        session = runtime.create_session(model)
+        for index, name in enumerate(("y_a", "y_b")):
+            want = np.concatenate([reference.run(None, s)[index] for s in held])
+            got = np.concatenate([session.run(None, s)[index] for s in held])
+            errors[recover, name] = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert {"fc2_a", "fc2_b"} <= set(report.refitted)
+    assert len([value for value in model.graph.initializers if value.startswith("fc2")]) == 2
+    for name in ("y_a", "y_b"):
+        assert errors[True, name] < errors[False, name], errors
