@@ -40,6 +40,7 @@ from onnxopt.pruning.importance import (
     wanda_scores,
 )
 from onnxopt.pruning.patterns import SparsityPattern, n_m_mask, smallest_mask
+from onnxopt.pruning.quantized import quantized_model_error
 from onnxopt.pruning.sparsegpt import refit, sparsegpt
 from onnxopt.runtime import Feed
 
@@ -278,7 +279,7 @@ def prepare_layers(
     _name_unnamed_layers(model)
     layers, dense = prunable_layers(model, settings)
     if not layers:
-        raise InputError(
+        raise quantized_model_error(model, "sparsify found no layer to prune") or InputError(
             "the model has no layer to prune: "
             + (
                 "; ".join(f"{name}: {reason}" for name, reason in dense.items())

@@ -53,6 +53,7 @@ from onnxopt.pruning.attention import find_attention_groups
 from onnxopt.pruning.channels import find_channel_groups, layer_axes
 from onnxopt.pruning.groups import ChannelGroup, ChannelSlice, Unprunable
 from onnxopt.pruning.importance import gradient_loss, gradient_magnitudes, sample_gradients
+from onnxopt.pruning.quantized import quantized_model_error
 from onnxopt.pruning.shrink import apply_keeps, model_statistics, node_macs, removed_positions
 from onnxopt.runtime import Feed, ProbeSession, SerializedModel
 from onnxopt.shapes import infer_shapes
@@ -168,7 +169,7 @@ def prune_structured(
     groups, left = _selectable(model, found, settings)
     unprunable.extend(left)
     if not groups:
-        raise InputError(
+        raise quantized_model_error(model, "prune found no channels to cut") or InputError(
             "the model has no channels to prune: "
             + ("; ".join(f"{item.node}: {item.reason}" for item in unprunable) or NO_LAYERS),
             fix="relax prune.exclude or prune.protect_first_last",

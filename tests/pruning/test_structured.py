@@ -15,6 +15,7 @@ from onnxopt.progress import QUIET
 from onnxopt.pruning import structured
 from onnxopt.pruning.channels import find_channel_groups
 from onnxopt.pruning.shrink import model_statistics
+from onnxopt.pruning.sparsify import SparsitySettings, sparsify_model
 from onnxopt.pruning.structured import StructuredSettings, _fisher_scores, prune_structured
 from tests.pruning.test_attention import D_MODEL, HEAD_DIM, SEQ, _Builder, _weights
 from tests.pruning.test_channels import padded_shortcut_net, residual_net
@@ -379,3 +380,20 @@ def test_layers_sharing_a_weight_are_refitted_once_on_the_rows_of_both():
     assert len([value for value in model.graph.initializers if value.startswith("fc2")]) == 2
     for name in ("y_a", "y_b"):
         assert errors[True, name] < errors[False, name], errors
+
+
+def test_a_model_quantized_already_is_named_as_such_with_the_fix():
+    weights = {"w": np.arange(-6, 6, dtype=np.int8).reshape(4, 3), "scale": np.float32(0.1)}
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w", "scale"], ["w_float"], name="dequantize"),
+        helper.make_node("MatMul", ["x", "w_float"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["y"], name="relu"),
+    ]
+    model = build(nodes, {"x": ["N", 4]}, {"y": ["N", 3]}, weights)
+    for prune in (
+        lambda: prune_structured(model, feeds(model), StructuredSettings(ratio=0.5)),
+        lambda: sparsify_model(model, feeds(model), SparsitySettings(ratio=0.5)),
+    ):
+        with pytest.raises(InputError, match=r"already quantized.*DequantizeLinear") as error:
+            prune()
+        assert "float model" in error.value.fix
