@@ -15,7 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -236,11 +236,14 @@ def collect_hessians(
     max_bytes: int = MAX_HESSIAN_BYTES,
     progress: Progress = QUIET,
     source: SerializedModel | None = None,
+    pooled: Mapping[str, int] | None = None,
 ) -> dict[str, InputMoments]:
     """The input moments of each node over ``feeds``, by node name; every CHECK_EVERY-th
     sample goes to ``check``. Nodes past ``max_bytes`` of them get none, nor nodes that would
-    see fewer rows than MIN_ROWS_PER_COLUMN a column; nodes that share an input and a layout
-    (the query, key and value of attention) share them. ``source`` is ``model`` written
+    see fewer rows than MIN_ROWS_PER_COLUMN a column (counting, for a node named in ``pooled``,
+    the rows of the given number of nodes whose moments the caller pools with its own: the
+    time steps of an unrolled RNN see a row a sample each); nodes that share an input and a
+    layout (the query, key and value of attention) share them. ``source`` is ``model`` written
     already, for callers that measure it more than once."""
     layouts: dict[InputLayout, list[str]] = {}
     columns: dict[InputLayout, int] = {}
@@ -257,6 +260,10 @@ def collect_hessians(
             layouts[layout] = []
             columns[layout] = layout.column_count(node.inputs[1].const_value.shape)
         layouts[layout].append(node.name)
+    pooled_with = {
+        layout: max((pooled or {}).get(name, 1) for name in names)
+        for layout, names in layouts.items()
+    }
     if not layouts or not feeds:
         return {}
     sums: dict[tuple[InputLayout, bool], np.ndarray] = {}
@@ -285,9 +292,10 @@ def collect_hessians(
                             if array is not None and not layout.kernel:
                                 array = token_rows(array, feeds[index], mask)
                             _accumulate((layout, held), array, positions, sums, counts, rng)
-                            if index == 0 and counts[(layout, held)] * len(feeds) < (
-                                MIN_ROWS_PER_COLUMN * columns[layout]
-                            ):
+                            expected_rows = (
+                                counts[(layout, held)] * len(feeds) * pooled_with[layout]
+                            )
+                            if index == 0 and expected_rows < MIN_ROWS_PER_COLUMN * columns[layout]:
                                 too_few.add(layout)
                                 sums.pop((layout, held), None)
                         advance(1)

@@ -304,9 +304,9 @@ def prepare_layers(
     moments = {}
     if needs_moments:
         readers = [reader for node in layers for reader in sharing_layers(node) or [node]]
-        moments = _pooled_moments(
-            layers, collect_hessians(model, readers, feeds, progress=progress)
-        )
+        pooled = {reader.name: len(sharing_layers(reader) or [reader]) for reader in readers}
+        measured = collect_hessians(model, readers, feeds, progress=progress, pooled=pooled)
+        moments = _pooled_moments(layers, measured)
     loss = gradient_loss(labels) if settings.importance in NEEDS_GRADIENTS else None
     return PreparedLayers(model, settings, layers, dense, moments, gradients, loss)
 

@@ -365,3 +365,20 @@ def test_a_weight_layers_share_is_pruned_once_for_the_inputs_of_all(monkeypatch)
     assert np.mean(weight.const_value.numpy() == 0) == pytest.approx(0.5)
     assert errors[True]["y_b"] < errors[False]["y_b"], errors
     assert max(errors[True].values()) < max(errors[False].values()), errors
+
+
+def test_layers_sharing_a_weight_pool_their_rows_to_be_measured():
+    # Eight time steps of an unrolled RNN read one weight, a row a sample each: 8 samples give
+    # each too few rows for its 64 columns, all of them together enough for SparseGPT.
+    steps = 8
+    nodes = [
+        helper.make_node("Gemm", [f"x{step}", "w"], [f"h{step}"], name=f"step{step}")
+        for step in range(steps)
+    ]
+    nodes.append(helper.make_node("Sum", [f"h{step}" for step in range(steps)], ["y"]))
+    inputs = {f"x{step}": [1, 64] for step in range(steps)}
+    model = build(nodes, inputs, {"y": [1, 16]}, random_weights(w=(64, 16)))
+    settings = SparsitySettings(ratio=0.5, protect_first_last=False)
+    report = sparsify_model(model, feeds(model, count=8), settings)
+    (layer,) = report.layers
+    assert layer.method.startswith("sparsegpt + reconstruction (weight shared by 8 layers")
