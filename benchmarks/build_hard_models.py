@@ -802,9 +802,11 @@ CAPTCHA_CHARACTERS = string.ascii_lowercase + string.digits
 MINIMUM_CAPTCHA_ACCURACY = 0.5
 
 
-def render_captcha(rng: np.random.Generator, fonts: Sequence[Path]) -> tuple[Image.Image, str]:
+def render_captcha(
+    rng: np.random.Generator, fonts: Sequence[Path], characters: str = CAPTCHA_CHARACTERS
+) -> tuple[Image.Image, str]:
     """4-6 characters on a light background, each at its own height, with a few lines across."""
-    text = "".join(rng.choice(list(CAPTCHA_CHARACTERS), int(rng.integers(4, 7))))
+    text = "".join(rng.choice(list(characters), int(rng.integers(4, 7))))
     background = tuple(int(value) for value in rng.integers(170, 256, 3))
     image = Image.new("RGB", CAPTCHA_SIZE, background)
     draw = ImageDraw.Draw(image)
@@ -855,6 +857,40 @@ def build_ddddocr() -> None:
     report_files([model_path, *written])
 
 
+# --- captcha-whisperer's CRNN ------------------------------------------------------------------
+
+# It reads digits and upper case; 0/O and 1/I are confused by a few fonts.
+CRNN_CHARACTERS = string.digits + string.ascii_uppercase
+CRNN_SEED = 20251013
+
+
+def build_captcha_crnn() -> None:
+    """captcha-whisperer's CRNN (its LSTM unrolled into 20 steps of shared Gemm weights) on
+    rendered captchas; inputs as the package builds them."""
+    from captcha_whisperer.recognizer import CaptchaRecognizer
+
+    model_path = shipped_model("captcha_whisperer", "models/captcha_crnn.onnx", "captcha_crnn")
+    font_directory = package_directory("matplotlib", SETUP_GUIDE) / "mpl-data" / "fonts" / "ttf"
+    fonts = [font_directory / name for name in OCR_FONTS if "Mono" not in name]
+    rng = np.random.default_rng(CRNN_SEED)
+    total = CALIBRATION_COUNT + EVALUATION_COUNT
+    captchas = [render_captcha(rng, fonts, CRNN_CHARACTERS) for _ in range(total)]
+    reader = CaptchaRecognizer(model_path)
+    recorder = _RecordingSession(reader._session)
+    reader._session = recorder
+    readings = [reader.recognize_arrays([np.asarray(image)])[0]["text"] for image, _ in captchas]
+    inputs = np.stack([feed["image"] for feed in recorder.feeds])
+    check(inputs.shape == (total, 1, 3, 60, 160), f"unexpected input shape {inputs.shape}")
+    texts = [text for _, text in captchas]
+    accuracy = float(np.mean([a == b for a, b in zip(readings, texts, strict=True)]))
+    print(
+        f"  the CRNN reads {accuracy:.1%} of the captchas right, e.g. {readings[:4]} for {texts[:4]}"
+    )
+    check(accuracy >= MINIMUM_CAPTCHA_ACCURACY, "the CRNN misreads most rendered captchas")
+    written = split_save("captcha_crnn", {"image": inputs}, CALIBRATION_COUNT)
+    report_files([model_path, *written])
+
+
 # --- NudeNet YOLOv8n detector -----------------------------------------------------------------
 
 NUDENET_SEED = 20250410
@@ -898,6 +934,7 @@ BUILDERS: dict[str, Callable[[], None]] = {
     "face_resnet": build_face_resnet,
     "ddddocr": build_ddddocr,
     "nudenet": build_nudenet,
+    "captcha_crnn": build_captcha_crnn,
 }
 
 

@@ -42,6 +42,7 @@ MODEL_NAMES = (
     "face_resnet",
     "ddddocr",
     "nudenet",
+    "captcha_crnn",
 )
 
 

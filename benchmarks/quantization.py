@@ -210,6 +210,11 @@ def _captcha_step_agreement(outputs: np.ndarray, fp32_outputs: np.ndarray, count
     return top1_agreement(outputs, fp32_outputs)
 
 
+def _crnn_agreement(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
+    # Each sample's output is [steps, 1, classes], the last class the CTC blank.
+    return sequence_agreement(outputs, fp32_outputs, time_axis=1, blank=outputs.shape[-1] - 1)
+
+
 def _yolo_f1(outputs: np.ndarray, fp32_outputs: np.ndarray, count: int) -> float:
     return box_f1(yolo_boxes(outputs), yolo_boxes(fp32_outputs))
 
@@ -350,6 +355,18 @@ MODELS = {
             "387",
             "CTC-decoded readings equal to FP32's (top-1 agreement of the steps)",
             _captcha_agreement,
+            (ExtraScore("steps", _captcha_step_agreement),),
+            build_script=HARD_BUILD,
+        ),
+        BenchmarkModel(
+            "captcha_crnn",
+            "captcha-whisperer CRNN (CNN + unrolled LSTM, CTC)",
+            MODELS_DIRECTORY / "captcha_crnn.onnx",
+            MODELS_DIRECTORY / "captcha_crnn_calibration.npz",
+            MODELS_DIRECTORY / "captcha_crnn_eval.npz",
+            "logits",
+            "CTC-decoded readings equal to FP32's (top-1 agreement of the steps)",
+            _crnn_agreement,
             (ExtraScore("steps", _captcha_step_agreement),),
             build_script=HARD_BUILD,
         ),

@@ -70,11 +70,11 @@ def ctc_greedy_decode(outputs: np.ndarray, characters: Sequence[str]) -> list[st
     return ["".join(characters[index] for index in ctc_collapse(sequence)) for sequence in steps]
 
 
-def ctc_collapse(sequence: np.ndarray) -> np.ndarray:
-    """A greedy CTC path's class indices with repeats merged, then blanks (0) dropped."""
+def ctc_collapse(sequence: np.ndarray, blank: int = 0) -> np.ndarray:
+    """A greedy CTC path's class indices with repeats merged, then blanks dropped."""
     keep = np.ones(sequence.shape, dtype=bool)
     keep[1:] = sequence[1:] != sequence[:-1]
-    return sequence[keep & (sequence != 0)]
+    return sequence[keep & (sequence != blank)]
 
 
 def exact_match(outputs: np.ndarray, texts: Sequence[str], characters: Sequence[str]) -> float:
@@ -269,14 +269,16 @@ def box_f1(
     return 2.0 * true_positives / (predicted + expected)
 
 
-def sequence_agreement(outputs_a: np.ndarray, outputs_b: np.ndarray, time_axis: int) -> float:
+def sequence_agreement(
+    outputs_a: np.ndarray, outputs_b: np.ndarray, time_axis: int, blank: int = 0
+) -> float:
     """Fraction of samples whose CTC-decoded index sequences agree: outputs stacked over
     samples, classes on the last axis, time steps on ``time_axis``, other axes of size 1."""
 
     def decoded(outputs: np.ndarray) -> list[tuple[int, ...]]:
         steps = np.moveaxis(outputs, time_axis, -2)
         steps = steps.reshape(len(outputs), *steps.shape[-2:]).argmax(axis=-1)
-        return [tuple(ctc_collapse(sequence).tolist()) for sequence in steps]
+        return [tuple(ctc_collapse(sequence, blank).tolist()) for sequence in steps]
 
     pairs = zip(decoded(outputs_a), decoded(outputs_b), strict=True)
     return float(np.mean([a == b for a, b in pairs]))
