@@ -54,9 +54,8 @@ class OutputFidelity:
     mismatched: float | None = None
 
 
-# Ops a classifier's scores come from, and ops that only reshape or relabel them on the way out.
-CLASSIFIER_HEADS = frozenset({"Gemm", "MatMul", "Conv", "Softmax", "LogSoftmax", "Sigmoid", "Add"})
-PASS_THROUGH = frozenset({"Reshape", "Flatten", "Squeeze", "Identity", "Cast"})
+# Ops that reshape a classifier's scores on the way out: a Conv head's [N, C, 1, 1] to [N, C].
+RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze"})
 
 
 def class_score_outputs(model: ir.Model) -> set[str]:
@@ -80,15 +79,17 @@ def class_score_outputs(model: ir.Model) -> set[str]:
             rank not in (1, 2, 3) or (isinstance(value.shape[-1], int) and value.shape[-1] < 2)
         ):
             continue
-        axis = _class_axis(value, opset)
+        axis = _class_axis(value, opset, rank)
         if axis == -1 or (axis is not None and rank is not None and axis == rank - 1):
             found.add(value.name)
     return found
 
 
-def _class_axis(value: ir.Value, opset: int) -> int | None:
+def _class_axis(value: ir.Value, opset: int, output_rank: int | None) -> int | None:
     """The axis of ``value`` that holds a classifier head's classes: negative counting from the
-    end, or not negative counting from the start; None where no head computes ``value``."""
+    end, or not negative counting from the start; None where no head computes ``value``. A
+    reshape to rank 2 or less (its own, or else the graph output's ``output_rank``) leaves the
+    classes last."""
     node = value.producer()
     if node is None or not node.inputs or node.inputs[0] is None:
         return None
@@ -100,21 +101,22 @@ def _class_axis(value: ir.Value, opset: int) -> int | None:
         # Before opset 13 they flatten the input to 2-D from ``axis`` on: classes come last.
         return node.attributes.get_int("axis", -1) if opset >= 13 else -1
     if node.op_type == "Sigmoid":
-        inner = _class_axis(node.inputs[0], opset)
+        inner = _class_axis(node.inputs[0], opset, output_rank)
         return -1 if inner is None else inner
     if node.op_type == "Add":
         computed = [value for value in node.inputs if value is not None and not _is_constant(value)]
         if len(node.inputs) != 2 or len(computed) != 1:
             return None
-        return _class_axis(computed[0], opset)
+        return _class_axis(computed[0], opset, output_rank)
     if node.op_type == "Transpose":
-        return _transposed_axis(node, _class_axis(node.inputs[0], opset))
+        return _transposed_axis(node, _class_axis(node.inputs[0], opset, output_rank))
     if node.op_type in ("Identity", "Cast"):
-        return _class_axis(node.inputs[0], opset)
-    if node.op_type in PASS_THROUGH:
-        inner = _class_axis(node.inputs[0], opset)
+        return _class_axis(node.inputs[0], opset, output_rank)
+    if node.op_type in RESHAPES:
+        inner = _class_axis(node.inputs[0], opset, output_rank)
         shape = node.outputs[0].shape
-        if inner == -1 or (inner is not None and shape is not None and len(shape) <= 2):
+        rank = len(shape) if shape is not None else output_rank
+        if inner == -1 or (inner is not None and rank is not None and rank <= 2):
             return -1
     return None
 
