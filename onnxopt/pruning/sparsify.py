@@ -205,8 +205,8 @@ def _pooled_moments(
     layers: list[ir.Node], moments: dict[str, InputMoments]
 ) -> dict[str, InputMoments]:
     """Each layer's input moments, pooled over every layer that shares its weight: the weight
-    is pruned once to keep all their outputs (their mean squared error is summed); a layer
-    none of whose readers' moments are all measured gets none."""
+    is pruned once to keep all their outputs (their mean squared error is summed). A layer gets
+    none unless every reader's were measured (``collect_hessians`` bounds their memory)."""
     pooled = {}
     for node in layers:
         readers = sharing_layers(node) or [node]
