@@ -7,9 +7,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import runtime
+from onnxopt.calibration.moments import collect_hessians
 from onnxopt.quantization.fusion import fusion_report
+from onnxopt.quantization.gptq import GptqRounding
 from onnxopt.quantization.plan import AlreadyQuantizedError, QuantizationOptions
 from onnxopt.quantization.qdq import quantize_model
+from tests.pruning.test_structured import siamese_net, siamese_samples
 from tests.quantization.helpers import (
     build,
     cosine,
@@ -367,3 +370,24 @@ def test_a_layer_kept_float_between_int8_ones_runs_float_in_onnxruntime(op_type)
     )
     expected = np.concatenate([unoptimized.run(None, sample)[0].reshape(-1) for sample in samples])
     np.testing.assert_allclose(run(model, samples), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_layers_share_is_stored_once_in_int8():
+    # A siamese network's branches read the same weights; an unrolled RNN's steps do too
+    # (captcha-whisperer's CRNN came out 3.6x its float size with a copy per step).
+    model = siamese_net()
+    samples = siamese_samples(8)
+    rounding = GptqRounding(collect_hessians(model, list(model.graph), samples))
+    reference = run(model, samples)
+    quantize_model(
+        model, measured_ranges(model, samples), {}, QuantizationOptions(), rounding=rounding
+    )
+    weights = [
+        name
+        for name, value in model.graph.initializers.items()
+        if value.const_value.dtype == ir.DataType.INT8 and value.const_value.size > 16
+    ]
+    assert sorted(weights) == ["fc1_quantized", "fc2_quantized"]
+    assert all(len(model.graph.initializers[name].uses()) == 2 for name in weights)
+    assert fusion_report(model).rate == 1.0
+    assert cosine(reference, run(model, samples)) > 0.99
