@@ -15,6 +15,7 @@ writes the table to its section of benchmarks/RESULTS.md as well.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -22,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 from pruning import MODELS, model_outputs, quiet_session_options, samples
-from results_sections import write_section
+from results_sections import cpu_model, write_section
 
 from onnxopt.api import optimize
 from onnxopt.compare import time_models
@@ -113,7 +114,8 @@ def main() -> int:
     write_section(
         SECTION,
         "Command: `.venv/bin/python benchmarks/pruning_presets.py`, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; presets with their defaults "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model()}, "
+        f"{os.cpu_count()} cores; presets with their defaults "
         "(prune: 30% fewer MACs, channels in multiples of 8, refit; prune-int8: the same, then "
         "int8 where it runs faster than the pruned float model; sparsify: the highest "
         "sparsity meeting cosine >= 0.99 and top-1 agreement >= 0.97), 64 calibration samples, "

@@ -4,9 +4,22 @@ leaves in place. A section runs from its heading to the next heading of its leve
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def cpu_model() -> str:
+    """The processor's name: timings and int8 choices differ between machines."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
 
 # The headings of the sections other benchmarks own.
 OWNED_HEADINGS = (
