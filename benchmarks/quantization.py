@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from results_sections import owned_sections
+from results_sections import cpu_model, owned_sections
 from tasks import (
     binary_map_iou,
     box_f1,
@@ -888,16 +888,6 @@ def benchmark_model(
 
 
 # --- reporting ---------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def source_revision() -> str:
