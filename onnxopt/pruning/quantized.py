@@ -5,15 +5,13 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxopt.errors import InputError
-from onnxopt.quantization.rules import QUANTIZED_OPS
+from onnxopt.quantization.plan import find_quantized_ops
 
 
 def quantized_model_error(model: ir.Model, what: str) -> InputError | None:
     """The error to give instead of "nothing to prune" where ``model`` is quantized already
     (its weights are integers behind DequantizeLinear or in integer kernels); None otherwise."""
-    found = sorted(
-        {node.op_type for node in model.graph.all_nodes() if node.op_type in QUANTIZED_OPS}
-    )
+    found = find_quantized_ops(model)
     if not found:
         return None
     return InputError(

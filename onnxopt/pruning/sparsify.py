@@ -202,21 +202,21 @@ def sharing_layers(node: ir.Node) -> list[ir.Node] | None:
 
 
 def _pooled_moments(
-    layers: list[ir.Node], moments: dict[str, InputMoments]
+    readers: dict[str, list[ir.Node]], moments: dict[str, InputMoments]
 ) -> dict[str, InputMoments]:
-    """Each layer's input moments, pooled over every layer that shares its weight: the weight
-    is pruned once to keep all their outputs (their mean squared error is summed). A layer gets
-    none unless every reader's were measured (``collect_hessians`` bounds their memory)."""
+    """Each layer's input moments, pooled over the ``readers`` of its weight (by layer name):
+    the weight is pruned once to keep all their outputs (their mean squared error is summed).
+    A layer gets none unless every reader's were measured (``collect_hessians`` bounds their
+    memory)."""
     pooled = {}
-    for node in layers:
-        readers = sharing_layers(node) or [node]
-        measured = [moments.get(reader.name) for reader in readers]
+    for name, group in readers.items():
+        measured = [moments.get(reader.name) for reader in group]
         if any(one is None for one in measured):
             continue
         fit = np.mean([one.fit for one in measured], axis=0)
         checks = [one.check for one in measured]
         check = None if any(one is None for one in checks) else np.mean(checks, axis=0)
-        pooled[node.name] = InputMoments(fit.astype(np.float32), check)
+        pooled[name] = InputMoments(fit.astype(np.float32), check)
     return pooled
 
 
@@ -303,10 +303,11 @@ def prepare_layers(
         gradients = gradient_magnitudes(model, feeds, names, progress, labels)
     moments = {}
     if needs_moments:
-        readers = [reader for node in layers for reader in sharing_layers(node) or [node]]
-        pooled = {reader.name: len(sharing_layers(reader) or [reader]) for reader in readers}
-        measured = collect_hessians(model, readers, feeds, progress=progress, pooled=pooled)
-        moments = _pooled_moments(layers, measured)
+        readers = {node.name: sharing_layers(node) or [node] for node in layers}
+        every = [reader for group in readers.values() for reader in group]
+        pooled = {reader.name: len(group) for group in readers.values() for reader in group}
+        measured = collect_hessians(model, every, feeds, progress=progress, pooled=pooled)
+        moments = _pooled_moments(readers, measured)
     loss = gradient_loss(labels) if settings.importance in NEEDS_GRADIENTS else None
     return PreparedLayers(model, settings, layers, dense, moments, gradients, loss)
 

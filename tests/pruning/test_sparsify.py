@@ -353,7 +353,7 @@ def test_a_weight_layers_share_is_pruned_once_for_the_inputs_of_all(monkeypatch)
             monkeypatch.setattr(
                 sparsify,
                 "_pooled_moments",
-                lambda layers, moments: {node.name: moments[node.name] for node in layers},
+                lambda readers, moments: {name: moments[name] for name in readers},
             )
         model = siamese_net()
         report = sparsify_model(model, calibration, settings)

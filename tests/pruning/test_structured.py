@@ -10,6 +10,7 @@ import pytest
 from onnx import helper
 
 from onnxopt import runtime
+from onnxopt.cli import main
 from onnxopt.errors import InputError
 from onnxopt.progress import QUIET
 from onnxopt.pruning import structured
@@ -382,14 +383,18 @@ def test_layers_sharing_a_weight_are_refitted_once_on_the_rows_of_both():
         assert errors[True, name] < errors[False, name], errors
 
 
-def test_a_model_quantized_already_is_named_as_such_with_the_fix():
+def quantized_net() -> ir.Model:
     weights = {"w": np.arange(-6, 6, dtype=np.int8).reshape(4, 3), "scale": np.float32(0.1)}
     nodes = [
         helper.make_node("DequantizeLinear", ["w", "scale"], ["w_float"], name="dequantize"),
         helper.make_node("MatMul", ["x", "w_float"], ["h"], name="fc1"),
         helper.make_node("Relu", ["h"], ["y"], name="relu"),
     ]
-    model = build(nodes, {"x": ["N", 4]}, {"y": ["N", 3]}, weights)
+    return build(nodes, {"x": ["N", 4]}, {"y": ["N", 3]}, weights)
+
+
+def test_a_model_quantized_already_is_named_as_such_with_the_fix():
+    model = quantized_net()
     for prune in (
         lambda: prune_structured(model, feeds(model), StructuredSettings(ratio=0.5)),
         lambda: sparsify_model(model, feeds(model), SparsitySettings(ratio=0.5)),
@@ -397,3 +402,16 @@ def test_a_model_quantized_already_is_named_as_such_with_the_fix():
         with pytest.raises(InputError, match=r"already quantized.*DequantizeLinear") as error:
             prune()
         assert "float model" in error.value.fix
+
+
+@pytest.mark.parametrize("recipe", ["prune", "sparsify"])
+def test_the_cli_refuses_a_model_quantized_already_and_writes_nothing(recipe, tmp_path, capsys):
+    source, output, data = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz"
+    model = quantized_net()
+    ir.save(model, source)
+    np.savez(data, x=np.stack([feed["x"] for feed in feeds(model, count=8)]))
+    arguments = ["optimize", source, "-o", output, "--recipe", recipe, "--calib", data]
+    assert main([str(argument) for argument in arguments]) == 2
+    assert not output.exists()
+    error = capsys.readouterr().err
+    assert "already quantized" in error and "Traceback" not in error
