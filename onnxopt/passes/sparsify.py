@@ -51,8 +51,10 @@ class SparsifyPass(OnnxoptPass):
         reconstruct: update the remaining weights (needs calibration data).
         refit_steps: conjugate-gradient steps of the least-squares refit after SparseGPT.
         allocation: how ``ratio`` is shared among layers (unstructured SparseGPT): ``auto``
-            (whichever of uniform, global and halfway keeps the outputs closest on the
-            calibration samples), ``uniform``, or ``global`` (by saliency model-wide).
+            (whichever of uniform, global, sensitivity and halfway to each keeps the outputs
+            closest on the calibration samples), ``uniform``, ``global`` (by saliency
+            model-wide) or ``sensitivity`` (global, each layer's saliencies scaled by its
+            measured effect on the outputs, ``pruning.sensitivity``).
         samples: calibration samples the layer inputs (and gradients) are measured on.
         exclude: regular expressions on node names; matching layers stay dense.
         protect_first_last: keep the first and last prunable layers dense.
@@ -76,7 +78,7 @@ class SparsifyPass(OnnxoptPass):
         importance: Literal["sparsegpt", "magnitude", "wanda", "gradient", "taylor"] = "sparsegpt",
         reconstruct: bool = True,
         refit_steps: Annotated[int, Range(low=0)] = 30,
-        allocation: Literal["auto", "uniform", "global"] = "auto",
+        allocation: Literal["auto", "uniform", "global", "sensitivity"] = "auto",
         samples: Annotated[int, Range(low=1)] = 32,
         exclude: Annotated[list[str] | None, REGULAR_EXPRESSIONS] = None,
         protect_first_last: bool = True,

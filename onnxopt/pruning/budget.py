@@ -9,7 +9,7 @@ unpruned, and the report says so.
 
 Unstructured patterns search the share of zeros (in RATIO_STEP steps up to MAX_RATIO), with
 the allocation across layers chosen once, at the first share tried, among the candidates
-``sparsify.allocations`` offers. N:M patterns fix the share inside a pruned layer, so the
+``sparsify.allocations`` offers (the layers' sensitivity is measured at that share too). N:M patterns fix the share inside a pruned layer, so the
 search is over how many layers stay dense: the layers whose pruning changed their output
 most (relative to it) are kept dense first.
 """
@@ -119,17 +119,19 @@ def _highest_ratio(
     low, high = -1, len(grid)  # grid[low] met (or nothing tried), grid[high] did not
     best: PrunedLayers | None = None
     allocation_index: int | None = None
+    # The first share's candidates, before the search's bar: they measure the layers'
+    # sensitivity, with a bar of their own.
+    first_candidates = allocations(prepared, grid[(low + high) // 2], progress)
     with progress.task("searching the sparsity that meets the budget") as advance:
         while high - low > 1:
             middle = (low + high) // 2
             ratio = grid[middle]
-            candidates = allocations(prepared, ratio)
             if allocation_index is None:
                 pruned, met, allocation_index = _best_allocation(
-                    prepared, candidates, ratio, judge, report
+                    prepared, first_candidates, ratio, judge, report
                 )
             else:
-                label, ratios = candidates[allocation_index]
+                label, ratios = allocations(prepared, ratio)[allocation_index]
                 pruned = prune_layers(prepared, label, ratios)
                 met = _record(report, judge, pruned, ratio, 0)
             if met:

@@ -41,6 +41,7 @@ from onnxopt.pruning.importance import (
 )
 from onnxopt.pruning.patterns import SparsityPattern, n_m_mask, smallest_mask
 from onnxopt.pruning.quantized import quantized_model_error
+from onnxopt.pruning.sensitivity import output_sensitivities, sensitivity_factors
 from onnxopt.pruning.sparsegpt import refit, sparsegpt
 from onnxopt.runtime import Feed
 
@@ -64,8 +65,10 @@ class SparsitySettings:
         refit_steps: conjugate-gradient steps of the refit after SparseGPT (0: none).
         allocation: how ``ratio`` is shared among layers (unstructured SparseGPT only; the
             others prune every layer alike): ``uniform``, ``global`` (by saliency model-wide,
-            ``allocation``), or ``auto``, whichever of uniform, global and halfway between
-            keeps the outputs closest to the original's on the calibration samples.
+            ``allocation``), ``sensitivity`` (global, each layer's saliencies scaled by how much
+            of its error reaches the outputs, ``sensitivity``), or ``auto``: whichever of
+            uniform, global, sensitivity and halfway to each keeps the outputs closest to the
+            original's on the calibration samples.
         exclude: regular expressions; layers whose node name matches one stay dense.
         protect_first_last: the first and last prunable layers stay dense (the input stem and
             the classifier or projection head, which small models depend on most).
@@ -76,7 +79,7 @@ class SparsitySettings:
     importance: Importance = "sparsegpt"
     reconstruct: bool = True
     refit_steps: int = 30
-    allocation: Literal["auto", "uniform", "global"] = "auto"
+    allocation: Literal["auto", "uniform", "global", "sensitivity"] = "auto"
     exclude: tuple[str, ...] = ()
     protect_first_last: bool = True
 
@@ -224,7 +227,8 @@ def _pooled_moments(
 class PreparedLayers:
     """What pruning needs, measured once on the calibration samples: the layers to prune, the
     layers left dense with the reason, each layer's input moments and weight gradients (and
-    the loss they are of, ``importance.gradient_loss``; None without)."""
+    the loss they are of, ``importance.gradient_loss``; None without), the samples, and each
+    layer's sensitivity factor once an allocation has measured them (``allocations``)."""
 
     model: ir.Model
     settings: SparsitySettings
@@ -233,6 +237,8 @@ class PreparedLayers:
     moments: dict[str, InputMoments]
     gradients: dict[str, np.ndarray]
     gradient_loss: str | None = None
+    feeds: Sequence[Feed] = ()
+    sensitivity: dict[str, float] | None = None
 
 
 @dataclasses.dataclass
@@ -309,7 +315,7 @@ def prepare_layers(
         measured = collect_hessians(model, every, feeds, progress=progress, pooled=pooled)
         moments = _pooled_moments(readers, measured)
     loss = gradient_loss(labels) if settings.importance in NEEDS_GRADIENTS else None
-    return PreparedLayers(model, settings, layers, dense, moments, gradients, loss)
+    return PreparedLayers(model, settings, layers, dense, moments, gradients, loss, feeds)
 
 
 def _name_unnamed_layers(model: ir.Model) -> None:
@@ -339,7 +345,7 @@ def sparsify_model(
     reconstruction needs data and ``feeds`` is empty.
     """
     prepared = prepare_layers(model, feeds, settings, progress, labels)
-    candidates = allocations(prepared, settings.share)
+    candidates = allocations(prepared, settings.share, progress)
     chosen, scores = _best_candidate(prepared, candidates, feeds, progress)
     report = SparsityReport(
         dense=prepared.dense,
@@ -351,10 +357,13 @@ def sparsify_model(
     return report
 
 
-def allocations(prepared: PreparedLayers, share: float) -> list[tuple[str, dict[str, float]]]:
+def allocations(
+    prepared: PreparedLayers, share: float, progress: Progress = QUIET
+) -> list[tuple[str, dict[str, float]]]:
     """The per-layer shares to try for ``share`` overall, labelled: uniform alone, or
     (unstructured SparseGPT with every layer's inputs measured) the allocations
-    ``settings.allocation`` asks for."""
+    ``settings.allocation`` asks for. The sensitivity factors are measured at the first
+    ``share`` asked for and kept in ``prepared``."""
     settings, layers, moments = prepared.settings, prepared.layers, prepared.moments
     uniform = {node.name: share for node in layers}
     allocates = (
@@ -371,13 +380,39 @@ def allocations(prepared: PreparedLayers, share: float) -> list[tuple[str, dict[
         weight = node.inputs[1].const_value.numpy().astype(np.float32)
         rows, _ = weight_rows(weight, layout, layout.groups)
         layer_saliencies[node.name] = saliencies(rows, moments[node.name].fit)
-    if settings.allocation == "global":
+    candidates = []
+    if settings.allocation in ("auto", "sensitivity"):
+        factors = _sensitivity(prepared, share, progress)
+        if factors:
+            weighted = {name: values * factors[name] for name, values in layer_saliencies.items()}
+            if settings.allocation == "sensitivity":
+                return [("sensitivity", global_ratios(weighted, share))]
+            labels = {1.0: "sensitivity"}
+            candidates = [
+                (labels.get(blend, f"{blend:g} of the way to sensitivity"), ratios)
+                for blend, ratios in zip(BLENDS, candidate_ratios(weighted, share), strict=True)
+                if blend > 0
+            ]
+    if settings.allocation != "auto":
         return [("global", global_ratios(layer_saliencies, share))]
     labels = {0.0: "uniform", 1.0: "global"}
     return [
         (labels.get(blend, f"{blend:g} of the way to global"), ratios)
         for blend, ratios in zip(BLENDS, candidate_ratios(layer_saliencies, share), strict=True)
-    ]
+    ] + candidates
+
+
+def _sensitivity(prepared: PreparedLayers, share: float, progress: Progress) -> dict[str, float]:
+    """Each layer's sensitivity factor (``sensitivity.sensitivity_factors``), measured with
+    every layer pruned uniformly to ``share``, once; empty when it could not be measured."""
+    if prepared.sensitivity is None:
+        uniform = {node.name: share for node in prepared.layers}
+        pruned = prune_layers(prepared, "uniform", uniform, progress)
+        weights = {name: weight for name, (weight, _) in pruned.layers.items()}
+        effects = output_sensitivities(prepared.model, weights, prepared.feeds, progress)
+        errors = {name: layer.output_error for name, (_, layer) in pruned.layers.items()}
+        prepared.sensitivity = sensitivity_factors(effects, errors)
+    return prepared.sensitivity
 
 
 def prune_layers(

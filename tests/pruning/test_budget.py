@@ -37,8 +37,10 @@ def test_the_search_keeps_the_highest_sparsity_that_meets_the_budget(min_cosine)
     reference = np.concatenate([sample[0].reshape(-1) for sample in comparison.reference_outputs])
     assert cosine(outputs, reference) >= min_cosine
     met = [trial.ratio for trial in report.trials if trial.budget_met]
-    failed = [trial.ratio for trial in report.trials if not trial.budget_met]
     assert met and report.sparsity == pytest.approx(max(met), abs=0.02)
+    # At the first share every candidate allocation is judged; the others may miss there.
+    chosen = [trial for trial in report.trials if trial.allocation == report.allocation]
+    failed = [trial.ratio for trial in chosen if not trial.budget_met]
     assert all(ratio > max(met) for ratio in failed)
     assert all(trial.cosine >= min_cosine for trial in report.trials if trial.budget_met)
 

@@ -165,7 +165,13 @@ def test_auto_allocation_keeps_the_candidate_closest_to_the_original():
     reference = run(conv_net(), samples[32:])
     model = conv_net()
     report = sparsify_model(model, samples[:32], SparsitySettings(ratio=0.6))
-    assert set(report.candidate_closeness) == {"uniform", "0.5 of the way to global", "global"}
+    assert set(report.candidate_closeness) == {
+        "uniform",
+        "0.5 of the way to global",
+        "global",
+        "0.5 of the way to sensitivity",
+        "sensitivity",
+    }
     assert report.allocation == max(report.candidate_closeness, key=report.candidate_closeness.get)
     assert report.sparsity == pytest.approx(0.6, abs=0.02)
     uniform = conv_net()
