@@ -21,6 +21,15 @@ from onnxopt.pruning.sparsegpt import refit, sparsegpt
 from tests.pruning.test_structured import siamese_net, siamese_samples
 from tests.quantization.helpers import build, cosine, feeds, random_weights, run
 
+# The allocations ``auto`` prunes and judges.
+AUTO_CANDIDATES = {
+    "uniform",
+    "0.5 of the way to global",
+    "global",
+    "0.5 of the way to sensitivity",
+    "sensitivity",
+}
+
 
 def correlated_inputs(columns: int, count: int, seed: int = 0) -> np.ndarray:
     """Inputs whose columns correlate, as real activations do: where reconstruction pays."""
@@ -165,13 +174,7 @@ def test_auto_allocation_keeps_the_candidate_closest_to_the_original():
     reference = run(conv_net(), samples[32:])
     model = conv_net()
     report = sparsify_model(model, samples[:32], SparsitySettings(ratio=0.6))
-    assert set(report.candidate_closeness) == {
-        "uniform",
-        "0.5 of the way to global",
-        "global",
-        "0.5 of the way to sensitivity",
-        "sensitivity",
-    }
+    assert set(report.candidate_closeness) == AUTO_CANDIDATES
     assert report.allocation == max(report.candidate_closeness, key=report.candidate_closeness.get)
     assert report.sparsity == pytest.approx(0.6, abs=0.02)
     uniform = conv_net()
