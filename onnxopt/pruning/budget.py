@@ -9,9 +9,9 @@ unpruned, and the report says so.
 
 Unstructured patterns search the share of zeros (in RATIO_STEP steps up to MAX_RATIO), with
 the allocation across layers chosen once, at the first share tried, among the candidates
-``sparsify.allocations`` offers (the layers' sensitivity is measured at that share too). N:M patterns fix the share inside a pruned layer, so the
-search is over how many layers stay dense: the layers whose pruning changed their output
-most (relative to it) are kept dense first.
+``sparsify.allocations`` offers (the layers' sensitivity is measured at that share too). N:M
+patterns fix the share inside a pruned layer, so the search is over how many layers stay dense:
+the layers whose pruning changed their output most (relative to it) are kept dense first.
 """
 
 from __future__ import annotations
