@@ -115,6 +115,19 @@ def set_constant(value: ir.Value, array: np.ndarray) -> None:
     value.shape = ir.Shape(array.shape)
 
 
+def initializer_as_input(graph: ir.Graph, value: ir.Value) -> None:
+    """Make the initializer ``value`` a typed graph input without data: what is fed at run time
+    (a weight to vary per run) or left out of a light copy (shape inference)."""
+    tensor = value.const_value
+    if tensor is not None:
+        value.shape = value.shape or ir.Shape(tensor.shape)
+        value.dtype = value.dtype or tensor.dtype
+    graph.initializers.pop(value.name, None)
+    value.const_value = None
+    if not value.is_graph_input():
+        graph.inputs.append(value)
+
+
 def take_over_output(node: ir.Node, value: ir.Value) -> None:
     """Make ``value`` stand for ``node``'s output (its uses, graph outputs, name, and type and
     shape where ``value`` has none) and remove ``node``: how a rewrite replaces a node."""

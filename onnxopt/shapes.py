@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt.graph import initializer_as_input
+
 logger = logging.getLogger(__name__)
 
 # ONNX data propagation builds one shape dimension per element of a 1-D input to Add, Mul and
@@ -97,17 +99,11 @@ def _light_proto(model: ir.Model) -> onnx.ModelProto:
     """
     copy = model.clone()
     graph = copy.graph
-    for name, value in list(graph.initializers.items()):
+    for value in list(graph.initializers.values()):
         tensor = value.const_value
         if tensor is not None and tensor.nbytes <= LARGEST_INLINED_INITIALIZER_BYTES:
             continue
-        if tensor is not None:
-            value.shape = value.shape or ir.Shape(tensor.shape)
-            value.dtype = value.dtype or tensor.dtype
-        del graph.initializers[name]
-        value.const_value = None
-        if not value.is_graph_input():
-            graph.inputs.append(value)
+        initializer_as_input(graph, value)
     return ir.serde.serialize_model(copy)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import runtime
+from onnxopt.graph import initializer_as_input
 from onnxopt.progress import QUIET, Progress
 from onnxopt.runtime import Feed
 
@@ -81,14 +82,8 @@ def _weights_as_inputs(
         fed_names[name] = value.name
         if value.name in originals:
             continue
-        tensor = value.const_value
-        originals[value.name] = tensor.numpy()
-        value.shape = ir.Shape(tensor.shape)
-        value.type = ir.TensorType(tensor.dtype)
-        probe.graph.initializers.pop(value.name, None)
-        value.const_value = None
-        if value not in probe.graph.inputs:
-            probe.graph.inputs.append(value)
+        originals[value.name] = value.const_value.numpy()
+        initializer_as_input(probe.graph, value)
     return probe, originals, fed_names
 
 

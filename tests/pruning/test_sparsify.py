@@ -261,6 +261,7 @@ def test_the_sparsify_preset_writes_a_sparse_model_and_reports_each_layer(tmp_pa
         "sparsify.finetune_samples=1",
         "sparsify.pattern=4:2",
         "sparsify.importance=random",
+        "sparsify.allocation=sensitive",
     ],
 )
 def test_bad_sparsify_options_exit_2_and_write_nothing(tmp_path, option, capsys):
