@@ -45,6 +45,7 @@ LAYERS = {
     "validation": FOUNDATIONS,
     "fidelity": FOUNDATIONS,
     "padding": FOUNDATIONS,
+    "linalg": FOUNDATIONS,
     "summary": FOUNDATIONS,
     "compare": FOUNDATIONS,
     "calibration": ALGORITHMS,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxopt.linalg import upper_inverse_factor
 from onnxopt.pruning.patterns import SparsityPattern, n_m_mask, smallest_mask
 
 # Columns visited per block before the rest of the row is updated at once (SparseGPT's 128).
@@ -21,7 +22,7 @@ BLOCK = 128
 
 def inverse_cholesky(hessian: np.ndarray, damping: float) -> np.ndarray | None:
     """The upper Cholesky factor of ``(H + damping * mean(diag H) I)^-1`` in float64, or None
-    when H is not positive definite even so."""
+    when H is not positive definite even so (``linalg.upper_inverse_factor``)."""
     hessian = np.array(hessian, dtype=np.float64)
     diagonal = np.diag(hessian).copy()
     dead = diagonal <= 0
@@ -29,8 +30,7 @@ def inverse_cholesky(hessian: np.ndarray, damping: float) -> np.ndarray | None:
     mean = float(np.mean(np.diag(hessian)))
     hessian[np.diag_indices_from(hessian)] += damping * (mean if mean > 0 else 1.0)
     try:
-        inverse = np.linalg.inv(np.linalg.cholesky(hessian))
-        return np.linalg.cholesky(inverse.T @ inverse).T
+        return upper_inverse_factor(hessian)
     except np.linalg.LinAlgError:
         return None
 

@@ -30,6 +30,7 @@ from onnxopt.calibration.moments import (
     input_layout,
     weight_rows,
 )
+from onnxopt.linalg import upper_inverse_factor
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,6 @@ CLEAR_WIN = 0.5
 
 # Columns rounded per block before the rest of the row is updated at once.
 BLOCK = 128
-
-# Triangular matrices up to this size are inverted directly, larger ones by halves.
-TRIANGULAR_BLOCK = 64
 
 
 def gptq_integers(
@@ -100,41 +98,17 @@ def _nearest(weights: np.ndarray, steps: np.ndarray, limit: int) -> np.ndarray:
 
 def _inverse_cholesky(hessian: np.ndarray, damping: float) -> np.ndarray | None:
     """The upper Cholesky factor ``U`` of the damped inverse of each group's H
-    (``H^-1 = U^T U``), damping raised tenfold until the factorization succeeds; None if it
-    never does (H not finite).
-
-    With ``J`` the reversal of the columns, ``J H J = L L^T`` gives ``U = J L^-1 J``: one
-    Cholesky factorization and one triangular inverse, a fifth of the time of inverting H and
-    factorizing the inverse (1152 columns: 0.03 s against 0.15 s)."""
+    (``H^-1 = U^T U``, ``linalg.upper_inverse_factor``), damping raised tenfold until the
+    factorization succeeds; None if it never does (H not finite)."""
     columns = hessian.shape[-1]
     mean = np.mean(np.diagonal(hessian, axis1=1, axis2=2), axis=1)[:, None, None]
     identity = np.eye(columns, dtype=hessian.dtype)[None]
     while damping <= 1.0 and np.all(np.isfinite(hessian)):
         try:
-            reversed_lower = np.linalg.cholesky(
-                (hessian + damping * mean * identity)[:, ::-1, ::-1]
-            )
+            return upper_inverse_factor(hessian + damping * mean * identity)
         except np.linalg.LinAlgError:
             damping *= 10
-            continue
-        return np.ascontiguousarray(_lower_inverse(reversed_lower)[:, ::-1, ::-1])
     return None
-
-
-def _lower_inverse(lower: np.ndarray) -> np.ndarray:
-    """The inverse of lower triangular matrices, by halves: numpy has no triangular inverse,
-    and its general one costs eight times the multiplications."""
-    size = lower.shape[-1]
-    if size <= TRIANGULAR_BLOCK:
-        return np.linalg.inv(lower)
-    half = size // 2
-    top = _lower_inverse(lower[..., :half, :half])
-    bottom = _lower_inverse(lower[..., half:, half:])
-    inverse = np.zeros_like(lower)
-    inverse[..., :half, :half] = top
-    inverse[..., half:, half:] = bottom
-    inverse[..., half:, :half] = -bottom @ (lower[..., half:, :half] @ top)
-    return inverse
 
 
 @dataclasses.dataclass
