@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -196,3 +197,34 @@ def fidelity_checks(outputs: Sequence[OutputFidelity], thresholds: Thresholds) -
             )
         )
     return checks
+
+
+def budget_margin(outputs: Sequence[OutputFidelity], thresholds: Thresholds) -> float | None:
+    """How far inside ``thresholds`` the outputs are, in the check nearest failing: the least,
+    over the checks set and the outputs they apply to, of ``ln(allowed error / measured error)``
+    (errors: 1 - cosine, 1 - expected top-1 agreement, the relative noise power an SQNR
+    stands for, the absolute error beyond rtol). 0 on the edge, negative outside. One unit for
+    every check, so candidates bound by different checks compare; None where none is set."""
+    tiny = 1e-12
+    errors: list[tuple[float, float]] = []  # (allowed, measured)
+    if thresholds.atol is not None:
+        worst = max(output.max_error_beyond_rtol for output in outputs)
+        errors.append((thresholds.atol, worst))
+    if thresholds.min_cosine is not None:
+        errors += [(1 - thresholds.min_cosine, 1 - output.cosine) for output in outputs]
+    if thresholds.min_sqnr_db is not None:
+        errors += [
+            (10 ** (-thresholds.min_sqnr_db / 10), 10 ** (-min(output.sqnr_db, 300.0) / 10))
+            for output in outputs
+        ]
+    if thresholds.min_top1_agreement is not None:
+        errors += [
+            (1 - thresholds.min_top1_agreement, 1 - output.expected_top1_agreement)
+            for output in outputs
+            if output.expected_top1_agreement is not None
+        ]
+    if not errors:
+        return None
+    if not all(math.isfinite(measured) for _, measured in errors):
+        return -math.inf  # a NaN or infinite output
+    return min(math.log(max(allowed, tiny) / max(measured, tiny)) for allowed, measured in errors)

@@ -8,8 +8,9 @@ import pytest
 from onnxopt.context import Context
 from onnxopt.errors import ValidationFailed
 from onnxopt.fidelity import reference_comparison
+from onnxopt.metrics import OutputFidelity
 from onnxopt.passes.validate import ValidatePass
-from onnxopt.validation import Thresholds, validate
+from onnxopt.validation import Thresholds, budget_margin, validate
 from tests.builders import classifier_proto, external_data_classifier
 
 
@@ -159,3 +160,21 @@ def test_a_part_of_a_joined_output_is_judged_on_its_own():
     assert not result.passed
     (failure,) = result.failures
     assert "output[:, 4:6]" in failure.detail
+
+
+def fidelity(name: str, cosine: float, sqnr_db: float, agreement: float | None = None):
+    return OutputFidelity(name, 0.0, 0.0, cosine, sqnr_db, expected_top1_agreement=agreement)
+
+
+def test_the_budget_margin_is_the_check_nearest_failing_in_one_unit():
+    budget = Thresholds(min_cosine=0.99, min_top1_agreement=0.9)
+    # 1 - cosine is a tenth of what the budget allows; 1 - agreement half: the agreement binds.
+    outputs = [fidelity("a", 0.999, 40.0), fidelity("b", 0.9995, 40.0, agreement=0.95)]
+    assert budget_margin(outputs, budget) == pytest.approx(np.log(2))
+    assert budget_margin([fidelity("a", 0.99, 40.0)], budget) == pytest.approx(0.0)
+    assert budget_margin([fidelity("a", 0.98, 40.0)], budget) == pytest.approx(-np.log(2))
+    # 10 dB above the floor is a tenth of the noise it allows.
+    sqnr = budget_margin([fidelity("a", 1.0, 30.0)], Thresholds(min_sqnr_db=20.0))
+    assert sqnr == pytest.approx(np.log(10))
+    assert budget_margin([fidelity("a", float("nan"), 0.0)], budget) == -np.inf
+    assert budget_margin(outputs, Thresholds()) is None

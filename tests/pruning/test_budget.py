@@ -11,8 +11,10 @@ import pytest
 
 from onnxopt.cli import main
 from onnxopt.fidelity import reference_comparison
+from onnxopt.metrics import OutputFidelity
 from onnxopt.pruning import SparsitySettings, parse_pattern
-from onnxopt.pruning.budget import sparsify_to_budget
+from onnxopt.pruning.budget import _best_allocation, sparsify_to_budget
+from onnxopt.pruning.sparsify import SparsityReport, allocations, prepare_layers
 from onnxopt.validation import Thresholds
 from tests.pruning.test_sparsify import conv_net
 from tests.quantization.helpers import cosine, feeds, run
@@ -43,6 +45,34 @@ def test_the_search_keeps_the_highest_sparsity_that_meets_the_budget(min_cosine)
     failed = [trial.ratio for trial in chosen if not trial.budget_met]
     assert all(ratio > max(met) for ratio in failed)
     assert all(trial.cosine >= min_cosine for trial in report.trials if trial.budget_met)
+
+
+def test_the_allocation_is_chosen_by_its_margin_to_the_budget_not_by_closeness():
+    # The first candidate keeps one output close and the other near the cosine floor: the
+    # closer in mean SQNR, it has less room for the higher shares the search goes on to.
+    model = conv_net()
+    prepared = prepare_layers(model, feeds(model, count=16), SparsitySettings())
+    candidates = allocations(prepared, 0.5)[:2]
+
+    def fidelity(cosine: float, sqnr_db: float) -> OutputFidelity:
+        return OutputFidelity("y", 0.0, 0.0, cosine, sqnr_db)
+
+    measured = {
+        candidates[0][0]: [fidelity(0.9995, 60.0), fidelity(0.991, 25.0)],
+        candidates[1][0]: [fidelity(0.995, 30.0), fidelity(0.995, 30.0)],
+    }
+    report = SparsityReport()
+    pruned, met, index = _best_allocation(
+        prepared,
+        candidates,
+        0.5,
+        lambda pruned: (True, measured[pruned.label]),
+        report,
+        Thresholds(min_cosine=0.99),
+    )
+    assert met and index == 1 and pruned.label == candidates[1][0]
+    closeness = report.candidate_closeness
+    assert closeness[candidates[0][0]] > closeness[candidates[1][0]]
 
 
 def test_a_looser_budget_gives_more_zeros():
