@@ -50,6 +50,13 @@ logger = logging.getLogger(__name__)
 # Calibration samples candidate allocations are compared on, at most.
 EVALUATION_SAMPLES = 32
 
+# Input moments measured in all (fit and check, float32, layers in graph order). The layers
+# past it are pruned by magnitude, unreconstructed and left out of the allocation. Four times
+# what int8's GPTQ measures (``moments.MAX_HESSIAN_BYTES``): sparsity's accuracy rests on the
+# reconstruction, and the real models measured need 368 MB at most (dlib's face ResNet; with
+# 128 MB, 6 of its 28 layers, 64% of its weights, went without).
+MAX_HESSIAN_BYTES = 2**29
+
 
 @dataclasses.dataclass(frozen=True)
 class SparsitySettings:
@@ -227,8 +234,10 @@ def _pooled_moments(
 class PreparedLayers:
     """What pruning needs, measured once on the calibration samples: the layers to prune, the
     layers left dense with the reason, each layer's input moments and weight gradients (and
-    the loss they are of, ``importance.gradient_loss``; None without), the samples, and each
-    layer's sensitivity factor once an allocation has measured them (``allocations``)."""
+    the loss they are of, ``importance.gradient_loss``; None without), the samples, each
+    layer's sensitivity factor once an allocation has measured them (``allocations``), and the
+    layers pruned uniformly to measure them, at ``uniform_share``: ``prune_layers`` reuses a
+    layer pruned to the same share (the uniform candidate; the layers no allocation moves)."""
 
     model: ir.Model
     settings: SparsitySettings
@@ -239,6 +248,8 @@ class PreparedLayers:
     gradient_loss: str | None = None
     feeds: Sequence[Feed] = ()
     sensitivity: dict[str, float] | None = None
+    uniform: PrunedLayers | None = None
+    uniform_share: float | None = None
 
 
 @dataclasses.dataclass
@@ -312,7 +323,9 @@ def prepare_layers(
         readers = {node.name: sharing_layers(node) or [node] for node in layers}
         every = [reader for group in readers.values() for reader in group]
         pooled = {reader.name: len(group) for group in readers.values() for reader in group}
-        measured = collect_hessians(model, every, feeds, progress=progress, pooled=pooled)
+        measured = collect_hessians(
+            model, every, feeds, max_bytes=MAX_HESSIAN_BYTES, progress=progress, pooled=pooled
+        )
         moments = _pooled_moments(readers, measured)
     loss = gradient_loss(labels) if settings.importance in NEEDS_GRADIENTS else None
     return PreparedLayers(model, settings, layers, dense, moments, gradients, loss, feeds)
@@ -361,16 +374,18 @@ def allocations(
     prepared: PreparedLayers, share: float, progress: Progress = QUIET
 ) -> list[tuple[str, dict[str, float]]]:
     """The per-layer shares to try for ``share`` overall, labelled: uniform alone, or
-    (unstructured SparseGPT with every layer's inputs measured) the allocations
-    ``settings.allocation`` asks for. The sensitivity factors are measured at the first
-    ``share`` asked for and kept in ``prepared``."""
-    settings, layers, moments = prepared.settings, prepared.layers, prepared.moments
-    uniform = {node.name: share for node in layers}
+    (unstructured SparseGPT, two layers' inputs measured at least) the allocations
+    ``settings.allocation`` asks for, among the layers whose inputs were measured; the others
+    keep ``share`` (they have no saliencies to compare). The sensitivity factors are measured
+    at the first ``share`` asked for and kept in ``prepared``."""
+    settings, moments = prepared.settings, prepared.moments
+    uniform = {node.name: share for node in prepared.layers}
+    layers = [node for node in prepared.layers if node.name in moments]
     allocates = (
         settings.allocation != "uniform"
         and not settings.pattern.structured
         and settings.importance == "sparsegpt"
-        and all(node.name in moments for node in layers)
+        and len(layers) > 1
     )
     if not allocates:
         return [("uniform", uniform)]
@@ -386,18 +401,18 @@ def allocations(
         if factors:
             weighted = {name: values * factors[name] for name, values in layer_saliencies.items()}
             if settings.allocation == "sensitivity":
-                return [("sensitivity", global_ratios(weighted, share))]
+                return [("sensitivity", uniform | global_ratios(weighted, share))]
             labels = {1.0: "sensitivity"}
             candidates = [
-                (labels.get(blend, f"{blend:g} of the way to sensitivity"), ratios)
+                (labels.get(blend, f"{blend:g} of the way to sensitivity"), uniform | ratios)
                 for blend, ratios in zip(BLENDS, candidate_ratios(weighted, share), strict=True)
                 if blend > 0
             ]
     if settings.allocation != "auto":
-        return [("global", global_ratios(layer_saliencies, share))]
+        return [("global", uniform | global_ratios(layer_saliencies, share))]
     labels = {0.0: "uniform", 1.0: "global"}
     return [
-        (labels.get(blend, f"{blend:g} of the way to global"), ratios)
+        (labels.get(blend, f"{blend:g} of the way to global"), uniform | ratios)
         for blend, ratios in zip(BLENDS, candidate_ratios(layer_saliencies, share), strict=True)
     ] + candidates
 
@@ -408,7 +423,12 @@ def _sensitivity(prepared: PreparedLayers, share: float, progress: Progress) -> 
     if prepared.sensitivity is None:
         uniform = {node.name: share for node in prepared.layers}
         pruned = prune_layers(prepared, "uniform", uniform, progress)
-        weights = {name: weight for name, (weight, _) in pruned.layers.items()}
+        prepared.uniform, prepared.uniform_share = pruned, share
+        weights = {
+            name: weight
+            for name, (weight, _) in pruned.layers.items()
+            if name in prepared.moments  # the layers an allocation moves
+        }
         effects = output_sensitivities(prepared.model, weights, prepared.feeds, progress)
         errors = {name: layer.output_error for name, (_, layer) in pruned.layers.items()}
         prepared.sensitivity = sensitivity_factors(effects, errors)
@@ -422,13 +442,16 @@ def prune_layers(
     pruned = PrunedLayers(label, {})
     with progress.task(f"pruning layers ({label})", total=len(prepared.layers)) as advance:
         for node in prepared.layers:
-            pruned.layers[node.name] = _prune_layer(
-                node,
-                prepared.moments.get(node.name),
-                prepared.gradients,
-                prepared.settings,
-                ratios[node.name],
-            )
+            if prepared.uniform is not None and ratios[node.name] == prepared.uniform_share:
+                pruned.layers[node.name] = prepared.uniform.layers[node.name]
+            else:
+                pruned.layers[node.name] = _prune_layer(
+                    node,
+                    prepared.moments.get(node.name),
+                    prepared.gradients,
+                    prepared.settings,
+                    ratios[node.name],
+                )
             advance(1)
     return pruned
 

@@ -9,8 +9,9 @@ import pytest
 from onnx import helper
 
 from onnxopt import runtime
-from onnxopt.pruning import SparsitySettings, sparsify_model
+from onnxopt.pruning import SparsitySettings, sparsify, sparsify_model
 from onnxopt.pruning.sensitivity import output_sensitivities, sensitivity_factors
+from onnxopt.pruning.sparsify import allocations, prepare_layers, prune_layers
 from tests.pruning.test_sparsify import AUTO_CANDIDATES, correlated_inputs
 from tests.quantization.helpers import build, cosine, random_weights, run
 
@@ -113,3 +114,23 @@ def test_a_model_that_will_not_run_with_fed_weights_goes_without(monkeypatch):
     monkeypatch.setattr(runtime, "sample_session", refuse)
     weights = {"loud": np.zeros((WIDTH, WIDTH), np.float32)}
     assert output_sensitivities(loud_and_quiet_net(), weights, samples(4)) == {}
+
+
+def test_layers_pruned_to_measure_sensitivity_are_reused_at_that_share(monkeypatch):
+    model = loud_and_quiet_net()
+    prepared = prepare_layers(model, samples(48), SparsitySettings(ratio=0.5))
+    candidates = dict(allocations(prepared, 0.5))
+    assert prepared.uniform_share == 0.5 and set(prepared.uniform.layers) == {"loud", "quiet"}
+    pruned_anew = []
+    original = sparsify._prune_layer
+    monkeypatch.setattr(
+        sparsify,
+        "_prune_layer",
+        lambda node, *rest: pruned_anew.append(node.name) or original(node, *rest),
+    )
+    uniform = prune_layers(prepared, "uniform", candidates["uniform"])
+    assert pruned_anew == []
+    for name, (weight, _) in uniform.layers.items():
+        assert weight is prepared.uniform.layers[name][0]
+    prune_layers(prepared, "sensitivity", candidates["sensitivity"])
+    assert pruned_anew == ["loud", "quiet"]

@@ -187,6 +187,26 @@ def test_auto_allocation_keeps_the_candidate_closest_to_the_original():
     )
 
 
+def test_layers_without_measured_inputs_keep_the_share_and_the_others_are_allocated(
+    monkeypatch,
+):
+    # The budget for input moments runs out at 'body' (graph order): it is pruned by magnitude
+    # at the share asked, and the allocation shares the rest among the layers measured.
+    stem, body = 2 * 27 * 27 * 4, 2 * 144 * 144 * 4
+    monkeypatch.setattr(sparsify, "MAX_HESSIAN_BYTES", stem + body - 1)
+    model = conv_net()
+    settings = SparsitySettings(ratio=0.5, allocation="global", protect_first_last=False)
+    report = sparsify_model(model, feeds(model, count=32), settings)
+    assert report.allocation == "global"
+    layers = {layer.node: layer for layer in report.layers}
+    assert layers["body"].method == "magnitude" and layers["body"].sparsity == pytest.approx(0.5)
+    measured = [layer for name, layer in layers.items() if name != "body"]
+    assert all(layer.method == "sparsegpt + reconstruction" for layer in measured)
+    assert len({round(layer.sparsity, 2) for layer in measured}) > 1
+    zeros = sum(layer.parameters * layer.sparsity for layer in measured)
+    assert zeros / sum(layer.parameters for layer in measured) == pytest.approx(0.5, abs=0.01)
+
+
 @pytest.mark.parametrize("importance", ["wanda", "gradient", "taylor"])
 def test_other_importances_prune_the_same_share(importance):
     pytest.importorskip("torch", reason="the torch extra is not installed")
