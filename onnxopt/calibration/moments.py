@@ -175,10 +175,14 @@ class InputMoments:
     Attributes:
         fit: over the rows GPTQ fits the weights to.
         check: over held rows, to choose between fits; None when too few samples to hold any.
+        diagonal: only the diagonal was kept, each column's input power: the layer saw fewer
+            rows than MIN_ROWS_PER_COLUMN a column, too few to measure how the columns
+            correlate (``collect_hessians(few_rows_diagonal=True)``).
     """
 
     fit: np.ndarray
     check: np.ndarray | None
+    diagonal: bool = False
 
 
 def input_layout(node: ir.Node) -> InputLayout | None:
@@ -237,14 +241,16 @@ def collect_hessians(
     progress: Progress = QUIET,
     source: SerializedModel | None = None,
     pooled: Mapping[str, int] | None = None,
+    few_rows_diagonal: bool = False,
 ) -> dict[str, InputMoments]:
     """The input moments of each node over ``feeds``, by node name; every CHECK_EVERY-th
     sample goes to ``check``. Nodes past ``max_bytes`` of them get none, nor nodes that would
     see fewer rows than MIN_ROWS_PER_COLUMN a column (counting, for a node named in ``pooled``,
     the rows of the given number of nodes whose moments the caller pools with its own: the
-    time steps of an unrolled RNN see a row a sample each); nodes that share an input and a
-    layout (the query, key and value of attention) share them. ``source`` is ``model`` written
-    already, for callers that measure it more than once."""
+    time steps of an unrolled RNN see a row a sample each), unless ``few_rows_diagonal``: those
+    then get the diagonal of their H alone (``InputMoments.diagonal``). Nodes that share an
+    input and a layout (the query, key and value of attention) share them. ``source`` is
+    ``model`` written already, for callers that measure it more than once."""
     layouts: dict[InputLayout, list[str]] = {}
     columns: dict[InputLayout, int] = {}
     budget = max_bytes
@@ -270,6 +276,7 @@ def collect_hessians(
     counts: dict[tuple[InputLayout, bool], int] = collections.defaultdict(int)
     rng = np.random.default_rng(0)
     too_few: set[InputLayout] = set()
+    diagonal: set[InputLayout] = set()
     mask = padding_mask_input(model)
     written = contextlib.nullcontext(source) if source is not None else SerializedModel(model)
     with written as source:
@@ -296,17 +303,31 @@ def collect_hessians(
                                 counts[(layout, held)] * len(feeds) * pooled_with[layout]
                             )
                             if index == 0 and expected_rows < MIN_ROWS_PER_COLUMN * columns[layout]:
-                                too_few.add(layout)
-                                sums.pop((layout, held), None)
+                                if few_rows_diagonal:
+                                    diagonal.add(layout)
+                                else:
+                                    too_few.add(layout)
+                                    sums.pop((layout, held), None)
                         advance(1)
                 del probe
                 release_freed_memory()
     moments = {}
     for layout, node_names in layouts.items():
         fit, check = (_mean(sums, counts, (layout, held)) for held in (False, True))
-        if fit is not None:
-            moments.update(dict.fromkeys(node_names, InputMoments(fit, check)))
+        if fit is None:
+            continue
+        if layout in diagonal:
+            fit, check = (_diagonal_only(one) for one in (fit, check))
+        moments.update(dict.fromkeys(node_names, InputMoments(fit, check, layout in diagonal)))
     return moments
+
+
+def _diagonal_only(hessians: np.ndarray | None) -> np.ndarray | None:
+    """(groups, columns, columns) with everything off the diagonal zeroed."""
+    if hessians is None:
+        return None
+    columns = hessians.shape[-1]
+    return hessians * np.eye(columns, dtype=hessians.dtype)[None]
 
 
 def _mean(

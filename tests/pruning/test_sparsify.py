@@ -11,6 +11,7 @@ import pytest
 from onnx import helper
 
 from onnxopt import runtime
+from onnxopt.calibration.moments import collect_hessians
 from onnxopt.cli import main
 from onnxopt.errors import InputError
 from onnxopt.pruning import SparsitySettings, parse_pattern, sparsify, sparsify_model
@@ -205,6 +206,31 @@ def test_layers_without_measured_inputs_keep_the_share_and_the_others_are_alloca
     assert len({round(layer.sparsity, 2) for layer in measured}) > 1
     zeros = sum(layer.parameters * layer.sparsity for layer in measured)
     assert zeros / sum(layer.parameters for layer in measured) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_layer_with_too_few_rows_is_pruned_by_input_power_and_not_moved():
+    # Six samples give the Gemm after the pooling six rows for 32 columns: its columns' power
+    # is measured, their correlations are not, so the smallest w^2 * power go, no weight moves,
+    # and it keeps the share asked for while the allocation moves the others.
+    samples = feeds(conv_net(), count=6)
+    model = conv_net()
+    settings = SparsitySettings(ratio=0.5, allocation="global", protect_first_last=False)
+    report = sparsify_model(model, samples, settings)
+    layers = {layer.node: layer for layer in report.layers}
+    assert layers["hidden"].method == "sparsegpt (input power alone: too few rows to reconstruct)"
+    assert layers["body"].method == "sparsegpt + reconstruction"
+    original = conv_net()
+    hidden = next(node for node in original.graph if node.name == "hidden")
+    (moments,) = collect_hessians(original, [hidden], samples, few_rows_diagonal=True).values()
+    power = np.diag(moments.fit[0])
+    weight = original.graph.initializers["w4"].const_value.numpy()
+    pruned = model.graph.initializers["w4"].const_value.numpy()
+    zero = pruned == 0
+    np.testing.assert_array_equal(pruned[~zero], weight[~zero])
+    scores = weight**2 * (power + 0.01 * power.mean())[None, :]
+    assert zero.mean() == pytest.approx(0.5) and scores[zero].max() <= scores[~zero].min()
+    assert report.allocation == "global"
+    assert len({round(layers[name].sparsity, 2) for name in ("stem", "body", "pointwise")}) > 1
 
 
 @pytest.mark.parametrize("importance", ["wanda", "gradient", "taylor"])

@@ -313,6 +313,26 @@ def test_a_layer_with_too_few_rows_for_its_columns_gets_no_moments():
     }
 
 
+def test_asked_for_a_layer_with_too_few_rows_gets_the_diagonal_alone():
+    """Sparsity asks for each column's input power where the correlations cannot be fitted:
+    the diagonal of H, each column's mean square, and nothing off it."""
+    weight = random_weights(w=(10, 128))["w"]
+    model = single_layer("Gemm", weight, [1, 128], transB=1)
+    samples = feeds(model, count=16)
+    (moments,) = collect_hessians(
+        model, list(model.graph), samples, few_rows_diagonal=True
+    ).values()
+    assert moments.diagonal
+    fitted = np.concatenate([sample["x"] for index, sample in enumerate(samples) if index % 4 != 3])
+    np.testing.assert_allclose(np.diag(moments.fit[0]), np.mean(fitted**2, axis=0), rtol=1e-5)
+    assert np.count_nonzero(moments.fit[0] - np.diag(np.diag(moments.fit[0]))) == 0
+    wide_batch = single_layer("Gemm", weight, [8, 128], transB=1)
+    (enough,) = collect_hessians(
+        wide_batch, list(wide_batch.graph), feeds(wide_batch, 16), few_rows_diagonal=True
+    ).values()
+    assert not enough.diagonal and np.count_nonzero(enough.fit[0] - np.diag(np.diag(enough.fit[0])))
+
+
 def test_layer_inputs_are_measured_a_batch_at_a_time_within_the_budget():
     """With room for one layer's H at a time, each layer is measured when the quantizer asks
     for it, once, its H dropped once it is rounded, and the integers are those of measuring
