@@ -10,9 +10,9 @@ unpruned, and the report says so.
 Unstructured patterns search the share of zeros (in RATIO_STEP steps up to MAX_RATIO), with
 the allocation across layers chosen once, at the first share tried, among the candidates
 ``sparsify.allocations`` offers, by its margin to the budget (the layers' sensitivity is
-measured at that share too). N:M
-patterns fix the share inside a pruned layer, so the search is over how many layers stay dense:
-the layers whose pruning changed their output most (relative to it) are kept dense first.
+measured at that share too). N:M patterns fix the share inside a pruned layer, so the search is
+over how many layers stay dense: the layers whose pruning changed their output most (relative
+to it) are kept dense first.
 """
 
 from __future__ import annotations
@@ -161,8 +161,7 @@ def _best_allocation(
 
     The margin, not closeness: the search goes on to higher shares with the allocation chosen
     here, and what fails there is the budget's binding check (the worst output's cosine, say),
-    which a mean over outputs may not follow. Chosen by mean SQNR at 45%, the ViT saliency
-    model's allocation then missed its worst output's cosine at 50%."""
+    which closeness (a mean SQNR over outputs, or the top-1 agreement alone) may not follow."""
     best: tuple[tuple[bool, float, float], PrunedLayers, int] | None = None
     for index, (label, ratios) in enumerate(candidates):
         pruned = prune_layers(prepared, label, ratios)

@@ -389,9 +389,7 @@ def allocations(
     ``prepared``."""
     settings, moments = prepared.settings, prepared.moments
     uniform = {node.name: share for node in prepared.layers}
-    layers = [
-        node for node in prepared.layers if node.name in moments and not moments[node.name].diagonal
-    ]
+    layers = [node for node in prepared.layers if _allocatable(prepared, node.name)]
     allocates = (
         settings.allocation != "uniform"
         and not settings.pattern.structured
@@ -428,6 +426,12 @@ def allocations(
     ] + candidates
 
 
+def _allocatable(prepared: PreparedLayers, name: str) -> bool:
+    """Whether an allocation moves the layer's share: its input moments were measured in full."""
+    moments = prepared.moments.get(name)
+    return moments is not None and not moments.diagonal
+
+
 def _sensitivity(prepared: PreparedLayers, share: float, progress: Progress) -> dict[str, float]:
     """Each layer's sensitivity factor (``sensitivity.sensitivity_factors``), measured with
     every layer pruned uniformly to ``share``, once; empty when it could not be measured."""
@@ -438,7 +442,7 @@ def _sensitivity(prepared: PreparedLayers, share: float, progress: Progress) -> 
         weights = {
             name: weight
             for name, (weight, _) in pruned.layers.items()
-            if name in prepared.moments and not prepared.moments[name].diagonal  # allocated
+            if _allocatable(prepared, name)
         }
         effects = output_sensitivities(prepared.model, weights, prepared.feeds, progress)
         errors = {name: layer.output_error for name, (_, layer) in pruned.layers.items()}
