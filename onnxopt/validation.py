@@ -157,6 +157,29 @@ def meets(outputs: Sequence[OutputFidelity], thresholds: Thresholds) -> bool:
     return all(check.passed for check in fidelity_checks(outputs, thresholds))
 
 
+def _limits(
+    thresholds: Thresholds,
+) -> list[tuple[str, float, Callable[[OutputFidelity], float | None], Callable[[float], float]]]:
+    """The lower limits ``thresholds`` sets: each one's label, minimum, the figure of an output
+    it limits (None where it does not apply), and the error that figure stands for."""
+    limits = (
+        ("cosine", thresholds.min_cosine, lambda output: output.cosine, lambda x: 1 - x),
+        (
+            "sqnr_db",
+            thresholds.min_sqnr_db,
+            lambda output: output.sqnr_db,
+            lambda x: 10 ** (-min(x, 300.0) / 10),  # relative noise power
+        ),
+        (
+            "expected top1_agreement",
+            thresholds.min_top1_agreement,
+            lambda output: output.expected_top1_agreement,
+            lambda x: 1 - x,
+        ),
+    )
+    return [limit for limit in limits if limit[1] is not None]
+
+
 def fidelity_checks(outputs: Sequence[OutputFidelity], thresholds: Thresholds) -> list[Check]:
     """One check per threshold that is set, naming the worst output and the margin it missed by."""
     checks = []
@@ -170,18 +193,7 @@ def fidelity_checks(outputs: Sequence[OutputFidelity], thresholds: Thresholds) -
                 "" if passed else f"output '{worst.name}': max abs error {worst.max_abs_error:.3g}",
             )
         )
-    limits = (
-        ("cosine", thresholds.min_cosine, lambda output: output.cosine),
-        ("sqnr_db", thresholds.min_sqnr_db, lambda output: output.sqnr_db),
-        (
-            "expected top1_agreement",
-            thresholds.min_top1_agreement,
-            lambda output: output.expected_top1_agreement,
-        ),
-    )
-    for label, minimum, figure in limits:
-        if minimum is None:
-            continue
+    for label, minimum, figure, _ in _limits(thresholds):
         measured = [output for output in outputs if figure(output) is not None]
         if not measured:
             continue
@@ -210,18 +222,11 @@ def budget_margin(outputs: Sequence[OutputFidelity], thresholds: Thresholds) -> 
     if thresholds.atol is not None:
         worst = max(output.max_error_beyond_rtol for output in outputs)
         errors.append((thresholds.atol, worst))
-    if thresholds.min_cosine is not None:
-        errors += [(1 - thresholds.min_cosine, 1 - output.cosine) for output in outputs]
-    if thresholds.min_sqnr_db is not None:
+    for _, minimum, figure, error in _limits(thresholds):
         errors += [
-            (10 ** (-thresholds.min_sqnr_db / 10), 10 ** (-min(output.sqnr_db, 300.0) / 10))
+            (error(minimum), error(figure(output)))
             for output in outputs
-        ]
-    if thresholds.min_top1_agreement is not None:
-        errors += [
-            (1 - thresholds.min_top1_agreement, 1 - output.expected_top1_agreement)
-            for output in outputs
-            if output.expected_top1_agreement is not None
+            if figure(output) is not None
         ]
     if not errors:
         return None
