@@ -10,11 +10,13 @@ sequence). A model a preset refuses shows its error. Build the models first (ben
 
     .venv/bin/python benchmarks/pruning_presets.py
 
-writes the table to its section of benchmarks/RESULTS.md as well.
+writes the table to its section of benchmarks/RESULTS.md as well. ``--models`` and ``--recipes``
+rerun some of it, to a section of their own (the full table stays as it was measured).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -31,6 +33,8 @@ from onnxopt.errors import OnnxoptError
 from onnxopt.metrics import class_score_outputs, compare_outputs
 
 SECTION = "## Pruning presets on more models"
+SUBSET_SECTION = "## Pruning presets on more models, some rerun"
+RECIPES = ("prune", "prune-int8", "sparsify")
 MODEL_NAMES = (
     "ppocr_cls",
     "text_orientation",
@@ -55,9 +59,15 @@ def mean_cosine(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float
     return float(np.mean(cosines))
 
 
-def main() -> int:
+def main(arguments: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODEL_NAMES), help="comma-separated")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated")
+    options = parser.parse_args(arguments)
+    models, recipes = options.models.split(","), options.recipes.split(",")
+    subset = models != list(MODEL_NAMES) or recipes != list(RECIPES)
     lines = [f"{'model':<18} {'preset':<10} {'seconds':>7}  result"]
-    for name in MODEL_NAMES:
+    for name in models:
         path = MODELS / f"{name}.onnx"
         if not path.exists():
             lines.append(f"{name:<18} not built (benchmarks/README.md)")
@@ -69,7 +79,7 @@ def main() -> int:
         reference = [reference_session.run(None, feed)[0] for feed in evaluation]
         first = reference_session.get_outputs()[0].name
         classes = class_score_outputs(ir.load(path)) & {first}
-        for recipe in ("prune", "prune-int8", "sparsify"):
+        for recipe in recipes:
             start = time.perf_counter()
             try:
                 result = optimize(
@@ -111,9 +121,10 @@ def main() -> int:
                 fidelity += f", top-1 agreement {scores.top1_agreement:.3f}"
             lines.append(f"{name:<18} {recipe:<10} {seconds:>7.1f}  {what}; {fidelity}; {verdict}")
             print(lines[-1], flush=True)
+    command = " ".join([".venv/bin/python benchmarks/pruning_presets.py", *arguments])
     write_section(
-        SECTION,
-        "Command: `.venv/bin/python benchmarks/pruning_presets.py`, "
+        SUBSET_SECTION if subset else SECTION,
+        f"Command: `{command}`, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model()}, "
         f"{os.cpu_count()} cores; presets with their defaults "
         "(prune: 30% fewer MACs, channels in multiples of 8, refit; prune-int8: the same, then "
@@ -130,4 +141,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

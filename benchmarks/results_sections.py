@@ -28,6 +28,7 @@ OWNED_HEADINGS = (
     "## Sparsity",
     "## Structured pruning",
     "## Pruning presets on more models",
+    "## Pruning presets on more models, some rerun",
     "## Weight transfer",
     "## Sharded calibration",
     "## Large model",
