@@ -53,8 +53,13 @@ class RecoverySettings:
         features: also match the output of every pruned layer to the original's.
         temperature: softens class scores in their KL divergence (distillation's T); the
             held-out loss always compares them at 1.
-        patience: epochs after the first (the warmup) without a better held-out loss before
-            training stops early.
+        patience: epochs after the first (the warmup) in which no epoch has beaten the one-shot
+            weights on the held-out samples before training stops (and restarts at a lower rate,
+            ``backoff``). Once one has, training runs its whole schedule: at the full rate the
+            held-out loss jumps from epoch to epoch, and the cosine's last, small steps gain
+            most (EfficientNet-Lite0 at 50% sparsity, at 2.5e-5: stopped two epochs after
+            its first best, 0.844 top-1 agreement on 64 eval images; run to the end, epoch 10
+            of 12 was best, 0.860 on 200).
         backoff: restarts at a quarter of the learning rate when no epoch beats the one-shot
             weights (module docstring).
         seed: the held-out split, the order of samples and torch's random numbers.
@@ -141,7 +146,7 @@ def recover(
             best_loss, best_epoch = history[-1], epoch + 1
             best_weights = {name: p.detach().clone() for name, p in pair.parameters.items()}
         # The first epoch warms up; patience counts the epochs after it.
-        return epoch + 1 - max(best_epoch, 1) >= settings.patience
+        return best_weights is None and epoch >= settings.patience
 
     rate, steps = settings.learning_rate, 0
     for attempt in range(settings.backoff + 1):

@@ -100,6 +100,18 @@ def test_a_fine_tune_that_only_hurts_leaves_the_one_shot_weights():
         np.testing.assert_array_equal(weight(model, name), array)
 
 
+def test_once_an_epoch_beats_the_one_shot_weights_training_runs_its_whole_schedule():
+    original = mlp()
+    model, zeros = pruned(original)
+    # At this rate the warmup epoch helps and the full-rate epochs after it do not.
+    settings = RecoverySettings(epochs=6, learning_rate=0.03, patience=1, backoff=0)
+    result = recover(model, original, samples(64, seed=3), zeros, settings)
+    assert result.best_epoch == 1 and result.kept
+    assert len(result.held_out_losses) == 6
+    assert min(result.held_out_losses[1:]) > result.held_out_losses[0]
+    assert result.held_out_after == result.held_out_losses[0]
+
+
 def test_a_rate_at_which_no_epoch_helps_is_lowered_until_one_does():
     original = mlp()
     model, zeros = pruned(original)
