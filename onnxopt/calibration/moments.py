@@ -63,6 +63,14 @@ HESSIAN_BATCH_BYTES = 2**25
 MAX_HESSIAN_BYTES = 2**27
 
 
+# Input rows gathered, per H, before they are multiplied into it: up to a quarter of H's
+# columns (so they hold a quarter of H's memory at most), or PENDING_BYTES. A layer that sees a
+# row or a few a sample (after global pooling, the time steps of an unrolled RNN) would
+# otherwise add a rank-one product to H a row at a time, each reading and writing all of H: the
+# CRNN's LSTM weight, 4096 columns read by 20 steps, took 70 s of the 72 its moments cost.
+PENDING_BYTES = 2**24
+
+
 # Every this-many-th sample's rows are held back from GPTQ's fit, to choose the damping (or
 # rounding to nearest) on rows it did not fit.
 CHECK_EVERY = 4
@@ -232,6 +240,11 @@ def _hessian_bytes(node: ir.Node, layout: InputLayout) -> int:
     return 2 * layout.groups * columns * columns * 4
 
 
+# What collect_hessians measures: how a layer reads its input, and the key of the weight whose
+# readers' rows are pooled (``shared``), None for a layer's own.
+Measured = tuple[InputLayout, str | None]
+
+
 def collect_hessians(
     model: ir.Model,
     nodes: Iterable[ir.Node],
@@ -240,85 +253,106 @@ def collect_hessians(
     max_bytes: int = MAX_HESSIAN_BYTES,
     progress: Progress = QUIET,
     source: SerializedModel | None = None,
-    pooled: Mapping[str, int] | None = None,
+    shared: Mapping[str, str] | None = None,
     few_rows_diagonal: bool = False,
 ) -> dict[str, InputMoments]:
     """The input moments of each node over ``feeds``, by node name; every CHECK_EVERY-th
-    sample goes to ``check``. Nodes past ``max_bytes`` of them get none, nor nodes that would
-    see fewer rows than MIN_ROWS_PER_COLUMN a column (counting, for a node named in ``pooled``,
-    the rows of the given number of nodes whose moments the caller pools with its own: the
-    time steps of an unrolled RNN see a row a sample each), unless ``few_rows_diagonal``: those
-    then get the diagonal of their H alone (``InputMoments.diagonal``). Nodes that share an
-    input and a layout (the query, key and value of attention) share them. ``source`` is
-    ``model`` written already, for callers that measure it more than once."""
-    layouts: dict[InputLayout, list[str]] = {}
-    columns: dict[InputLayout, int] = {}
+    sample goes to ``check``. Nodes that share an input and a layout (the query, key and value
+    of attention) share them. Nodes that ``shared`` maps to one key (the weight they all read:
+    the time steps of an unrolled RNN, the branches of a siamese network) share one H over the
+    inputs of all of them, held once: that weight is fitted to all its readers' outputs at
+    once, their squared errors added up. Nodes past ``max_bytes`` of them get none, nor nodes
+    that would see fewer rows than MIN_ROWS_PER_COLUMN a column (the rows of all the inputs a
+    shared H pools), unless ``few_rows_diagonal``: those then get the diagonal of their H
+    alone (``InputMoments.diagonal``). ``source`` is ``model`` written already, for callers
+    that measure it more than once."""
+    shared = shared or {}
+    # What is measured: a layout, and the shared weight its rows are pooled for, if any.
+    entries: dict[Measured, list[str]] = {}
+    # The entry whose H each entry's rows are added to: its own, or the first of its weight's.
+    pooled_into: dict[Measured, Measured] = {}
+    first_reader: dict[str, Measured] = {}
+    columns: dict[Measured, int] = {}
     budget = max_bytes
     for node in nodes:
         layout = input_layout(node)
         if layout is None:
             continue
-        if layout not in layouts:
-            size = _hessian_bytes(node, layout)
-            if size > budget:
-                continue
-            budget -= size
-            layouts[layout] = []
-            columns[layout] = layout.column_count(node.inputs[1].const_value.shape)
-        layouts[layout].append(node.name)
-    pooled_with = {
-        layout: max((pooled or {}).get(name, 1) for name in names)
-        for layout, names in layouts.items()
-    }
-    if not layouts or not feeds:
+        key = shared.get(node.name)
+        entry = (layout, key)
+        if entry not in entries:
+            if key is not None and key in first_reader:
+                pooled_into[entry] = first_reader[key]
+            else:
+                size = _hessian_bytes(node, layout)
+                if size > budget:
+                    continue
+                budget -= size
+                pooled_into[entry] = entry
+                if key is not None:
+                    first_reader[key] = entry
+            entries[entry] = []
+            columns[entry] = layout.column_count(node.inputs[1].const_value.shape)
+        entries[entry].append(node.name)
+    if not entries or not feeds:
         return {}
-    sums: dict[tuple[InputLayout, bool], np.ndarray] = {}
-    counts: dict[tuple[InputLayout, bool], int] = collections.defaultdict(int)
+    inputs_pooled = collections.Counter(pooled_into.values())
+    sums = _MomentSums()
     rng = np.random.default_rng(0)
-    too_few: set[InputLayout] = set()
-    diagonal: set[InputLayout] = set()
+    too_few: set[Measured] = set()
+    diagonal: set[Measured] = set()
+    judged: set[Measured] = set()
     mask = padding_mask_input(model)
     written = contextlib.nullcontext(source) if source is not None else SerializedModel(model)
     with written as source:
-        groups = _input_groups(source, [layout.input for layout in layouts], feeds[0])
+        wanted = list(dict.fromkeys(layout.input for layout, _ in entries))
+        groups = _input_groups(source, wanted, feeds[0])
         steps = len(groups) * len(feeds)
         with progress.task("measuring layer inputs", total=steps) as advance:
             for names in groups:
                 probe = ProbeSession(source, names, threads=1, prune=True)
-                readers = [layout for layout in layouts if layout.input in names]
+                readers = [entry for entry in entries if entry[0].input in names]
                 for start in range(0, len(feeds), cores()):
                     # Samples run one per core; their columns are added in order.
                     outputs = concurrently(probe.run, feeds[start : start + cores()])
                     for index, arrays in enumerate(outputs, start):
                         held = len(feeds) >= CHECK_EVERY and index % CHECK_EVERY == CHECK_EVERY - 1
-                        for layout in readers:
-                            if layout in too_few:
+                        for entry in readers:
+                            target = pooled_into[entry]
+                            if target in too_few:
                                 continue
-                            positions = -(-ROWS_PER_COLUMN * columns[layout] // len(feeds))
+                            layout = entry[0]
+                            positions = -(-ROWS_PER_COLUMN * columns[entry] // len(feeds))
                             array = arrays.get(layout.input)
                             if array is not None and not layout.kernel:
                                 array = token_rows(array, feeds[index], mask)
-                            _accumulate((layout, held), array, positions, sums, counts, rng)
-                            expected_rows = (
-                                counts[(layout, held)] * len(feeds) * pooled_with[layout]
-                            )
-                            if index == 0 and expected_rows < MIN_ROWS_PER_COLUMN * columns[layout]:
-                                if few_rows_diagonal:
-                                    diagonal.add(layout)
-                                else:
-                                    too_few.add(layout)
-                                    sums.pop((layout, held), None)
+                            key = (target, held)
+                            sums.add(layout, key, array, positions, rng)
+                            if index == 0 and target not in judged:
+                                judged.add(target)
+                                expected_rows = (
+                                    sums.counts[key] * len(feeds) * inputs_pooled[target]
+                                )
+                                if expected_rows < MIN_ROWS_PER_COLUMN * columns[entry]:
+                                    if few_rows_diagonal:
+                                        diagonal.add(target)
+                                    else:
+                                        too_few.add(target)
+                                        sums.drop(key)
                         advance(1)
                 del probe
                 release_freed_memory()
     moments = {}
-    for layout, node_names in layouts.items():
-        fit, check = (_mean(sums, counts, (layout, held)) for held in (False, True))
+    for target in inputs_pooled:
+        fit, check = (sums.mean((target, held)) for held in (False, True))
         if fit is None:
             continue
-        if layout in diagonal:
+        if target in diagonal:
             fit, check = (_diagonal_only(one) for one in (fit, check))
-        moments.update(dict.fromkeys(node_names, InputMoments(fit, check, layout in diagonal)))
+        measured = InputMoments(fit, check, target in diagonal)
+        for entry, names in entries.items():
+            if pooled_into[entry] == target:
+                moments.update(dict.fromkeys(names, measured))
     return moments
 
 
@@ -330,47 +364,76 @@ def _diagonal_only(hessians: np.ndarray | None) -> np.ndarray | None:
     return hessians * np.eye(columns, dtype=hessians.dtype)[None]
 
 
-def _mean(
-    sums: dict[tuple[InputLayout, bool], np.ndarray],
-    counts: dict[tuple[InputLayout, bool], int],
-    key: tuple[InputLayout, bool],
-) -> np.ndarray | None:
-    if key not in sums or not counts[key]:
-        return None
-    total = sums.pop(key)
-    total /= counts[key]
-    return total
+class _MomentSums:
+    """Running sums of ``X X^T`` and their row counts, by key (what is measured, and whether
+    the rows are held for the check); rows are gathered (PENDING_BYTES) before they are
+    multiplied in."""
 
+    def __init__(self) -> None:
+        self.sums: dict[tuple[Measured, bool], np.ndarray] = {}
+        self.counts: dict[tuple[Measured, bool], int] = collections.defaultdict(int)
+        self.pending: dict[tuple[Measured, bool], list[np.ndarray]] = collections.defaultdict(list)
+        self.pending_rows: dict[tuple[Measured, bool], int] = collections.defaultdict(int)
 
-def _accumulate(
-    key: tuple[InputLayout, bool],
-    array: np.ndarray | None,
-    positions: int,
-    sums: dict[tuple[InputLayout, bool], np.ndarray],
-    counts: dict[tuple[InputLayout, bool], int],
-    rng: np.random.Generator,
-) -> None:
-    """Add one sample's ``X X^T`` (at most ``positions`` of its rows) to the layout's sum; inputs of an unexpected type or rank
-    (a layer whose H cannot be measured keeps rounding to nearest) are skipped."""
-    layout = key[0]
-    expected_rank = len(layout.kernel) + 2 if layout.kernel else None
-    if array is None or array.dtype.kind != "f" or array.ndim == 0:
-        return
-    if expected_rank is not None and array.ndim != expected_rank:
-        return
-    for part in layout.columns(np.asarray(array), positions, rng):
-        if part.shape[1] == 1:
-            flat = part[:, 0, :]
+    def add(
+        self,
+        layout: InputLayout,
+        key: tuple[Measured, bool],
+        array: np.ndarray | None,
+        positions: int,
+        rng: np.random.Generator,
+    ) -> None:
+        """Add one sample's rows (at most ``positions`` of them) to the sum of ``key``; inputs
+        of an unexpected type, rank or width (a layer whose H cannot be measured keeps rounding
+        to nearest) are skipped."""
+        expected_rank = len(layout.kernel) + 2 if layout.kernel else None
+        if array is None or array.dtype.kind != "f" or array.ndim == 0:
+            return
+        if expected_rank is not None and array.ndim != expected_rank:
+            return
+        for part in layout.columns(np.asarray(array), positions, rng):
+            pending = self.pending[key]
+            width = pending[0].shape[1:] if pending else None
+            if width is None and key in self.sums:
+                width = self.sums[key].shape[:2]
+            if width is not None and part.shape[1:] != width:
+                return
+            pending.append(part)
+            self.pending_rows[key] += part.shape[0]
+            self.counts[key] += part.shape[0]
+            rows, columns = self.pending_rows[key], part.shape[2]
+            if 4 * rows >= columns or rows * part.shape[1] * columns * 4 >= PENDING_BYTES:
+                self._flush(key)
+
+    def _flush(self, key: tuple[Measured, bool]) -> None:
+        parts = self.pending.pop(key, None)
+        self.pending_rows.pop(key, None)
+        if not parts:
+            return
+        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if rows.shape[1] == 1:
+            flat = rows[:, 0, :]
             product = (flat.T @ flat)[None]  # numpy computes X^T X as one symmetric update
         else:
-            product = np.matmul(part.transpose(1, 2, 0), part.transpose(1, 0, 2))
-        if key in sums:
-            if sums[key].shape != product.shape:
-                return
-            sums[key] += product
+            product = np.matmul(rows.transpose(1, 2, 0), rows.transpose(1, 0, 2))
+        if key in self.sums:
+            self.sums[key] += product
         else:
-            sums[key] = product
-        counts[key] += part.shape[0]
+            self.sums[key] = product
+
+    def drop(self, key: tuple[Measured, bool]) -> None:
+        self.sums.pop(key, None)
+        self.pending.pop(key, None)
+        self.pending_rows.pop(key, None)
+
+    def mean(self, key: tuple[Measured, bool]) -> np.ndarray | None:
+        """The sum over its rows, taken out; None without rows."""
+        self._flush(key)
+        if key not in self.sums or not self.counts[key]:
+            return None
+        total = self.sums.pop(key)
+        total /= self.counts[key]
+        return total
 
 
 class LayerBatches:

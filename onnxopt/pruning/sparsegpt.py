@@ -55,6 +55,8 @@ def sparsegpt(
             None to choose by SparseGPT's own score.
         damping: added to H's diagonal, as a share of its mean.
     """
+    if np.count_nonzero(hessian) == np.count_nonzero(np.diag(hessian)):
+        return _by_input_power(rows, hessian, pattern, ratio, mask, damping)
     upper = inverse_cholesky(hessian, damping)
     if upper is None:
         return None
@@ -87,6 +89,39 @@ def sparsegpt(
         weights[:, start:end] = block
         weights[:, end:] -= errors @ upper[start:end, end:]
     return weights
+
+
+def _by_input_power(
+    rows: np.ndarray,
+    hessian: np.ndarray,
+    pattern: SparsityPattern,
+    ratio: float,
+    mask: np.ndarray | None,
+    damping: float,
+) -> np.ndarray:
+    """``sparsegpt`` for an H with nothing off its diagonal (a layer measured by its inputs'
+    power alone, ``InputMoments.diagonal``): its inverse is diagonal too, so no weight moves,
+    and each block's zeros are those of smallest ``w^2 * (H_jj + damping)``, what the column
+    loop chooses, without its cubic cost (a 4096-column LSTM weight: seconds a pruning)."""
+    power = np.diag(hessian).astype(np.float64)
+    dead = power <= 0
+    power[dead] = 1.0
+    mean = float(np.mean(power))
+    power += damping * (mean if mean > 0 else 1.0)
+    weights = np.array(rows, dtype=np.float64)
+    weights[:, dead] = 0.0
+    if mask is None:
+        scores = weights**2 * power
+        mask = np.zeros(weights.shape, dtype=bool)
+        for start in range(0, weights.shape[1], BLOCK):
+            end = min(start + BLOCK, weights.shape[1])
+            if pattern.structured:
+                for first in range(start, end, pattern.group):
+                    span = slice(first, min(first + pattern.group, end))
+                    mask[:, span] = n_m_mask(scores[:, span], pattern)
+            else:
+                mask[:, start:end] = smallest_mask(scores[:, start:end], ratio, per_row=False)
+    return np.where(mask, 0.0, weights)
 
 
 def refit(

@@ -211,26 +211,6 @@ def sharing_layers(node: ir.Node) -> list[ir.Node] | None:
     return sorted(readers, key=lambda one: order.get(id(one), 0))
 
 
-def _pooled_moments(
-    readers: dict[str, list[ir.Node]], moments: dict[str, InputMoments]
-) -> dict[str, InputMoments]:
-    """Each layer's input moments, pooled over the ``readers`` of its weight (by layer name):
-    the weight is pruned once to keep all their outputs (their mean squared error is summed).
-    A layer gets none unless every reader's were measured (``collect_hessians`` bounds their
-    memory)."""
-    pooled = {}
-    for name, group in readers.items():
-        measured = [moments.get(reader.name) for reader in group]
-        if any(one is None for one in measured):
-            continue
-        fit = np.mean([one.fit for one in measured], axis=0)
-        checks = [one.check for one in measured]
-        check = None if any(one is None for one in checks) else np.mean(checks, axis=0)
-        diagonal = any(one.diagonal for one in measured)
-        pooled[name] = InputMoments(fit.astype(np.float32), check, diagonal)
-    return pooled
-
-
 @dataclasses.dataclass
 class PreparedLayers:
     """What pruning needs, measured once on the calibration samples: the layers to prune, the
@@ -322,18 +302,28 @@ def prepare_layers(
     moments = {}
     if needs_moments:
         readers = {node.name: sharing_layers(node) or [node] for node in layers}
-        every = [reader for group in readers.values() for reader in group]
-        pooled = {reader.name: len(group) for group in readers.values() for reader in group}
+        # A shared weight is pruned once, to keep the outputs of all its readers: one H over
+        # all their inputs (their squared errors add up).
+        shared = {
+            reader.name: name
+            for name, group in readers.items()
+            if len(group) > 1
+            for reader in group
+        }
         measured = collect_hessians(
             model,
-            every,
+            [reader for group in readers.values() for reader in group],
             feeds,
             max_bytes=MAX_HESSIAN_BYTES,
             progress=progress,
-            pooled=pooled,
+            shared=shared,
             few_rows_diagonal=True,
         )
-        moments = _pooled_moments(readers, measured)
+        moments = {
+            name: measured[group[0].name]
+            for name, group in readers.items()
+            if group[0].name in measured
+        }
     loss = gradient_loss(labels) if settings.importance in NEEDS_GRADIENTS else None
     return PreparedLayers(model, settings, layers, dense, moments, gradients, loss, feeds)
 

@@ -405,12 +405,12 @@ def test_a_weight_layers_share_is_pruned_once_for_the_inputs_of_all(monkeypatch)
     settings = SparsitySettings(ratio=0.5, protect_first_last=False, allocation="uniform")
     errors = {}
     for pooled in (True, False):
-        if not pooled:
-            monkeypatch.setattr(
-                sparsify,
-                "_pooled_moments",
-                lambda readers, moments: {name: moments[name] for name in readers},
-            )
+        if not pooled:  # each reader measured alone: the weight is fitted to the first's inputs
+
+            def unshared(*arguments, shared=None, **options):
+                return collect_hessians(*arguments, **options)
+
+            monkeypatch.setattr(sparsify, "collect_hessians", unshared)
         model = siamese_net()
         report = sparsify_model(model, calibration, settings)
         errors[pooled] = branch_errors(model, siamese_net(), held)
@@ -438,3 +438,47 @@ def test_layers_sharing_a_weight_pool_their_rows_to_be_measured():
     report = sparsify_model(model, feeds(model, count=8), settings)
     (layer,) = report.layers
     assert layer.method.startswith("sparsegpt + reconstruction (weight shared by 8 layers")
+
+
+def test_readers_of_a_shared_weight_get_one_h_over_all_their_inputs_held_once():
+    steps = 6
+    nodes = [
+        helper.make_node("Gemm", [f"x{step}", "w"], [f"h{step}"], name=f"step{step}")
+        for step in range(steps)
+    ]
+    nodes.append(helper.make_node("Sum", [f"h{step}" for step in range(steps)], ["y"]))
+    model = build(
+        nodes,
+        {f"x{step}": [1, 8] for step in range(steps)},
+        {"y": [1, 4]},
+        random_weights(w=(8, 4)),
+    )
+    samples = feeds(model, count=64)
+    readers = [node for node in model.graph if node.op_type == "Gemm"]
+    alone = collect_hessians(model, readers, samples)
+    one_h = 2 * 8 * 8 * 4  # fit and check, float32
+    shared = collect_hessians(
+        model, readers, samples, max_bytes=one_h, shared=dict.fromkeys(alone, "w")
+    )
+    assert sorted(shared) == sorted(alone)  # all six within the bytes of one
+    assert len({id(moments) for moments in shared.values()}) == 1
+    mean = np.mean([moments.fit for moments in alone.values()], axis=0)
+    np.testing.assert_allclose(shared["step0"].fit, mean, rtol=1e-5, atol=1e-6)
+    assert list(collect_hessians(model, readers, samples, max_bytes=one_h)) == ["step0"]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_on_a_diagonal_h_chooses_what_its_column_loop_would(pattern):
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((6, 300))
+    power = rng.uniform(0.1, 4.0, 300)
+    power[7] = 0.0  # an input never seen
+    diagonal = np.diag(power)
+    nearly = diagonal + 1e-30 * np.ones_like(diagonal)  # takes the loop, moves nothing visible
+    fast = sparsegpt(rows, diagonal, parse_pattern(pattern), 0.5)
+    loop = sparsegpt(rows, nearly, parse_pattern(pattern), 0.5)
+    np.testing.assert_array_equal(fast == 0, loop == 0)
+    np.testing.assert_allclose(fast, loop, rtol=1e-9, atol=1e-12)
+    assert (fast[:, 7] == 0).all()
+    kept = fast != 0
+    np.testing.assert_array_equal(fast[kept], rows[kept])

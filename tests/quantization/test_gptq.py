@@ -85,6 +85,21 @@ def test_hessian_of_a_matmul_measures_what_it_reads(op_type, weight_shape, attri
     assert energy_from_hessian(model, hessians["layer"].fit) == pytest.approx(expected, rel=1e-4)
 
 
+def test_rows_gathered_over_samples_before_they_are_multiplied_in_give_the_same_h(monkeypatch):
+    """A layer that reads a row a sample: its rows are gathered (a quarter of its 64 columns at
+    a time) and the last, partial gathering still counts."""
+    monkeypatch.setattr(layer_moments, "ROWS_PER_COLUMN", 10**6)
+    weight = random_weights(w=(64, 5))["w"]
+    model = single_layer("Gemm", weight, [1, 64])
+    samples = feeds(model, count=23)
+    (moments,) = collect_hessians(model, list(model.graph), samples).values()
+    held = [sample for index, sample in enumerate(samples) if index % 4 == 3]
+    fit = [sample for index, sample in enumerate(samples) if index % 4 != 3]
+    for measured, rows in ((moments.fit, fit), (moments.check, held)):
+        inputs = np.concatenate([sample["x"] for sample in rows]).astype(np.float64)
+        np.testing.assert_allclose(measured[0], inputs.T @ inputs / len(rows), rtol=1e-4, atol=1e-6)
+
+
 def correlated_problem(seed=0, rows=16, columns=32, positions=2000):
     rng = np.random.default_rng(seed)
     # Inputs that mostly move in a few directions, as a layer's input features do.
