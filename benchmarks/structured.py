@@ -11,7 +11,7 @@ and a ResNet-18-shaped CNN (random weights: timed only). Latency: onnxruntime, o
 the original and the pruned model timed interleaved. Build the models first
 (benchmarks/README.md).
 
-    .venv/bin/python benchmarks/structured.py [--finetune SAMPLES]
+    .venv/bin/python benchmarks/structured.py [--finetune SAMPLES] [--epochs 4]
 
 writes the table to its section of benchmarks/RESULTS.md as well.
 """
@@ -33,7 +33,7 @@ from results_sections import write_section
 from onnxopt.api import optimize
 from onnxopt.compare import time_models
 from onnxopt.data import open_data
-from onnxopt.pruning.recovery import recover
+from onnxopt.pruning.recovery import RecoverySettings, recover
 from onnxopt.pruning.structured import (
     StructuredReport,
     StructuredSettings,
@@ -237,6 +237,12 @@ def main(arguments: list[str]) -> int:
         metavar="SAMPLES",
         help="also fine-tune the preset's models on this many calibration samples",
     )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=RecoverySettings.epochs,
+        help="the fine-tune's epochs, at most",
+    )
     options = parser.parse_args(arguments)
     lines = [
         f"{'model':<20} {'setting':<32} {'MACs':>16} {'params':>16} {'s':>6}  "
@@ -268,7 +274,7 @@ def main(arguments: list[str]) -> int:
             if options.finetune and tune:
                 data = samples(MODELS / f"{name}_calibration.npz", names, options.finetune)
                 start = time.perf_counter()
-                result = recover(model, original, data, {})
+                result = recover(model, original, data, {}, RecoverySettings(epochs=options.epochs))
                 seconds = time.perf_counter() - start
                 outputs = model_outputs(model, evaluation, name)
                 lines.append(
