@@ -102,7 +102,8 @@ def _by_input_power(
     """``sparsegpt`` for an H with nothing off its diagonal (a layer measured by its inputs'
     power alone, ``InputMoments.diagonal``): its inverse is diagonal too, so no weight moves,
     and each block's zeros are those of smallest ``w^2 * (H_jj + damping)``, what the column
-    loop chooses, without its cubic cost (a 4096-column LSTM weight: seconds a pruning)."""
+    loop chooses, without its cubic cost (the CRNN's two 4096-column recurrent weights, pruned
+    at every share its budget search tried: 16 s of its 48)."""
     power = np.diag(hessian).astype(np.float64)
     dead = power <= 0
     power[dead] = 1.0

@@ -423,17 +423,22 @@ def test_a_weight_layers_share_is_pruned_once_for_the_inputs_of_all(monkeypatch)
     assert max(errors[True].values()) < max(errors[False].values()), errors
 
 
-def test_layers_sharing_a_weight_pool_their_rows_to_be_measured():
-    # Eight time steps of an unrolled RNN read one weight, a row a sample each: 8 samples give
-    # each too few rows for its 64 columns, all of them together enough for SparseGPT.
-    steps = 8
+def unrolled_steps(steps: int, columns: int, outputs: int) -> ir.Model:
+    """``steps`` Gemms, each reading an input of its own, a row a sample, with one weight (the
+    time steps of an RNN an exporter unrolled), their outputs summed."""
     nodes = [
         helper.make_node("Gemm", [f"x{step}", "w"], [f"h{step}"], name=f"step{step}")
         for step in range(steps)
     ]
     nodes.append(helper.make_node("Sum", [f"h{step}" for step in range(steps)], ["y"]))
-    inputs = {f"x{step}": [1, 64] for step in range(steps)}
-    model = build(nodes, inputs, {"y": [1, 16]}, random_weights(w=(64, 16)))
+    inputs = {f"x{step}": [1, columns] for step in range(steps)}
+    return build(nodes, inputs, {"y": [1, outputs]}, random_weights(w=(columns, outputs)))
+
+
+def test_layers_sharing_a_weight_pool_their_rows_to_be_measured():
+    # Eight time steps read one weight: 8 samples give each too few rows for its 64 columns,
+    # all of them together enough for SparseGPT.
+    model = unrolled_steps(8, columns=64, outputs=16)
     settings = SparsitySettings(ratio=0.5, protect_first_last=False)
     report = sparsify_model(model, feeds(model, count=8), settings)
     (layer,) = report.layers
@@ -441,18 +446,7 @@ def test_layers_sharing_a_weight_pool_their_rows_to_be_measured():
 
 
 def test_readers_of_a_shared_weight_get_one_h_over_all_their_inputs_held_once():
-    steps = 6
-    nodes = [
-        helper.make_node("Gemm", [f"x{step}", "w"], [f"h{step}"], name=f"step{step}")
-        for step in range(steps)
-    ]
-    nodes.append(helper.make_node("Sum", [f"h{step}" for step in range(steps)], ["y"]))
-    model = build(
-        nodes,
-        {f"x{step}": [1, 8] for step in range(steps)},
-        {"y": [1, 4]},
-        random_weights(w=(8, 4)),
-    )
+    model = unrolled_steps(6, columns=8, outputs=4)
     samples = feeds(model, count=64)
     readers = [node for node in model.graph if node.op_type == "Gemm"]
     alone = collect_hessians(model, readers, samples)
