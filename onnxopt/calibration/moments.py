@@ -342,18 +342,20 @@ def collect_hessians(
                         advance(1)
                 del probe
                 release_freed_memory()
-    moments = {}
+    measured = {}
     for target in inputs_pooled:
         fit, check = (sums.mean((target, held)) for held in (False, True))
         if fit is None:
             continue
         if target in diagonal:
             fit, check = (_diagonal_only(one) for one in (fit, check))
-        measured = InputMoments(fit, check, target in diagonal)
-        for entry, names in entries.items():
-            if pooled_into[entry] == target:
-                moments.update(dict.fromkeys(names, measured))
-    return moments
+        measured[target] = InputMoments(fit, check, target in diagonal)
+    return {
+        name: measured[pooled_into[entry]]
+        for entry, names in entries.items()
+        if pooled_into[entry] in measured
+        for name in names
+    }
 
 
 def _diagonal_only(hessians: np.ndarray | None) -> np.ndarray | None:

@@ -24,15 +24,20 @@ def inverse_cholesky(hessian: np.ndarray, damping: float) -> np.ndarray | None:
     """The upper Cholesky factor of ``(H + damping * mean(diag H) I)^-1`` in float64, or None
     when H is not positive definite even so (``linalg.upper_inverse_factor``)."""
     hessian = np.array(hessian, dtype=np.float64)
-    diagonal = np.diag(hessian).copy()
-    dead = diagonal <= 0
-    hessian[dead, dead] = 1.0
-    mean = float(np.mean(np.diag(hessian)))
-    hessian[np.diag_indices_from(hessian)] += damping * (mean if mean > 0 else 1.0)
+    hessian[np.diag_indices_from(hessian)] = _damped_diagonal(np.diag(hessian), damping)
     try:
         return upper_inverse_factor(hessian)
     except np.linalg.LinAlgError:
         return None
+
+
+def _damped_diagonal(diagonal: np.ndarray, damping: float) -> np.ndarray:
+    """H's diagonal as SparseGPT solves with it: an input never seen (0) at 1, then
+    ``damping`` times the mean added."""
+    diagonal = np.array(diagonal, dtype=np.float64)
+    diagonal[diagonal <= 0] = 1.0
+    mean = float(np.mean(diagonal))
+    return diagonal + damping * (mean if mean > 0 else 1.0)
 
 
 def sparsegpt(
@@ -104,13 +109,9 @@ def _by_input_power(
     and each block's zeros are those of smallest ``w^2 * (H_jj + damping)``, what the column
     loop chooses, without its cubic cost (the CRNN's two 4096-column recurrent weights, pruned
     at every share its budget search tried: 16 s of its 48)."""
-    power = np.diag(hessian).astype(np.float64)
-    dead = power <= 0
-    power[dead] = 1.0
-    mean = float(np.mean(power))
-    power += damping * (mean if mean > 0 else 1.0)
+    power = _damped_diagonal(np.diag(hessian), damping)
     weights = np.array(rows, dtype=np.float64)
-    weights[:, dead] = 0.0
+    weights[:, np.diag(hessian) <= 0] = 0.0
     if mask is None:
         scores = weights**2 * power
         mask = np.zeros(weights.shape, dtype=bool)
